@@ -1,0 +1,23 @@
+"""fastflow: compiled-kernel mixture-CDF normalizing flows for PyTorch."""
+
+from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+from .functional import (
+    get_validate_args,
+    mixture_cdf,
+    mixture_cdf_inverse,
+    mixture_log_prob,
+    set_validate_args,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MixtureCDF",
+    "MixtureCDFInverse",
+    "MixtureLogProb",
+    "get_validate_args",
+    "mixture_cdf",
+    "mixture_cdf_inverse",
+    "mixture_log_prob",
+    "set_validate_args",
+]

@@ -1,0 +1,150 @@
+"""torch.library registrations of fastflow's ops, with fake impls and the one backend switch.
+
+Backend selection lives here and only here: CUDA tensors run the Triton kernels; CPU tensors
+run the pure-PyTorch reference, unless ``FASTFLOW_BACKEND=triton`` (with ``TRITON_INTERPRET=1``
+set before the first import of the kernels) sends them through the interpreted kernels.
+``FASTFLOW_BACKEND=reference`` forces the reference everywhere.
+
+Ops take already validated tensors: x of shape S and parameters broadcast (expanded) to
+S + (K,). Forward ops return outputs in x's dtype; backward ops return per-element gradients
+in the compute dtype (float64 for float64 inputs, float32 otherwise), which the autograd layer
+reduces over broadcast dimensions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+# Inverse iteration counts, shared by the kernel and the reference so both compute the same.
+BISECT_STEPS = 40
+NEWTON_STEPS = 4
+
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """"triton" or "reference" for a tensor on its device, honouring FASTFLOW_BACKEND."""
+    choice = os.environ.get("FASTFLOW_BACKEND", "auto").lower()
+    if choice not in _BACKENDS:
+        raise ValueError(f"FASTFLOW_BACKEND must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if t.is_cuda else "reference"
+    return choice
+
+
+def _impl(t: torch.Tensor):
+    if backend_for(t) == "triton":
+        from .kernels import mixture_cdf as cdf_kernels
+        from .kernels import mixture_inverse as inverse_kernels
+
+        return cdf_kernels, inverse_kernels
+    return reference, reference
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return reference.mixture_cdf.compute_dtype(dtype)
+
+
+def _fake_param_grads(x: torch.Tensor, logits: torch.Tensor):
+    dtype = _compute_dtype(x.dtype)
+    full = (*x.shape, logits.shape[-1])
+    return [x.new_empty(full, dtype=dtype) for _ in range(3)]
+
+
+# --------------------------------------------------------------------------------------------
+# mixture_cdf: forward map (y, logabsdet) and its VJP
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastflow::mixture_cdf_fwd", mutates_args=())
+def mixture_cdf_fwd(
+    x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+    kind: str, output: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, lad = _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, output)
+    return y, lad
+
+
+@mixture_cdf_fwd.register_fake
+def _(x, logits, loc, log_scale, kind, output):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("fastflow::mixture_cdf_bwd", mutates_args=())
+def mixture_cdf_bwd(
+    grad_y: torch.Tensor, grad_lad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
+    loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _impl(x)[0].mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind, output)
+    return tuple(g)
+
+
+@mixture_cdf_bwd.register_fake
+def _(grad_y, grad_lad, x, logits, loc, log_scale, kind, output):
+    return (x.new_empty(x.shape, dtype=_compute_dtype(x.dtype)), *_fake_param_grads(x, logits))
+
+
+# --------------------------------------------------------------------------------------------
+# mixture_log_prob: the density alone (the forward kernel without the CDF)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastflow::mixture_log_prob_fwd", mutates_args=())
+def mixture_log_prob_fwd(
+    x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor, kind: str
+) -> torch.Tensor:
+    return _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, "density")[1]
+
+
+@mixture_log_prob_fwd.register_fake
+def _(x, logits, loc, log_scale, kind):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastflow::mixture_log_prob_bwd", mutates_args=())
+def mixture_log_prob_bwd(
+    grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor,
+    log_scale: torch.Tensor, kind: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _impl(x)[0].mixture_cdf_bwd(None, grad, x, logits, loc, log_scale, kind, "density")
+    return tuple(g)
+
+
+@mixture_log_prob_bwd.register_fake
+def _(grad, x, logits, loc, log_scale, kind):
+    return (x.new_empty(x.shape, dtype=_compute_dtype(x.dtype)), *_fake_param_grads(x, logits))
+
+
+# --------------------------------------------------------------------------------------------
+# mixture_cdf_inverse: bisection inverse and its implicit-differentiation VJP
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastflow::mixture_cdf_inverse_fwd", mutates_args=())
+def mixture_cdf_inverse_fwd(
+    y: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+    kind: str, output: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, lad = _impl(y)[1].mixture_cdf_inverse_fwd(
+        y, logits, loc, log_scale, kind, output, BISECT_STEPS, NEWTON_STEPS
+    )
+    return x, lad
+
+
+@mixture_cdf_inverse_fwd.register_fake
+def _(y, logits, loc, log_scale, kind, output):
+    return torch.empty_like(y), torch.empty_like(y)
+
+
+@torch.library.custom_op("fastflow::mixture_cdf_inverse_bwd", mutates_args=())
+def mixture_cdf_inverse_bwd(
+    grad_x: torch.Tensor, grad_lad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
+    loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _impl(x)[1].mixture_cdf_inverse_bwd(
+        grad_x, grad_lad, x, logits, loc, log_scale, kind, output
+    )
+    return tuple(g)
+
+
+@mixture_cdf_inverse_bwd.register_fake
+def _(grad_x, grad_lad, x, logits, loc, log_scale, kind, output):
+    return (x.new_empty(x.shape, dtype=_compute_dtype(x.dtype)), *_fake_param_grads(x, logits))

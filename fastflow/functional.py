@@ -1,0 +1,177 @@
+"""Functional API: the mixture-CDF transform, its inverse and the mixture density.
+
+The mixture is ``F(x) = sum_k pi_k C((x - mu_k) / s_k)`` with ``pi = softmax(logits)``,
+``s = exp(log_scale)`` and C the standard logistic or Gaussian CDF.
+
+Shapes: ``x`` (or ``y``) has any shape ``S``; ``logits``, ``loc`` and ``log_scale`` each
+broadcast to ``S + (K,)`` — per element ``(B, D, K)``, shared ``(D, K)``, or anything between —
+and gradients of broadcast parameters are summed back to the parameter's shape. Any K >= 1.
+float32 and float64 are computed in their own precision; float16 and bfloat16 are computed in
+float32 and returned in the input dtype. Mixed floating dtypes are promoted.
+
+Value checks follow torch.distributions: with ``validate_args`` on (the global default, see
+:func:`set_validate_args`, or per call) NaN inputs, non-finite parameters and targets outside
+the domain raise ValueError naming the argument; this costs one host synchronisation. With it
+off nothing is checked on the device, and out-of-domain values give NaN outputs. Checks are
+skipped while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+
+KINDS = ("logistic", "gaussian")
+OUTPUTS = ("unit", "logit")
+_PARAM_NAMES = ("logits", "loc", "log_scale")
+
+_validate_default = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Set the global default of ``validate_args`` (initially True, as torch.distributions)."""
+    global _validate_default
+    if not isinstance(value, bool):
+        raise ValueError(f"validate_args must be a bool, got {value!r}")
+    _validate_default = value
+
+
+def get_validate_args() -> bool:
+    """The global default of ``validate_args``."""
+    return _validate_default
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _prepare(x_name: str, x, logits, loc, log_scale, kind, output):
+    """Check types, devices, shapes and choices; promote to one floating dtype."""
+    _check_choice("kind", kind, KINDS)
+    if output is not None:
+        _check_choice("output", output, OUTPUTS)
+    named = {x_name: x, "logits": logits, "loc": loc, "log_scale": log_scale}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+    for name in _PARAM_NAMES:
+        if named[name].dim() == 0:
+            raise ValueError(f"{name} must have a trailing component dimension K, got a scalar")
+    K = logits.shape[-1]
+    if K < 1:
+        raise ValueError("logits must have at least one component (K >= 1), got K = 0")
+    full = (*x.shape, K)
+    for name in _PARAM_NAMES:
+        p = named[name]
+        if p.shape[-1] != K:
+            raise ValueError(
+                f"{name} has {p.shape[-1]} components but logits has {K}: all parameters "
+                "must share the trailing dimension K"
+            )
+        try:
+            ok = torch.broadcast_shapes(p.shape, full) == torch.Size(full)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} of shape {tuple(p.shape)} does not broadcast to "
+                f"{x_name}.shape + (K,) = {full}"
+            )
+    dtype = x.dtype
+    for p in (logits, loc, log_scale):
+        dtype = torch.promote_types(dtype, p.dtype)
+    return [t.to(dtype) for t in (x, logits, loc, log_scale)]
+
+
+def _validate_values(checks: list[tuple[str, torch.Tensor, str]]) -> None:
+    """Raise ValueError for the first (name, bad-mask, what) whose mask has a True; one sync."""
+    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()
+    for (name, _, what), flag in zip(checks, flags, strict=True):
+        if flag:
+            raise ValueError(f"{name} {what}")
+
+
+def _should_validate(validate_args: bool | None) -> bool:
+    on = _validate_default if validate_args is None else validate_args
+    return bool(on) and not torch.compiler.is_compiling()
+
+
+def _param_checks(logits, loc, log_scale):
+    return [(name, ~torch.isfinite(p), "must be finite")
+            for name, p in zip(_PARAM_NAMES, (logits, loc, log_scale), strict=True)]
+
+
+def mixture_cdf(
+    x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+    *, kind: str = "logistic", output: str = "unit", validate_args: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture-CDF transform and its log-derivative.
+
+    Args:
+        x: inputs, shape ``S``.
+        logits, loc, log_scale: mixture parameters, each broadcasting to ``S + (K,)``.
+        kind: ``"logistic"`` or ``"gaussian"`` components.
+        output: ``"unit"``: y = F(x) in [0, 1], logabsdet = log f(x).
+            ``"logit"``: y = logit F(x), computed in log space (Flow++ style), and
+            logabsdet = log|dy/dx| = log f - log F - log(1 - F), computed without cancellation.
+        validate_args: override the global default for this call.
+
+    Returns:
+        ``(y, logabsdet)``, both of shape ``S`` in the (promoted) input dtype.
+    """
+    x, logits, loc, log_scale = _prepare("x", x, logits, loc, log_scale, kind, output)
+    if _should_validate(validate_args):
+        _validate_values([("x", torch.isnan(x), "contains NaN"),
+                          *_param_checks(logits, loc, log_scale)])
+    return MixtureCDF.apply(x, logits, loc, log_scale, kind, output)
+
+
+def mixture_cdf_inverse(
+    y: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+    *, kind: str = "logistic", output: str = "unit", validate_args: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`mixture_cdf` by bracketed bisection with a Newton polish.
+
+    Args:
+        y: targets in the forward's output space, shape ``S``: z in [0, 1] for ``"unit"``,
+            any real for ``"logit"``.
+        logits, loc, log_scale, kind, output: as for :func:`mixture_cdf`.
+        validate_args: override the global default for this call.
+
+    Returns:
+        ``(x, logabsdet)`` of shape ``S`` with ``logabsdet = log|dx/dy|``. The targets
+        z = 0 and z = 1 (y = -inf, +inf) give x = -inf and +inf with logabsdet = +inf and zero
+        gradients. With validation off, targets outside the domain give NaN.
+        Gradients come from implicit differentiation at the solution.
+    """
+    y, logits, loc, log_scale = _prepare("y", y, logits, loc, log_scale, kind, output)
+    if _should_validate(validate_args):
+        if output == "unit":
+            bad_y = ~((y >= 0) & (y <= 1))
+            what = "must lie in [0, 1] for output='unit' (found values outside, or NaN)"
+        else:
+            bad_y, what = torch.isnan(y), "contains NaN"
+        _validate_values([("y", bad_y, what), *_param_checks(logits, loc, log_scale)])
+    return MixtureCDFInverse.apply(y, logits, loc, log_scale, kind, output)
+
+
+def mixture_log_prob(
+    x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+    *, kind: str = "logistic", validate_args: bool | None = None,
+) -> torch.Tensor:
+    """Log-density of the mixture, ``log sum_k pi_k c((x - mu_k)/s_k) / s_k``, shape ``S``.
+
+    Arguments as for :func:`mixture_cdf`; this is the lecture's mixture density model and
+    computes only the density (no CDF).
+    """
+    x, logits, loc, log_scale = _prepare("x", x, logits, loc, log_scale, kind, None)
+    if _should_validate(validate_args):
+        _validate_values([("x", torch.isnan(x), "contains NaN"),
+                          *_param_checks(logits, loc, log_scale)])
+    return MixtureLogProb.apply(x, logits, loc, log_scale, kind)

@@ -1,0 +1,15 @@
+"""Pure-PyTorch implementations: the CPU path and the oracle for every kernel test."""
+
+from .mixture_cdf import (
+    mixture_cdf_bwd,
+    mixture_cdf_fwd,
+    mixture_cdf_inverse_bwd,
+    mixture_cdf_inverse_fwd,
+)
+
+__all__ = [
+    "mixture_cdf_bwd",
+    "mixture_cdf_fwd",
+    "mixture_cdf_inverse_bwd",
+    "mixture_cdf_inverse_fwd",
+]

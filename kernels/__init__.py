@@ -1,0 +1,1 @@
+"""Triton kernels of fastflow (installed as ``fastflow.kernels``); imports nothing from fastflow."""

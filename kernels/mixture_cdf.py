@@ -1,0 +1,341 @@
+"""Mixture-CDF forward and backward: Triton kernels and their host launchers.
+
+Layout. ``x`` is flattened to N = R * C elements (C = its last dimension); each parameter is a
+(R, C, K) view with its own strides, so shared (D, K) parameters broadcast with stride 0 and
+are never materialised. A program handles BLOCK_N elements and all K components as a
+[BLOCK_N, BLOCK_K] tile (BLOCK_K = next power of two >= K, masked).
+
+Modes. KIND: 0 logistic, 1 Gaussian. OUTPUT: 0 "unit" (y = F, lad = log f), 1 "logit"
+(y = logit F, lad = log|dy/dx|), 2 "density" (lad = log f only).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._math import HALF_LOG_2PI, LN2, gauss_log_hazard, log_ndtr, lse_parts, softplus
+
+KINDS = {"logistic": 0, "gaussian": 1}
+OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers shared by the forward, inverse and backward kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _log_cdf_sf(u, KIND: tl.constexpr):
+    """log C(u) and log(1 - C(u)) of the standard component."""
+    if KIND == 0:
+        log_cdf = -softplus(-u)
+        log_sf = -softplus(u)
+    else:
+        log_cdf = log_ndtr(u)
+        log_sf = log_ndtr(-u)
+    return log_cdf, log_sf
+
+
+@triton.jit
+def _component_terms(u, KIND: tl.constexpr):
+    """log C, log(1-C), log c, log c/(1-C), log c/C and d(log c)/du at u."""
+    log_cdf, log_sf = _log_cdf_sf(u, KIND)
+    if KIND == 0:
+        # c = C (1 - C): the hazard c/(1-C) is C, the reverse hazard c/C is 1-C.
+        log_pdf = log_cdf + log_sf
+        log_h_sf = log_cdf
+        log_h_cdf = log_sf
+        dlog_pdf = tl.exp(log_sf) - tl.exp(log_cdf)
+    else:
+        log_pdf = -0.5 * u * u - HALF_LOG_2PI
+        log_h_sf = gauss_log_hazard(u)
+        log_h_cdf = gauss_log_hazard(-u)
+        dlog_pdf = -u
+    return log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, dlog_pdf
+
+
+@triton.jit
+def _load_mixture(
+    logit_ptr, loc_ptr, log_scale_ptr,
+    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+    offs_n, mask_n, C, K,
+    BLOCK_K: tl.constexpr, CDT: tl.constexpr,
+):
+    """Load a [BLOCK_N, BLOCK_K] tile of (log pi, loc, log_scale); padded lanes get pi = 0."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask = mask_n[:, None] & mask_k[None, :]
+    row = offs_n // C
+    col = offs_n - row * C
+    logit = tl.load(
+        logit_ptr + (row * s_lr + col * s_lc)[:, None] + (offs_k * s_lk)[None, :],
+        mask=mask, other=0.0,
+    ).to(CDT)
+    loc = tl.load(
+        loc_ptr + (row * s_mr + col * s_mc)[:, None] + (offs_k * s_mk)[None, :],
+        mask=mask, other=0.0,
+    ).to(CDT)
+    log_scale = tl.load(
+        log_scale_ptr + (row * s_sr + col * s_sc)[:, None] + (offs_k * s_sk)[None, :],
+        mask=mask, other=0.0,
+    ).to(CDT)
+    logit = tl.where(mask_k[None, :], logit, -float("inf"))
+    m, s = lse_parts(logit)
+    log_pi = (logit - m[:, None]) - s[:, None]
+    return log_pi, loc, log_scale, mask
+
+
+@triton.jit
+def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
+    """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well."""
+    u = (x[:, None] - loc) * tl.exp(-log_scale)
+    log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, _ = _component_terms(u, KIND)
+    m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
+    lad = m_f + s_f
+    y = lad
+    if OUTPUT != 2:
+        v_cdf = log_pi + log_cdf
+        v_sf = log_pi + log_sf
+        m_c, s_c = lse_parts(v_cdf)
+        m_s, s_s = lse_parts(v_sf)
+        log_F = m_c + s_c
+        log_S = m_s + s_s
+        if OUTPUT == 0:
+            # F from whichever of F, 1-F is below one half: both stay exact in the tails.
+            y = tl.where(log_F < -LN2, tl.exp(log_F), 1.0 - tl.exp(log_S))
+        else:
+            y = log_F - log_S
+            # log(f/(1-F)) and log(f/F) as logsumexps of responsibility + log hazard: the
+            # naive log f - log F - log(1-F) cancels catastrophically in the tails.
+            m_a, s_a = lse_parts((v_sf - m_s[:, None]) - s_s[:, None] + log_h_sf - log_scale)
+            m_b, s_b = lse_parts((v_cdf - m_c[:, None]) - s_c[:, None] + log_h_cdf - log_scale)
+            lad = tl.where(y > 0.0, (m_a + s_a) - log_F, (m_b + s_b) - log_S)
+    return y, lad
+
+
+@triton.jit
+def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
+    """Per-component pieces of the forward's vector-Jacobian product at x.
+
+    Returns (u, 1/s, resp_F, resp_S, resp_f, dlogF/du, dlogS/du negated, dlogf/du, log F,
+    log(1-F)), the derivative tiles already weighted by the responsibilities.
+    """
+    inv_s = tl.exp(-log_scale)
+    u = (x[:, None] - loc) * inv_s
+    log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, dlog_pdf = _component_terms(u, KIND)
+    v_f = log_pi + log_pdf - log_scale
+    m_f, s_f = lse_parts(v_f)
+    resp_f = tl.exp((v_f - m_f[:, None]) - s_f[:, None])
+    if OUTPUT != 2:
+        v_cdf = log_pi + log_cdf
+        v_sf = log_pi + log_sf
+        m_c, s_c = lse_parts(v_cdf)
+        m_s, s_s = lse_parts(v_sf)
+        resp_cdf = tl.exp((v_cdf - m_c[:, None]) - s_c[:, None])
+        resp_sf = tl.exp((v_sf - m_s[:, None]) - s_s[:, None])
+        log_F = m_c + s_c
+        log_S = m_s + s_s
+    else:
+        resp_cdf = resp_f * 0.0
+        resp_sf = resp_f * 0.0
+        log_F = m_f * 0.0
+        log_S = m_f * 0.0
+    du_cdf = resp_cdf * tl.exp(log_h_cdf)
+    du_sf = resp_sf * tl.exp(log_h_sf)
+    du_pdf = resp_f * dlog_pdf
+    return u, inv_s, resp_cdf, resp_sf, resp_f, du_cdf, du_sf, du_pdf, log_F, log_S
+
+
+@triton.jit
+def _output_coefs(gy, gl, log_F, log_S, OUTPUT: tl.constexpr):
+    """Cotangents on (log F, log(1-F), log f) from cotangents on the outputs (y, lad)."""
+    if OUTPUT == 0:
+        # dF = F dlog F = -(1-F) dlog(1-F): take the side below one half, where the
+        # responsibilities differ from the weights by O(1) instead of cancelling.
+        upper = log_F >= -LN2
+        c_cdf = tl.where(upper, 0.0, gy * tl.exp(log_F))
+        c_sf = tl.where(upper, -gy * tl.exp(log_S), 0.0)
+    elif OUTPUT == 1:
+        c_cdf = gy - gl
+        c_sf = -gy - gl
+    else:
+        c_cdf = gl * 0.0
+        c_sf = gl * 0.0
+    return c_cdf, c_sf, gl
+
+
+@triton.jit
+def _vjp_assemble(
+    c_cdf, c_sf, c_pdf, log_pi,
+    u, inv_s, resp_cdf, resp_sf, resp_f, du_cdf, du_sf, du_pdf,
+):
+    """Grads to (x, logits, loc, log_scale) from cotangents on (log F, log(1-F), log f)."""
+    du = c_cdf[:, None] * du_cdf - c_sf[:, None] * du_sf + c_pdf[:, None] * du_pdf
+    g_loc = -du * inv_s
+    g_x = -tl.sum(g_loc, axis=1)
+    g_log_scale = -u * du - c_pdf[:, None] * resp_f
+    total = c_cdf + c_sf + c_pdf
+    g_logit = (
+        c_cdf[:, None] * resp_cdf + c_sf[:, None] * resp_sf + c_pdf[:, None] * resp_f
+        - tl.exp(log_pi) * total[:, None]
+    )
+    return g_x, g_logit, g_loc, g_log_scale
+
+
+@triton.jit
+def _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
+                       offs_n, mask, K, BLOCK_K: tl.constexpr):
+    """Store per-element parameter grads into contiguous (N, K) buffers."""
+    offs = offs_n[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(g_logit_ptr + offs, g_logit, mask=mask)
+    tl.store(g_loc_ptr + offs, g_loc, mask=mask)
+    tl.store(g_log_scale_ptr + offs, g_log_scale, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _mixture_cdf_fwd_kernel(
+    # pointers: input, parameters, outputs
+    x_ptr, logit_ptr, loc_ptr, log_scale_ptr, y_ptr, lad_ptr,
+    # strides of each parameter's (row, col, component) view
+    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+    # sizes: elements, columns (last dim of x), components
+    N, C, K,
+    # flags and block sizes
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x = tl.load(x_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
+    log_pi, loc, log_scale, _ = _load_mixture(
+        logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+        offs_n, mask_n, C, K, BLOCK_K, CDT,
+    )
+    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
+    if OUTPUT != 2:
+        tl.store(y_ptr + offs_n, y, mask=mask_n)
+    tl.store(lad_ptr + offs_n, lad, mask=mask_n)
+
+
+@triton.jit
+def _mixture_cdf_bwd_kernel(
+    # pointers: cotangents, input, parameters, gradient outputs
+    gy_ptr, gl_ptr, x_ptr, logit_ptr, loc_ptr, log_scale_ptr,
+    g_x_ptr, g_logit_ptr, g_loc_ptr, g_log_scale_ptr,
+    # strides of each parameter's (row, col, component) view
+    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+    # sizes: elements, columns (last dim of x), components
+    N, C, K,
+    # flags and block sizes
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x = tl.load(x_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
+    gl = tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
+    if OUTPUT != 2:
+        gy = tl.load(gy_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
+    else:
+        gy = gl * 0.0
+    log_pi, loc, log_scale, mask = _load_mixture(
+        logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+        offs_n, mask_n, C, K, BLOCK_K, CDT,
+    )
+    u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = _vjp_terms(
+        x, log_pi, loc, log_scale, KIND, OUTPUT
+    )
+    c_cdf, c_sf, c_pdf = _output_coefs(gy, gl, log_F, log_S, OUTPUT)
+    g_x, g_logit, g_loc, g_log_scale = _vjp_assemble(
+        c_cdf, c_sf, c_pdf, log_pi, u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf
+    )
+    tl.store(g_x_ptr + offs_n, g_x, mask=mask_n)
+    _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
+                       offs_n, mask, K, BLOCK_K)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def block_sizes(K: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): about 2048 tile lanes on a GPU, 16384 under the interpreter."""
+    block_k = triton.next_power_of_2(K)
+    lanes = 16384 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
+    return max(16, lanes // block_k), block_k
+
+
+def param_views(x: torch.Tensor, *params: torch.Tensor):
+    """Flatten x to (N,) and view each (S, K) parameter as (R, C, K) without copying.
+
+    Returns (x_flat, rows, cols, views, strides) where strides is the flat list of the nine
+    (row, col, component) strides the kernels take.
+    """
+    cols = x.shape[-1] if x.dim() > 0 else 1
+    rows = x.numel() // cols if cols > 0 else 0
+    views = []
+    for p in params:
+        K = p.shape[-1]
+        try:
+            views.append(p.view(rows, cols, K))
+        except RuntimeError:  # broadcast pattern that no single row stride describes
+            views.append(p.reshape(rows, cols, K))
+    strides = [s for v in views for s in v.stride()]
+    return x.reshape(-1), rows, cols, views, strides
+
+
+def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
+    """Launch the forward: (y, lad) in x's dtype; y is None for output "density"."""
+    K = logits.shape[-1]
+    lad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = None if output == "density" else torch.empty_like(lad)
+    N = x.numel()
+    if N == 0:
+        return y, lad
+    x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
+    block_n, block_k = block_sizes(K)
+    _mixture_cdf_fwd_kernel[(triton.cdiv(N, block_n),)](
+        x_flat, *views, lad if y is None else y, lad,
+        *strides, N, cols, K,
+        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return y, lad
+
+
+def alloc_grads(x, K):
+    """Contiguous grad buffers in the compute dtype: (S,) for x and (S, K) per parameter."""
+    dtype = compute_dtype(x.dtype)
+    g_x = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return g_x, [torch.empty((*x.shape, K), dtype=dtype, device=x.device) for _ in range(3)]
+
+
+def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
+    """Launch the backward: grads to (x, logits, loc, log_scale), per element, compute dtype."""
+    K = logits.shape[-1]
+    g_x, g_params = alloc_grads(x, K)
+    N = x.numel()
+    if N == 0:
+        return [g_x, *g_params]
+    x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
+    gl = grad_lad.reshape(-1)
+    gy = gl if grad_y is None else grad_y.reshape(-1)
+    block_n, block_k = block_sizes(K)
+    _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
+        gy, gl, x_flat, *views, g_x, *g_params,
+        *strides, N, cols, K,
+        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return [g_x, *g_params]
