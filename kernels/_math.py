@@ -44,24 +44,58 @@ def _erfc_log_poly(t):
 
 
 @triton.jit
+def log_erfcx(z):
+    """log(erfc(z) exp(z^2)) for z >= 0: smooth, about -log(sqrt(pi) z) for large z.
+
+    float32: the Chebyshev fit above (relative error of erfc < 1.2e-7). float64: the series
+    erf(z) = 2/sqrt(pi) z exp(-z^2) sum_n (2z^2)^n / (2n+1)!! below z = 2, the continued
+    fraction erfc(z) = exp(-z^2) / (sqrt(pi) (z + (1/2)/(z + 1/(z + (3/2)/(z + ...)))))
+    from z = 2 on; 40 terms each give about 1e-13 relative.
+    """
+    if z.dtype == tl.float64:
+        zs = tl.minimum(z, 2.0)
+        two_z2 = 2.0 * zs * zs
+        term = zs * 0.0 + 1.0
+        total = zs * 0.0
+        for n in range(40):
+            total += term
+            term = term * two_z2 / (2.0 * n + 3.0)
+        erf = 1.1283791670955126 * zs * tl.exp(-zs * zs) * total
+        series = log1p(-erf) + zs * zs
+        zc = tl.maximum(z, 2.0)
+        frac = zc
+        for i in range(40):
+            frac = zc + (0.5 * (40 - i)) / frac
+        cont = -tl.log(1.7724538509055159 * frac)
+        r = tl.where(z < 2.0, series, cont)
+    else:
+        t = 1.0 / (1.0 + 0.5 * z)
+        r = tl.log(t) + _erfc_log_poly(t)
+    return r
+
+
+@triton.jit
 def log_ndtr(v):
     """log Phi(v), the standard normal log-CDF, accurate in both tails.
 
-    v < 0: log(erfc(|v|/sqrt 2) / 2) straight from the log-space fit (no underflow);
-    v >= 0: log1p(-erfc(v/sqrt 2) / 2), which keeps the tiny upper-tail mass.
+    v < 0: log(erfc(|v|/sqrt 2) / 2) in log space (no underflow); v >= 0:
+    log1p(-erfc(v/sqrt 2) / 2), which keeps the tiny upper-tail mass. The factor exp(-v^2/2)
+    is split as exp(-a^2/2) exp(-(v^2 - a^2)/2) with a = |v| rounded to 1/16, whose square is
+    exact, so the tail mass keeps full relative precision (Cephes' expx2 idea).
     """
-    z = tl.abs(v) * INV_SQRT2
-    t = 1.0 / (1.0 + 0.5 * z)
-    log_erfc = tl.log(t) - z * z + _erfc_log_poly(t)
-    return tl.where(v < 0.0, log_erfc - LN2, log1p(-0.5 * tl.exp(log_erfc)))
+    av = tl.abs(v)
+    a = (tl.minimum(av, 64.0) * 16.0 + 0.5).to(tl.int32).to(v.dtype) * 0.0625
+    half_sq_hi = 0.5 * a * a
+    rest = log_erfcx(av * INV_SQRT2) - 0.5 * (av - a) * (av + a)
+    lower = (rest - half_sq_hi) - LN2
+    upper = log1p(-0.5 * tl.exp(-half_sq_hi) * tl.exp(rest))
+    return tl.where(v < 0.0, lower, upper)
 
 
 @triton.jit
 def gauss_log_hazard(v):
     """log(phi(v) / Phi(-v)): for v >= 0 the exp(-v^2/2) factors cancel analytically."""
-    z = tl.maximum(v, 0.0) * INV_SQRT2
-    t = 1.0 / (1.0 + 0.5 * z)
-    upper = LN2 - HALF_LOG_2PI - tl.log(t) - _erfc_log_poly(t)
+    upper = LN2 - HALF_LOG_2PI - log_erfcx(tl.maximum(v, 0.0) * INV_SQRT2)
     lower = -0.5 * v * v - HALF_LOG_2PI - log_ndtr(-v)
     return tl.where(v >= 0.0, upper, lower)
 

@@ -276,6 +276,11 @@ def block_sizes(K: int) -> tuple[int, int]:
     return max(16, lanes // block_k), block_k
 
 
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous 1-D view (or copy) of t: the kernels index elements with unit stride."""
+    return t.reshape(-1).contiguous()
+
+
 def param_views(x: torch.Tensor, *params: torch.Tensor):
     """Flatten x to (N,) and view each (S, K) parameter as (R, C, K) without copying.
 
@@ -292,7 +297,7 @@ def param_views(x: torch.Tensor, *params: torch.Tensor):
         except RuntimeError:  # broadcast pattern that no single row stride describes
             views.append(p.reshape(rows, cols, K))
     strides = [s for v in views for s in v.stride()]
-    return x.reshape(-1), rows, cols, views, strides
+    return flat(x), rows, cols, views, strides
 
 
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
@@ -329,8 +334,8 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     if N == 0:
         return [g_x, *g_params]
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    gl = grad_lad.reshape(-1)
-    gy = gl if grad_y is None else grad_y.reshape(-1)
+    gl = flat(grad_lad)
+    gy = gl if grad_y is None else flat(grad_y)
     block_n, block_k = block_sizes(K)
     _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
         gy, gl, x_flat, *views, g_x, *g_params,

@@ -25,6 +25,7 @@ from .mixture_cdf import (
     _vjp_terms,
     alloc_grads,
     block_sizes,
+    flat,
     param_views,
 )
 
@@ -190,7 +191,7 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
     block_n, block_k = block_sizes(K)
     _mixture_cdf_inverse_bwd_kernel[(triton.cdiv(N, block_n),)](
-        grad_x.reshape(-1), grad_lad.reshape(-1), x_flat, *views, g_y, *g_params,
+        flat(grad_x), flat(grad_lad), x_flat, *views, g_y, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
         BLOCK_N=block_n, BLOCK_K=block_k,

@@ -44,11 +44,32 @@ def _gauss_log_hazard(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u >= 0, pos, neg)
 
 
+class _LogNdtr(torch.autograd.Function):
+    """torch.special.log_ndtr with a tail-stable derivative phi(v)/Phi(v) = hazard(-v).
+
+    torch's own backward forms exp(-v^2/2 - log_ndtr(v)), which in float32 cancels to inf
+    (and NaN after weighting by a zero responsibility) for v << 0.
+    """
+
+    @staticmethod
+    def forward(v):
+        return torch.special.log_ndtr(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        return grad * torch.exp(_gauss_log_hazard(-v))
+
+
 def log_cdf_sf(u: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """log C(u) and log(1 - C(u)) of the standard component."""
     if kind == "logistic":
         return -F.softplus(-u), -F.softplus(u)
-    return torch.special.log_ndtr(u), torch.special.log_ndtr(-u)
+    return _LogNdtr.apply(u), _LogNdtr.apply(-u)
 
 
 def component_terms(u: torch.Tensor, kind: str):

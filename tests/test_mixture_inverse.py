@@ -1,0 +1,164 @@
+"""mixture_cdf_inverse: the accuracy contract against an independent float64 root, kernels
+against the reference (outputs and implicit-differentiation gradients), boundaries, round trips."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastflow
+from conftest import DEVICE, HAS_CUDA
+from helpers import assert_close_grads, oracle_forward, oracle_root, random_mixture, sample_x
+
+KINDS = ["logistic", "gaussian"]
+OUTPUTS = ["unit", "logit"]
+
+
+def _targets(shape, output, device):
+    """Targets over the contract's range: |logit| <= 80, or z in [1e-30, 1 - 1e-7]."""
+    n = int(np.prod(shape))
+    if output == "logit":
+        t = torch.linspace(-80.0, 80.0, n, dtype=torch.float64)
+    else:
+        lo = torch.logspace(-30, np.log10(0.5), n // 2, dtype=torch.float64)
+        hi = 1.0 - torch.logspace(-7, np.log10(0.5), n - n // 2, dtype=torch.float64)
+        t = torch.cat([lo, hi])
+    return t[torch.randperm(n)].reshape(shape).float().to(device)
+
+
+@pytest.mark.parametrize("K", [1, 3, 64])
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_accuracy_contract(backend, kind, output, K):
+    """Either x is within 1e-5 (|x*| + min_k s_k) of the float64 root x*, or the float64
+    forward map at x is within 1e-5 max(1, |y|) of y (where the map is flat)."""
+    shape = (4, 32)
+    params = random_mixture(shape, K, device=DEVICE, logit_spread=50.0,
+                            log_scale_range=(-10.0, 10.0), loc_spread=3.0)
+    y = _targets(shape, output, DEVICE)
+    x, lad = fastflow.mixture_cdf_inverse(y, *params, kind=kind, output=output)
+    assert torch.isfinite(x).all() and torch.isfinite(lad).all()
+    x_star = oracle_root(y, *params, kind, output)
+    s_min = torch.exp(params[2]).amin(-1).double().cpu().numpy()
+    xn = x.double().cpu().numpy()
+    close_x = np.abs(xn - x_star) <= 1e-5 * (np.abs(x_star) + s_min)
+    y_at_x, _ = oracle_forward(x, *params, kind, output)
+    yn = y.double().cpu().numpy()
+    close_y = np.abs(y_at_x - yn) <= 1e-5 * np.maximum(1.0, np.abs(yn))
+    bad = ~(close_x | close_y)
+    assert not bad.any(), (
+        f"{bad.sum()} targets missed, e.g. y={yn[bad][:3]}, x={xn[bad][:3]}, x*={x_star[bad][:3]}"
+    )
+
+
+def _inverse_with_grads(backend, monkeypatch, y, params, kind, output):
+    monkeypatch.setenv("FASTFLOW_BACKEND", backend)
+    leaves = [t.detach().clone().requires_grad_() for t in (y, *params)]
+    x, lad = fastflow.mixture_cdf_inverse(*leaves, kind=kind, output=output)
+    gen = torch.Generator().manual_seed(3)
+    wx, wl = (torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x) for _ in range(2))
+    grads = torch.autograd.grad((x * wx).sum() + (lad * wl).sum(), leaves)
+    return x, lad, grads
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape,K,shared", [
+    pytest.param((5, 123), 3, False, id="5x123-K3"),
+    pytest.param((5, 123), 1, True, id="5x123-K1-shared"),
+    pytest.param((3, 40), 10, True, id="3x40-K10-shared"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, output):
+    params = random_mixture(shape, K, dtype=dtype, device=DEVICE, shared=shared)
+    x0 = sample_x(*params, shape, 6.0)
+    y, _ = fastflow.mixture_cdf(x0, *params, kind=kind, output=output)
+    if output == "unit":  # keep away from fp32's z = 1, where x is +inf by design
+        y = y.clamp(1e-6, 1 - 1e-6)
+    got = _inverse_with_grads("triton", monkeypatch, y, params, kind, output)
+    want = _inverse_with_grads("reference", monkeypatch, y, params, kind, output)
+    if dtype == torch.float64:
+        tol = dict(rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        assert_close_grads(got[2], want[2], **tol, names=("y", "logits", "loc", "log_scale"))
+        return
+    # float32: dx/dz = 1/f amplifies rounding in the tails, so judge both against the float64
+    # reference: the kernel must be about as accurate as the float32 reference (or better).
+    truth = _inverse_with_grads("reference", monkeypatch, y.double(),
+                                [p.double() for p in params], kind, output)
+    pairs = [got[0], got[1], *got[2]], [want[0], want[1], *want[2]], [truth[0], truth[1], *truth[2]]
+    for name, g, w, t in zip(("x", "lad", "y", "logits", "loc", "log_scale"), *pairs, strict=True):
+        err_kernel = (g.double() - t).abs()
+        err_ref = (w.double() - t).abs()
+        bound = 2.0 * err_ref + 2e-5 * (1.0 + t.abs())
+        assert (err_kernel <= bound).all(), f"{name}: kernel error {err_kernel.max():.3g}"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_and_logabsdet(backend, kind, output):
+    params = random_mixture((6, 20), 5, dtype=torch.float64, device=DEVICE)
+    x0 = sample_x(*params, (6, 20), 8.0)
+    y, lad_fwd = fastflow.mixture_cdf(x0, *params, kind=kind, output=output)
+    x, lad_inv = fastflow.mixture_cdf_inverse(y, *params, kind=kind, output=output)
+    y1, lad_at_x = fastflow.mixture_cdf(x, *params, kind=kind, output=output)
+    torch.testing.assert_close(y1, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lad_inv, -lad_at_x, rtol=1e-12, atol=1e-12)
+    if output == "logit":  # well conditioned; unit targets near 1 are not, in any precision
+        torch.testing.assert_close(x, x0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(lad_inv, -lad_fwd, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unit_boundaries_give_infinities_not_nan(backend, kind):
+    params = [t.requires_grad_() for t in random_mixture((4,), 3, device=DEVICE)]
+    z = torch.tensor([0.0, 1.0, 0.5, 1e-30], device=DEVICE, requires_grad=True)
+    x, lad = fastflow.mixture_cdf_inverse(z, *params, kind=kind)
+    assert x[0] == -float("inf") and x[1] == float("inf")
+    assert torch.isfinite(x[2:]).all()
+    assert (lad[:2] == float("inf")).all() and torch.isfinite(lad[2:]).all()
+    grads = torch.autograd.grad(x[torch.isfinite(x)].sum() + x.isinf().sum() * 0 +
+                                lad[2:].sum(), [z, *params])
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert (grads[0][:2] == 0).all()
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_fp64(backend, kind, output):
+    params = random_mixture((2, 3), 3, dtype=torch.float64, device=DEVICE, shared=True)
+    x0 = sample_x(*params, (2, 3), 3.0)
+    y, _ = fastflow.mixture_cdf(x0, *params, kind=kind, output=output)
+    leaves = [t.clone().requires_grad_() for t in (y, *params)]
+    fast = backend == "triton" and not HAS_CUDA
+    assert torch.autograd.gradcheck(
+        lambda *a: fastflow.mixture_cdf_inverse(*a, kind=kind, output=output), leaves,
+        fast_mode=fast,
+    )
+
+
+def test_out_of_domain_targets_give_nan_when_not_validated(backend):
+    params = random_mixture((3,), 2, device=DEVICE)
+    z = torch.tensor([-0.5, 1.5, float("nan")], device=DEVICE)
+    x, lad = fastflow.mixture_cdf_inverse(z, *params, validate_args=False)
+    assert torch.isnan(x).all() and torch.isnan(lad).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(KINDS), output=st.sampled_from(OUTPUTS), K=st.integers(1, 8),
+       x=st.floats(-40, 40), seed=st.integers(0, 2**31 - 1))
+def test_property_round_trip(kind, output, K, x, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits, loc = torch.randn(2, K, generator=gen, dtype=torch.float64) * 4
+    log_scale = torch.rand(K, generator=gen, dtype=torch.float64) * 6 - 3
+    x0 = torch.tensor([x], dtype=torch.float64)
+    y, lad = fastflow.mixture_cdf(x0, logits, loc, log_scale, kind=kind, output=output)
+    if output == "unit" and not (0.0 < y.item() < 1.0):
+        return  # the map saturates in float64 itself: nothing to invert
+    x1, lad_inv = fastflow.mixture_cdf_inverse(y, logits, loc, log_scale, kind=kind, output=output)
+    y1, _ = fastflow.mixture_cdf(x1, logits, loc, log_scale, kind=kind, output=output)
+    assert abs(y1.item() - y.item()) <= 1e-9 * max(1.0, abs(y.item()))
+    assert torch.isfinite(lad_inv).all()
