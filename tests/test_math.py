@@ -5,10 +5,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from fastflow.kernels._math import gauss_log_hazard, log1p, log_ndtr, softplus
 from scipy import special
 
 from conftest import DEVICE
-from fastflow.kernels._math import gauss_log_hazard, log1p, log_ndtr, softplus
 
 
 @triton.jit

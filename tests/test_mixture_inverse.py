@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastflow
+
 from conftest import DEVICE, HAS_CUDA
 from helpers import assert_close_grads, oracle_forward, oracle_root, random_mixture, sample_x
 
@@ -84,16 +85,34 @@ def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, ou
         torch.testing.assert_close(got[1], want[1], **tol)
         assert_close_grads(got[2], want[2], **tol, names=("y", "logits", "loc", "log_scale"))
         return
-    # float32: dx/dz = 1/f amplifies rounding in the tails, so judge both against the float64
-    # reference: the kernel must be about as accurate as the float32 reference (or better).
-    truth = _inverse_with_grads("reference", monkeypatch, y.double(),
-                                [p.double() for p in params], kind, output)
-    pairs = [got[0], got[1], *got[2]], [want[0], want[1], *want[2]], [truth[0], truth[1], *truth[2]]
-    for name, g, w, t in zip(("x", "lad", "y", "logits", "loc", "log_scale"), *pairs, strict=True):
+    # float32: the two solutions may differ by rounding, and dx/dz = 1/f amplifies that in
+    # the tails; so compare the solutions, then both backward ops at one common solution,
+    # each judged against the float64 reference there.
+    torch.testing.assert_close(got[0], want[0], rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=5e-5, atol=5e-5)
+    x = want[0]
+    full = (*shape, K)
+    expanded = [p.expand(full) for p in params]
+    cot = [torch.randn(shape, device=DEVICE) for _ in range(2)]
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    g_kernel = torch.ops.fastflow.mixture_cdf_inverse_bwd(*cot, x, *expanded, kind, output)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    g_ref = torch.ops.fastflow.mixture_cdf_inverse_bwd(*cot, x, *expanded, kind, output)
+    g_true = torch.ops.fastflow.mixture_cdf_inverse_bwd(
+        *[t.double() for t in (*cot, x, *expanded)], kind, output)
+    # exp(-lad) turns the float32 rounding of lad (|lad| ulps) into a relative error.
+    lad_ulps = 8 * torch.finfo(torch.float32).eps * (1.0 + want[1].double().abs())
+    for name, g, w, t in zip(("y", "logits", "loc", "log_scale"), g_kernel, g_ref, g_true,
+                             strict=True):
         err_kernel = (g.double() - t).abs()
         err_ref = (w.double() - t).abs()
-        bound = 2.0 * err_ref + 2e-5 * (1.0 + t.abs())
-        assert (err_kernel <= bound).all(), f"{name}: kernel error {err_kernel.max():.3g}"
+        rel = 1e-5 + (lad_ulps if t.dim() == x.dim() else lad_ulps.unsqueeze(-1))
+        bound = 2.0 * err_ref + rel * (1.0 + t.abs())
+        i = torch.argmax(err_kernel - bound)
+        assert (err_kernel <= bound).all(), (
+            f"{name}: kernel error {err_kernel.flatten()[i]:.3g}, reference error "
+            f"{err_ref.flatten()[i]:.3g}, value {t.flatten()[i]:.3g}"
+        )
 
 
 @pytest.mark.parametrize("output", OUTPUTS)

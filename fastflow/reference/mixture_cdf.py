@@ -7,8 +7,9 @@ dtype. Half-precision inputs are computed in float32 and returned in their own d
 The forward follows the numerical contract of the design notes: everything in log space,
 ``1 - F`` never formed by subtraction, and the logit log-derivative computed from the
 components' responsibilities and hazard rates so that it does not cancel in the tails.
-Gradients of the forward are autograd through this code (independent of the hand-written
-kernel derivatives); gradients of the inverse use implicit differentiation of the forward.
+Gradients are written out (the same formulas as the kernels, checked by the tests against
+autograd through ``_forward`` and finite differences); gradients of the inverse use implicit
+differentiation of the forward at the solution.
 """
 
 from __future__ import annotations
@@ -44,32 +45,11 @@ def _gauss_log_hazard(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u >= 0, pos, neg)
 
 
-class _LogNdtr(torch.autograd.Function):
-    """torch.special.log_ndtr with a tail-stable derivative phi(v)/Phi(v) = hazard(-v).
-
-    torch's own backward forms exp(-v^2/2 - log_ndtr(v)), which in float32 cancels to inf
-    (and NaN after weighting by a zero responsibility) for v << 0.
-    """
-
-    @staticmethod
-    def forward(v):
-        return torch.special.log_ndtr(v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (v,) = ctx.saved_tensors
-        return grad * torch.exp(_gauss_log_hazard(-v))
-
-
 def log_cdf_sf(u: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """log C(u) and log(1 - C(u)) of the standard component."""
     if kind == "logistic":
         return -F.softplus(-u), -F.softplus(u)
-    return _LogNdtr.apply(u), _LogNdtr.apply(-u)
+    return torch.special.log_ndtr(u), torch.special.log_ndtr(-u)
 
 
 def component_terms(u: torch.Tensor, kind: str):
@@ -131,18 +111,70 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     return (None if y is None else y.to(x.dtype)), lad.to(x.dtype)
 
 
+def _vjp_pieces(x, logits, loc, log_scale, kind: str, output: str):
+    """Per-component pieces of the forward's VJP (the kernels' formulas, in PyTorch).
+
+    Derivatives of log F, log(1-F) and log f with respect to u_k, weighted by each sum's
+    responsibilities: d log F/du_k = a_k c_k/C_k, d log(1-F)/du_k = -b_k c_k/(1-C_k),
+    d log f/du_k = r_k (log c)'(u_k); hazards come from their stable log forms.
+    """
+    log_pi, u = _standardize(x, logits, loc, log_scale)
+    log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf = component_terms(u, kind)
+    if kind == "logistic":
+        dlog_pdf = torch.exp(log_sf) - torch.exp(log_cdf)
+    else:
+        dlog_pdf = -u
+    resp_f = torch.softmax(log_pi + log_pdf - log_scale, dim=-1)
+    p = {"u": u, "inv_s": torch.exp(-log_scale), "pi": torch.exp(log_pi),
+         "resp_f": resp_f, "du_pdf": resp_f * dlog_pdf}
+    if output == "density":
+        zero = torch.zeros_like(resp_f)
+        return {**p, "resp_cdf": zero, "resp_sf": zero, "du_cdf": zero, "du_sf": zero,
+                "log_F": None, "log_S": None}
+    v_cdf, v_sf = log_pi + log_cdf, log_pi + log_sf
+    resp_cdf, resp_sf = torch.softmax(v_cdf, dim=-1), torch.softmax(v_sf, dim=-1)
+    return {**p, "resp_cdf": resp_cdf, "resp_sf": resp_sf,
+            "du_cdf": resp_cdf * torch.exp(log_h_cdf), "du_sf": resp_sf * torch.exp(log_h_sf),
+            "log_F": torch.logsumexp(v_cdf, -1), "log_S": torch.logsumexp(v_sf, -1)}
+
+
+def _output_coefs(grad_y, grad_lad, p, output: str):
+    """Cotangents on (log F, log(1-F), log f) from cotangents on (y, logabsdet)."""
+    zero = torch.zeros_like(grad_lad)
+    if output == "unit":
+        # dF = F dlog F = -(1-F) dlog(1-F): use the side below one half (no cancellation).
+        upper = p["log_F"] >= -LOG_2
+        c_cdf = torch.where(upper, zero, grad_y * torch.exp(p["log_F"]))
+        c_sf = torch.where(upper, -grad_y * torch.exp(p["log_S"]), zero)
+        return c_cdf, c_sf, grad_lad
+    if output == "logit":
+        return grad_y - grad_lad, -grad_y - grad_lad, grad_lad
+    return zero, zero, grad_lad
+
+
+def _vjp_assemble(c_cdf, c_sf, c_pdf, p):
+    """Grads to (x, logits, loc, log_scale) from cotangents on (log F, log(1-F), log f)."""
+    c_cdf, c_sf, c_pdf = c_cdf.unsqueeze(-1), c_sf.unsqueeze(-1), c_pdf.unsqueeze(-1)
+    du = c_cdf * p["du_cdf"] - c_sf * p["du_sf"] + c_pdf * p["du_pdf"]
+    g_loc = -du * p["inv_s"]
+    g_log_scale = -p["u"] * du - c_pdf * p["resp_f"]
+    g_logits = (c_cdf * p["resp_cdf"] + c_sf * p["resp_sf"] + c_pdf * p["resp_f"]
+                - p["pi"] * (c_cdf + c_sf + c_pdf))
+    return [-g_loc.sum(-1), g_logits, g_loc, g_log_scale]
+
+
 def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
     """Vector-Jacobian product of the forward: grads to x, logits, loc, log_scale.
 
-    Returned in the compute dtype, each with the shape of its (broadcast) input. Computed by
-    torch.func.vjp of the forward above, independently of the kernels' written-out formulas.
+    Returned in the compute dtype, each with the shape of its (broadcast) input. The tests
+    check these written-out formulas against autograd through the forward above.
     """
-    args = _upcast(x, logits, loc, log_scale)
-    if output == "density":
-        lad, vjp = torch.func.vjp(lambda *a: _forward(*a, kind, output)[1], *args)
-        return list(vjp(grad_lad.to(lad.dtype)))
-    (y, lad), vjp = torch.func.vjp(lambda *a: _forward(*a, kind, output), *args)
-    return list(vjp((grad_y.to(y.dtype), grad_lad.to(lad.dtype))))
+    with torch.no_grad():
+        args = _upcast(x, logits, loc, log_scale)
+        p = _vjp_pieces(*args, kind, output)
+        gl = grad_lad.to(args[0].dtype)
+        gy = gl if grad_y is None else grad_y.to(gl.dtype)
+        return _vjp_assemble(*_output_coefs(gy, gl, p, output), p)
 
 
 def _logit_forward(x, log_pi, loc, inv_scale, kind):
@@ -220,15 +252,15 @@ def mixture_cdf_inverse_bwd(
     dx/dy = 1/g'(x) and dx/dtheta = -(dg/dtheta)/g'(x). Returns grads to y, logits, loc,
     log_scale in the compute dtype; zero where x is infinite (the boundary targets).
     """
-    x, logits, loc, log_scale = _upcast(x, logits, loc, log_scale)
-    finite = torch.isfinite(x)
-    x = torch.where(finite, x, 0.0)
-    lad, vjp_x = torch.func.vjp(lambda x_: _forward(x_, logits, loc, log_scale, kind, output)[1], x)
-    (dlad_dx,) = vjp_x(torch.ones_like(lad))
-    (g, lad), vjp_params = torch.func.vjp(
-        lambda *p: _forward(x, *p, kind, output), logits, loc, log_scale
-    )
-    cx = torch.where(finite, grad_x.to(lad.dtype), 0.0)
-    cl = torch.where(finite, grad_lad.to(lad.dtype), 0.0)
-    w = torch.where(finite, (cx - cl * dlad_dx) * torch.exp(-lad), 0.0)
-    return [w, *vjp_params((-w, -cl))]
+    with torch.no_grad():
+        x, logits, loc, log_scale = _upcast(x, logits, loc, log_scale)
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, 0.0)
+        _, lad = _forward(x, logits, loc, log_scale, kind, output)
+        p = _vjp_pieces(x, logits, loc, log_scale, kind, output)
+        ones, zero = torch.ones_like(lad), torch.zeros_like(lad)
+        dlad_dx = _vjp_assemble(*_output_coefs(zero, ones, p, output), p)[0]
+        cx = torch.where(finite, grad_x.to(lad.dtype), 0.0)
+        cl = torch.where(finite, grad_lad.to(lad.dtype), 0.0)
+        w = torch.where(finite, (cx - cl * dlad_dx) * torch.exp(-lad), 0.0)
+        return [w, *_vjp_assemble(*_output_coefs(-w, -cl, p, output), p)[1:]]

@@ -1,0 +1,181 @@
+"""Public API: bad input, value validation, the registered ops (opcheck) and torch.compile."""
+
+import pytest
+import torch
+
+import fastflow
+
+from conftest import DEVICE
+from helpers import random_mixture, sample_x
+
+FUNCS = {
+    "mixture_cdf": fastflow.mixture_cdf,
+    "mixture_cdf_inverse": fastflow.mixture_cdf_inverse,
+    "mixture_log_prob": fastflow.mixture_log_prob,
+}
+FIRST_ARG = {"mixture_cdf": "x", "mixture_cdf_inverse": "y", "mixture_log_prob": "x"}
+
+
+def _good(shape=(4, 5), K=3):
+    params = random_mixture(shape, K)
+    return torch.rand(shape), params
+
+
+@pytest.fixture(params=list(FUNCS))
+def func(request):
+    return request.param
+
+
+def _raises(func, match, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        FUNCS[func](*args, **kwargs)
+
+
+def test_parameter_shape_that_does_not_broadcast_names_it(func):
+    x, (logits, loc, log_scale) = _good()
+    _raises(func, "loc", x, logits, torch.zeros(7, 3), log_scale)
+    _raises(func, "log_scale", x, logits, loc, torch.zeros(2, 4, 5, 3))
+
+
+def test_parameters_with_different_K_name_the_argument(func):
+    x, (logits, loc, log_scale) = _good()
+    _raises(func, "log_scale has 2 components", x, logits, loc, log_scale[..., :2])
+    _raises(func, "loc has 4 components", x, logits, torch.zeros(4, 5, 4), log_scale)
+
+
+def test_scalar_parameter_and_zero_components_are_rejected(func):
+    x, (logits, loc, log_scale) = _good()
+    _raises(func, "logits must have a trailing", x, torch.tensor(0.0), loc, log_scale)
+    _raises(func, "K >= 1", x, logits[..., :0], loc[..., :0], log_scale[..., :0])
+
+
+def test_integer_dtypes_and_non_tensors_are_rejected(func):
+    x, (logits, loc, log_scale) = _good()
+    name = FIRST_ARG[func]
+    _raises(func, f"{name} must be a floating-point", x.to(torch.int64), logits, loc, log_scale)
+    _raises(func, "logits must be a floating-point", x, logits.to(torch.int32), loc, log_scale)
+    _raises(func, "loc must be a torch.Tensor", x, logits, [0.0, 1.0, 2.0], log_scale)
+
+
+def test_tensors_on_different_devices_are_rejected(func):
+    x, (logits, loc, log_scale) = _good()
+    _raises(func, "log_scale is on meta", x, logits, loc, log_scale.to("meta"))
+
+
+def test_unknown_kind_and_output_are_rejected(func):
+    x, params = _good()
+    _raises(func, "kind must be one of", x, *params, kind="cauchy")
+    if func != "mixture_log_prob":
+        _raises(func, "output must be one of", x, *params, output="probit")
+
+
+def test_validation_raises_on_nan_and_out_of_domain_values():
+    x, (logits, loc, log_scale) = _good()
+    bad_x = x.clone()
+    bad_x[1, 2] = float("nan")
+    _raises("mixture_cdf", "x contains NaN", bad_x, logits, loc, log_scale)
+    _raises("mixture_log_prob", "x contains NaN", bad_x, logits, loc, log_scale)
+    _raises("mixture_cdf_inverse", "y must lie in", x + 1.0, logits, loc, log_scale)
+    _raises("mixture_cdf_inverse", "y contains NaN", bad_x, logits, loc, log_scale,
+            output="logit")
+    bad_loc = loc.clone()
+    bad_loc[0, 0, 0] = float("inf")
+    _raises("mixture_cdf", "loc must be finite", x, logits, bad_loc, log_scale)
+
+
+def test_validation_off_per_call_and_globally_gives_nan_without_raising():
+    x, params = _good()
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    y, lad = fastflow.mixture_cdf(bad_x, *params, validate_args=False)
+    assert torch.isnan(y[0, 0]) and torch.isnan(lad[0, 0])
+    assert torch.isfinite(y[1:]).all()
+    assert fastflow.get_validate_args() is True
+    fastflow.set_validate_args(False)
+    try:
+        x_inv, _ = fastflow.mixture_cdf_inverse(x + 2.0, *params)
+        assert torch.isnan(x_inv).all()
+        with pytest.raises(ValueError, match="y must lie in"):
+            fastflow.mixture_cdf_inverse(x + 2.0, *params, validate_args=True)
+    finally:
+        fastflow.set_validate_args(True)
+    with pytest.raises(ValueError, match="validate_args must be a bool"):
+        fastflow.set_validate_args("yes")
+
+
+def test_scalar_input_and_mixed_dtypes_promote():
+    logits, loc, log_scale = random_mixture((), 4, dtype=torch.float64)
+    y, lad = fastflow.mixture_cdf(torch.tensor(0.3), logits, loc, log_scale)
+    assert y.shape == () and y.dtype == torch.float64
+
+
+def test_empty_input_gives_empty_output(backend):
+    params = random_mixture((0, 5), 3, device=DEVICE)
+    x = torch.empty(0, 5, device=DEVICE)
+    y, lad = fastflow.mixture_cdf(x, *params)
+    assert y.shape == (0, 5) and lad.shape == (0, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops
+# --------------------------------------------------------------------------------------------
+def _op_args(kind, output, requires_grad):
+    shape, K = (3, 5), 3
+    params = random_mixture(shape, K, dtype=torch.float64, device=DEVICE, shared=True)
+    full = (*shape, K)
+    x = sample_x(*params, shape, 3.0)
+    expanded = [p.expand(full).requires_grad_(requires_grad) for p in params]
+    return x.requires_grad_(requires_grad), expanded
+
+
+OP_CASES = [(kind, output) for kind in ("logistic", "gaussian") for output in ("unit", "logit")]
+
+
+@pytest.mark.parametrize("kind,output", OP_CASES, ids=[f"{k}-{o}" for k, o in OP_CASES])
+def test_opcheck_every_op(backend, kind, output):
+    ops = torch.ops.fastflow
+    x, params = _op_args(kind, output, requires_grad=True)
+    y, _ = fastflow.mixture_cdf(x.detach(), *params, kind=kind, output=output)
+    cot = torch.randn_like(x)
+    checks = [
+        (ops.mixture_cdf_fwd, (x, *params, kind, output)),
+        (ops.mixture_cdf_inverse_fwd, (y.detach().requires_grad_(), *params, kind, output)),
+        (ops.mixture_log_prob_fwd, (x, *params, kind)),
+        (ops.mixture_cdf_bwd, (cot, cot, x.detach(), *[p.detach() for p in params], kind,
+                               output)),
+        (ops.mixture_cdf_inverse_bwd, (cot, cot, x.detach(), *[p.detach() for p in params],
+                                       kind, output)),
+        (ops.mixture_log_prob_bwd, (cot, x.detach(), *[p.detach() for p in params], kind)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_forward_inverse_backward():
+    """Forward, inverse and backprop through both compile with no graph break, and give the
+    eager gradients."""
+    shape, K = (4, 6), 3
+    params = random_mixture(shape, K, shared=True)
+    x0 = sample_x(*params, shape, 3.0)
+
+    def loss_fn(x, logits, loc, log_scale):
+        y, lad = fastflow.mixture_cdf(x, logits, loc, log_scale, output="logit")
+        x2, lad2 = fastflow.mixture_cdf_inverse(y * 0.9, logits, loc, log_scale, output="logit")
+        lp = fastflow.mixture_log_prob(x2, logits, loc, log_scale, kind="logistic")
+        return (lad + lad2 + lp).sum() + x2.square().sum()
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x0, *params)]
+        loss = fn(*leaves)
+        loss.backward()
+        return loss.detach(), [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss_c, grads_c = grads(compiled)
+    loss_e, grads_e = grads(loss_fn)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(gc, ge)
+    explained = torch._dynamo.explain(loss_fn)(*[t.clone() for t in (x0, *params)])
+    assert explained.graph_break_count == 0
