@@ -87,7 +87,7 @@ def log_ndtr(v):
     a = (tl.minimum(av, 64.0) * 16.0 + 0.5).to(tl.int32).to(v.dtype) * 0.0625
     half_sq_hi = 0.5 * a * a
     rest = log_erfcx(av * INV_SQRT2) - 0.5 * (av - a) * (av + a)
-    lower = (rest - half_sq_hi) - LN2
+    lower = (rest - LN2) - half_sq_hi  # one rounding at the large magnitude
     upper = log1p(-0.5 * tl.exp(-half_sq_hi) * tl.exp(rest))
     return tl.where(v < 0.0, lower, upper)
 

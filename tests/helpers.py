@@ -92,3 +92,21 @@ def assert_close_grads(got, want, *, rtol, atol, names=("x", "logits", "loc", "l
 
 def call(op, *args, **kwargs):
     return getattr(fastflow, op)(*args, **kwargs)
+
+
+def ulp_sensitivity(x, logits, loc, log_scale, kind, key, draws=8, seed=0):
+    """How far the exact (float64) oracle quantity moves when every float32 input is nudged by
+    one unit in the last place (random signs), maximised over a few draws: the error any
+    float32 evaluation may make without being less accurate than its inputs (backward
+    stability)."""
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.finfo(torch.float32).eps / 2
+    base = oracle(x, logits, loc, log_scale, kind)[key]
+    worst = np.zeros_like(base)
+    for _ in range(draws):
+        signs = [torch.randint(0, 2, t.shape, generator=gen) * 2 - 1
+                 for t in (x, logits, loc, log_scale)]
+        nudged = [t.double().cpu() * (1 + eps * s)
+                  for t, s in zip((x, logits, loc, log_scale), signs, strict=True)]
+        worst = np.maximum(worst, np.abs(oracle(*nudged, kind)[key] - base))
+    return worst

@@ -1,0 +1,52 @@
+"""Benchmark set-up: workload sizes by device and mode, and the shared W1-W3 inputs.
+
+Sizes: "full" on a GPU (DESIGN's W1: N = 2^24 elements), "cpu" on a CPU (about a minute for
+the whole file), "tiny" whenever benchmarking is disabled (CI runs the code once so it cannot
+rot). Override with FASTFLOW_BENCH_SIZE=tiny|cpu|full.
+"""
+
+import os
+
+import pytest
+import torch
+
+SIZES = {"tiny": 2**10, "cpu": 2**16, "full": 2**24}
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_configure(config):
+    if not HAS_CUDA:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def size_name(request):
+    name = os.environ.get("FASTFLOW_BENCH_SIZE")
+    if name is None:
+        opt = request.config.getoption
+        if opt("benchmark_disable", False) and not opt("benchmark_enable", False):
+            name = "tiny"
+        else:
+            name = "full" if HAS_CUDA else "cpu"
+    if name not in SIZES:
+        raise ValueError(f"FASTFLOW_BENCH_SIZE must be one of {tuple(SIZES)}, got {name!r}")
+    return name
+
+
+@pytest.fixture(scope="session")
+def w1_inputs(size_name):
+    """W1 shapes: N elements as (N / 256, 256), logistic K = 8, per-element parameters."""
+    n, K, cols = SIZES[size_name], 8, 256
+    gen = torch.Generator().manual_seed(0)
+    shape = (n // cols, cols)
+    x = torch.randn(shape, generator=gen) * 3
+    logits = torch.randn((*shape, K), generator=gen)
+    loc = torch.randn((*shape, K), generator=gen)
+    log_scale = torch.randn((*shape, K), generator=gen) * 0.5
+    return [t.to(DEVICE) for t in (x, logits, loc, log_scale)]
+
+
+def sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
