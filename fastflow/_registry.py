@@ -38,6 +38,11 @@ def backend_for(t: torch.Tensor) -> str:
 
 def _impl(t: torch.Tensor):
     if backend_for(t) == "triton":
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "FASTFLOW_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before fastflow's kernels are first imported"
+            )
         from .kernels import mixture_cdf as cdf_kernels
         from .kernels import mixture_inverse as inverse_kernels
 
@@ -45,8 +50,17 @@ def _impl(t: torch.Tensor):
     return reference, reference
 
 
+def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Outputs are contiguous whatever the layout of the inputs, as the fake impls say."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return reference.mixture_cdf.compute_dtype(dtype)
+
+
+def _empty_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _fake_param_grads(x: torch.Tensor, logits: torch.Tensor):
@@ -64,12 +78,12 @@ def mixture_cdf_fwd(
     kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, lad = _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, output)
-    return y, lad
+    return _contiguous(y, lad)
 
 
 @mixture_cdf_fwd.register_fake
 def _(x, logits, loc, log_scale, kind, output):
-    return torch.empty_like(x), torch.empty_like(x)
+    return _empty_contiguous(x), _empty_contiguous(x)
 
 
 @torch.library.custom_op("fastflow::mixture_cdf_bwd", mutates_args=())
@@ -78,7 +92,7 @@ def mixture_cdf_bwd(
     loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = _impl(x)[0].mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind, output)
-    return tuple(g)
+    return _contiguous(*g)
 
 
 @mixture_cdf_bwd.register_fake
@@ -93,12 +107,12 @@ def _(grad_y, grad_lad, x, logits, loc, log_scale, kind, output):
 def mixture_log_prob_fwd(
     x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor, kind: str
 ) -> torch.Tensor:
-    return _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, "density")[1]
+    return _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, "density")[1].contiguous()
 
 
 @mixture_log_prob_fwd.register_fake
 def _(x, logits, loc, log_scale, kind):
-    return torch.empty_like(x)
+    return _empty_contiguous(x)
 
 
 @torch.library.custom_op("fastflow::mixture_log_prob_bwd", mutates_args=())
@@ -107,7 +121,7 @@ def mixture_log_prob_bwd(
     log_scale: torch.Tensor, kind: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = _impl(x)[0].mixture_cdf_bwd(None, grad, x, logits, loc, log_scale, kind, "density")
-    return tuple(g)
+    return _contiguous(*g)
 
 
 @mixture_log_prob_bwd.register_fake
@@ -126,12 +140,12 @@ def mixture_cdf_inverse_fwd(
     x, lad = _impl(y)[1].mixture_cdf_inverse_fwd(
         y, logits, loc, log_scale, kind, output, BISECT_STEPS, NEWTON_STEPS
     )
-    return x, lad
+    return _contiguous(x, lad)
 
 
 @mixture_cdf_inverse_fwd.register_fake
 def _(y, logits, loc, log_scale, kind, output):
-    return torch.empty_like(y), torch.empty_like(y)
+    return _empty_contiguous(y), _empty_contiguous(y)
 
 
 @torch.library.custom_op("fastflow::mixture_cdf_inverse_bwd", mutates_args=())
@@ -142,7 +156,7 @@ def mixture_cdf_inverse_bwd(
     g = _impl(x)[1].mixture_cdf_inverse_bwd(
         grad_x, grad_lad, x, logits, loc, log_scale, kind, output
     )
-    return tuple(g)
+    return _contiguous(*g)
 
 
 @mixture_cdf_inverse_bwd.register_fake

@@ -179,3 +179,37 @@ def test_compile_fullgraph_forward_inverse_backward():
         torch.testing.assert_close(gc, ge)
     explained = torch._dynamo.explain(loss_fn)(*[t.clone() for t in (x0, *params)])
     assert explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("op", ["mixture_cdf", "mixture_cdf_inverse", "mixture_log_prob"])
+def test_non_contiguous_inputs_match_contiguous(backend, op):
+    """Transposed inputs and parameters give the same values and gradients as copies, and
+    outputs come back contiguous (as the ops' fake implementations promise)."""
+    K = 3
+    base = [torch.rand(6, 5, device=DEVICE) * 0.8 + 0.1,
+            *[torch.randn(6, 5, K, device=DEVICE) for _ in range(3)]]
+    strided = [base[0].t(), *[p.transpose(0, 1) for p in base[1:]]]  # (5, 6) and (5, 6, K)
+    contiguous = [t.contiguous() for t in strided]
+    results = []
+    for inputs in (strided, contiguous):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = FUNCS[op](*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(o.is_contiguous() for o in outs)
+        grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves)
+        results.append((outs, grads))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(torch.ops.fastflow.mixture_cdf_fwd,
+                          (strided[0], *strided[1:], "gaussian", "logit"))
+
+
+def test_backend_switch_errors_are_clear(monkeypatch):
+    x, params = _good()
+    monkeypatch.setenv("FASTFLOW_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="FASTFLOW_BACKEND must be one of"):
+        fastflow.mixture_cdf(x, *params)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fastflow.mixture_cdf(x, *params)
