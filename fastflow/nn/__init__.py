@@ -1,0 +1,29 @@
+"""Flow layers: MADE, masked autoregressive mixture-CDF flows, and their building blocks."""
+
+from .flow import Flow, FlowDistribution
+from .made import MADE, MaskedLinear
+from .transforms import (
+    AutoregressiveMixtureFlow,
+    Compose,
+    Logit,
+    MixtureCDFFlow,
+    Permutation,
+    Reverse,
+    Sigmoid,
+    Transform,
+)
+
+__all__ = [
+    "MADE",
+    "AutoregressiveMixtureFlow",
+    "Compose",
+    "Flow",
+    "FlowDistribution",
+    "Logit",
+    "MaskedLinear",
+    "MixtureCDFFlow",
+    "Permutation",
+    "Reverse",
+    "Sigmoid",
+    "Transform",
+]

@@ -1,0 +1,94 @@
+"""Flow: a list of transforms and a base density, with log_prob, sampling and bits/dim."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, constraints
+
+from .transforms import Compose
+
+
+class Flow(nn.Module):
+    """``log p(x) = log p_base(f(x)) + log|det df/dx|`` for f the composition of ``transforms``.
+
+    Args:
+        transforms: a list of transforms (kept as ``.transforms``), applied in order from data
+            to base.
+        base: a base density from :mod:`fastflow.distributions`.
+    """
+
+    def __init__(self, transforms, base):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+        self._chain = Compose(list(self.transforms))
+        self.base = base
+        if base.features != self._chain.features:
+            raise ValueError(
+                f"base has {base.features} features but the transforms have "
+                f"{self._chain.features}"
+            )
+        self.features = base.features
+
+    def forward(self, x, context=None):
+        """(z, logabsdet) of the data-to-base map."""
+        return self._chain(x, context)
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-density of x, shape ``x.shape[:-1]``."""
+        z, lad = self._chain(x, context)
+        return self.base.log_prob(z) + lad
+
+    def bits_per_dim(self, x, context=None) -> torch.Tensor:
+        """Mean negative log-likelihood in bits per dimension."""
+        return -self.log_prob(x, context).mean() / (self.features * math.log(2.0))
+
+    def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """n samples, differentiable with respect to the parameters. With a context of shape
+        (B, C), n samples per context row: shape (n, B, D)."""
+        shape = (n,) if context is None else (n, *context.shape[:-1])
+        if context is not None:
+            context = context.expand(n, *context.shape)
+        z = self.base.sample(shape)
+        x, _ = self._chain.inverse(z, context)
+        return x
+
+    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """n samples (no gradient)."""
+        with torch.no_grad():
+            return self.rsample(n, context)
+
+    def distribution(self, context: torch.Tensor | None = None) -> FlowDistribution:
+        """This flow as a torch.distributions.Distribution (optionally conditioned)."""
+        return FlowDistribution(self, context)
+
+
+class FlowDistribution(Distribution):
+    """A :class:`Flow` seen through the torch.distributions interface."""
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, flow: Flow, context: torch.Tensor | None = None):
+        self.flow, self.context = flow, context
+        batch = torch.Size(()) if context is None else context.shape[:-1]
+        super().__init__(batch, torch.Size((flow.features,)), validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.real_vector
+
+    def log_prob(self, value):
+        return self.flow.log_prob(value, self.context)
+
+    def rsample(self, sample_shape=()):
+        shape = torch.Size(sample_shape)
+        n = math.prod(shape)
+        x = self.flow.rsample(n, self.context)
+        return x.reshape(*shape, *self.batch_shape, self.flow.features)
+
+    def sample(self, sample_shape=()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)

@@ -1,0 +1,145 @@
+"""Masked linear layers and MADE (masked autoencoder for distribution estimation).
+
+Degrees follow DESIGN section 4: input i has degree d(i) in 1..D (its place in the order);
+hidden units have degrees in [1, D - 1]; a hidden unit sees inputs with d(i) <= m(j); an output
+for dimension d sees hidden units with m(j) < d. Each dimension's ``out_multiplier`` outputs
+share its degree, so the outputs for dimension d depend only on the inputs that come before d
+in the order (and on the context, which enters every hidden layer and the output
+layer unmasked). Hidden units are
+kept sorted by degree, which makes every mask block-triangular.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MaskedLinear(nn.Linear):
+    """``y = x @ (W * mask).T + b`` with a fixed 0/1 mask of shape (out_features, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        if mask.shape != (out_features, in_features):
+            raise ValueError(
+                f"mask must have shape (out_features, in_features) = "
+                f"{(out_features, in_features)}, got {tuple(mask.shape)}"
+            )
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+def _input_degrees(features: int, order, generator) -> torch.Tensor:
+    """Degree (1..D) of each input: its position in the autoregressive order, plus one."""
+    if isinstance(order, str):
+        if order == "natural":
+            return torch.arange(1, features + 1)
+        if order == "random":
+            return torch.randperm(features, generator=generator) + 1
+        raise ValueError(f"order must be 'natural', 'random' or a permutation, got {order!r}")
+    order = torch.as_tensor(order)
+    if order.shape != (features,) or not torch.equal(order.sort().values, torch.arange(features)):
+        raise ValueError(f"order must be a permutation of 0..{features - 1}, got {order.tolist()}")
+    return order.long() + 1
+
+
+def _hidden_degrees(features: int, size: int, mode: str, generator) -> torch.Tensor:
+    top = max(1, features - 1)
+    if mode == "sequential":
+        degrees = torch.arange(size) % top + 1
+    elif mode == "random":
+        degrees = torch.randint(1, top + 1, (size,), generator=generator)
+    else:
+        raise ValueError(f"hidden_degrees must be 'sequential' or 'random', got {mode!r}")
+    return degrees.sort().values
+
+
+class MADE(nn.Module):
+    """Autoregressive network: ``(B, D) -> (B, D, out_multiplier)``.
+
+    Args:
+        features: D, the number of inputs.
+        hidden_features: sizes of the hidden layers (a list, or one int for one layer).
+        out_multiplier: outputs per dimension (3K for a K-component mixture).
+        order: "natural", "random", or a permutation tensor p (input i is generated p[i]-th).
+        hidden_degrees: "sequential" or "random".
+        residual: hidden layers after the first add their input (all sizes must be equal).
+        context_features: size of an optional context vector fed to every hidden layer.
+        activation: the hidden nonlinearity (a module), ReLU by default.
+        seed: seeds the random order / degrees, so a model can be rebuilt exactly.
+    """
+
+    def __init__(self, features: int, hidden_features, out_multiplier: int = 1, *,
+                 order="natural", hidden_degrees: str = "sequential", residual: bool = False,
+                 context_features: int | None = None, activation: nn.Module | None = None,
+                 seed: int | None = None):
+        super().__init__()
+        if features < 1:
+            raise ValueError(f"features must be >= 1, got {features}")
+        if out_multiplier < 1:
+            raise ValueError(f"out_multiplier must be >= 1, got {out_multiplier}")
+        hidden = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
+        if not hidden or any(h < 1 for h in hidden):
+            raise ValueError(f"hidden_features must be positive sizes, got {hidden_features!r}")
+        if residual and len(set(hidden)) != 1:
+            raise ValueError("residual=True needs hidden_features of one size")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.features, self.out_multiplier = features, out_multiplier
+        self.context_features, self.residual = context_features, residual
+        self.activation = activation if activation is not None else nn.ReLU()
+
+        d_in = _input_degrees(features, order, gen)
+        self.register_buffer("input_degrees", d_in)
+        degrees = [d_in]
+        self.layers = nn.ModuleList()
+        for i, size in enumerate(hidden):
+            if residual and i > 0:
+                m = degrees[-1]  # identical degrees keep the skip connection legal
+            else:
+                m = _hidden_degrees(features, size, hidden_degrees, gen)
+            mask = m[:, None] >= degrees[-1][None, :]
+            self.layers.append(MaskedLinear(len(degrees[-1]), size, mask))
+            degrees.append(m)
+        d_out = d_in.repeat_interleave(out_multiplier)
+        self.output = MaskedLinear(hidden[-1], features * out_multiplier,
+                                   d_out[:, None] > degrees[-1][None, :])
+        self.context = None
+        if context_features is not None:
+            # Every hidden layer and the output layer: the first dimension in the order sees no
+            # hidden unit, and would otherwise ignore the context.
+            self.context = nn.ModuleList(
+                nn.Linear(context_features, h) for h in (*hidden, features * out_multiplier)
+            )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.features:
+            raise ValueError(f"x must have {self.features} features, got shape {tuple(x.shape)}")
+        check_context(context, self.context_features, x)
+        h = x
+        for i, layer in enumerate(self.layers):
+            a = layer(h)
+            if self.context is not None:
+                a = a + self.context[i](context)
+            a = self.activation(a)
+            h = h + a if self.residual and i > 0 else a
+        out = self.output(h)
+        if self.context is not None:
+            out = out + self.context[-1](context)
+        return out.reshape(*x.shape[:-1], self.features, self.out_multiplier)
+
+
+def check_context(context, context_features, x):
+    """ValueError for a missing, unexpected or wrongly shaped context."""
+    if context_features is None:
+        if context is not None:
+            raise ValueError("context was given but the model has no context_features")
+        return
+    if context is None:
+        raise ValueError(f"context is required (context_features={context_features})")
+    if context.shape != (*x.shape[:-1], context_features):
+        raise ValueError(
+            f"context must have shape {(*x.shape[:-1], context_features)}, "
+            f"got {tuple(context.shape)}"
+        )

@@ -1,0 +1,239 @@
+"""Invertible transforms on (..., D) tensors.
+
+Every transform has ``forward(x, context=None) -> (z, logabsdet)`` and
+``inverse(z, context=None) -> (x, logabsdet)`` with logabsdet of shape ``x.shape[:-1]``, summed
+over the features. "forward" is the density direction (data to base).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..functional import mixture_cdf, mixture_cdf_inverse
+from .made import MADE, check_context
+
+
+class Transform(nn.Module):
+    """Base class: checks the feature count and dtype of what it is given."""
+
+    features: int
+
+    def _check(self, x: torch.Tensor, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            dtype = getattr(x, "dtype", type(x).__name__)
+            raise ValueError(f"{name} must be a floating-point tensor, got {dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.features:
+            raise ValueError(
+                f"{name} must have {self.features} features in its last dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x, context=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, z, context=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Compose(Transform):
+    """Transforms applied in order (forward) and in reverse order (inverse)."""
+
+    def __init__(self, transforms):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+        if not self.transforms:
+            raise ValueError("transforms must not be empty")
+        self.features = self.transforms[0].features
+        for t in self.transforms:
+            if t.features != self.features:
+                raise ValueError(
+                    f"all transforms must have the same features; got {t.features} and "
+                    f"{self.features}"
+                )
+
+    def forward(self, x, context=None):
+        total = 0.0
+        for t in self.transforms:
+            x, lad = t(x, context)
+            total = total + lad
+        return x, total
+
+    def inverse(self, z, context=None):
+        total = 0.0
+        for t in reversed(self.transforms):
+            z, lad = t.inverse(z, context)
+            total = total + lad
+        return z, total
+
+
+class MixtureCDFFlow(Transform):
+    """The lecture's elementwise CDF flow: a learned K-component mixture per dimension.
+
+    ``output="unit"`` maps to [0, 1]^D (pair with a Uniform base); ``"logit"`` maps to R^D in
+    logit space (pair with a logistic or Gaussian base).
+    """
+
+    def __init__(self, features: int, components: int, kind: str = "logistic",
+                 output: str = "unit"):
+        super().__init__()
+        if features < 1 or components < 1:
+            raise ValueError(f"features and components must be >= 1, got {features}, "
+                             f"{components}")
+        self.features, self.kind, self.output = features, kind, output
+        self.logits = nn.Parameter(torch.zeros(features, components))
+        self.loc = nn.Parameter(torch.linspace(-1.0, 1.0, components).repeat(features, 1))
+        self.log_scale = nn.Parameter(torch.zeros(features, components))
+
+    def _params(self):
+        return self.logits, self.loc, self.log_scale
+
+    def forward(self, x, context=None):
+        self._check(x)
+        z, lad = mixture_cdf(x, *self._params(), kind=self.kind, output=self.output)
+        return z, lad.sum(-1)
+
+    def inverse(self, z, context=None):
+        self._check(z, "z")
+        x, lad = mixture_cdf_inverse(z, *self._params(), kind=self.kind, output=self.output)
+        return x, lad.sum(-1)
+
+
+class AutoregressiveMixtureFlow(Transform):
+    """Masked autoregressive mixture-CDF flow: a MADE predicts each dimension's mixture.
+
+    ``direction="maf"``: the MADE reads x; density (forward) in one pass, sampling (inverse)
+    sequential over dimensions. ``direction="iaf"``: the MADE reads z; sampling in one pass,
+    the density of external data sequential. With ``features=2`` this is the lecture's 2-D
+    autoregressive flow.
+    """
+
+    def __init__(self, features: int, components: int, hidden_features, *,
+                 kind: str = "logistic", direction: str = "maf", output: str = "unit",
+                 context_features: int | None = None, order="natural",
+                 residual: bool = False, hidden_degrees: str = "sequential",
+                 seed: int | None = None):
+        super().__init__()
+        if direction not in ("maf", "iaf"):
+            raise ValueError(f"direction must be 'maf' or 'iaf', got {direction!r}")
+        if components < 1:
+            raise ValueError(f"components must be >= 1, got {components}")
+        self.features, self.components = features, components
+        self.kind, self.direction, self.output = kind, direction, output
+        self.context_features = context_features
+        self.made = MADE(features, hidden_features, 3 * components, order=order,
+                         hidden_degrees=hidden_degrees, residual=residual,
+                         context_features=context_features, seed=seed)
+
+    def _params(self, inputs, context):
+        out = self.made(inputs, context)
+        K = self.components
+        return out[..., :K], out[..., K:2 * K], out[..., 2 * K:]
+
+    def _one_pass(self, inputs, values, context, invert: bool):
+        params = self._params(inputs, context)
+        if invert:
+            return mixture_cdf_inverse(values, *params, kind=self.kind, output=self.output)
+        return mixture_cdf(values, *params, kind=self.kind, output=self.output)
+
+    def _sequential(self, values, context, invert: bool):
+        """Solve for the MADE-side variable one degree at a time (D network passes)."""
+        side = torch.zeros_like(values)
+        degrees = self.made.input_degrees
+        for d in range(1, self.features + 1):
+            new, _ = self._one_pass(side, values, context, invert)
+            side = torch.where(degrees == d, new, side)
+        return side
+
+    def forward(self, x, context=None):
+        self._check(x)
+        check_context(context, self.context_features, x)
+        if self.direction == "maf":
+            z, lad = self._one_pass(x, x, context, invert=False)
+            return z, lad.sum(-1)
+        z = self._sequential(x, context, invert=False)
+        _, lad = self._one_pass(z, x, context, invert=False)
+        return z, lad.sum(-1)
+
+    def inverse(self, z, context=None):
+        self._check(z, "z")
+        check_context(context, self.context_features, z)
+        if self.direction == "iaf":
+            x, lad = self._one_pass(z, z, context, invert=True)
+            return x, lad.sum(-1)
+        x = self._sequential(z, context, invert=True)
+        _, lad = self._one_pass(x, z, context, invert=True)
+        return x, lad.sum(-1)
+
+
+class Logit(Transform):
+    """[0, 1]^D -> R^D: y = logit(alpha + (1 - 2 alpha) x), the usual squash for image data."""
+
+    def __init__(self, features: int, alpha: float = 1e-6):
+        super().__init__()
+        if not 0.0 <= alpha < 0.5:
+            raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
+        self.features, self.alpha = features, alpha
+
+    def _logit(self, x):
+        s = self.alpha + (1 - 2 * self.alpha) * x
+        log_s, log_1ms = torch.log(s), torch.log1p(-s)
+        lad = math.log1p(-2 * self.alpha) - log_s - log_1ms
+        return log_s - log_1ms, lad.sum(-1)
+
+    def _sigmoid(self, y):
+        s = torch.sigmoid(y)
+        lad = nn.functional.logsigmoid(y) + nn.functional.logsigmoid(-y) - math.log1p(
+            -2 * self.alpha)
+        return (s - self.alpha) / (1 - 2 * self.alpha), lad.sum(-1)
+
+    def forward(self, x, context=None):
+        self._check(x)
+        return self._logit(x)
+
+    def inverse(self, z, context=None):
+        self._check(z, "z")
+        return self._sigmoid(z)
+
+
+class Sigmoid(Logit):
+    """R^D -> [0, 1]^D, the inverse of :class:`Logit`."""
+
+    def forward(self, x, context=None):
+        self._check(x)
+        return self._sigmoid(x)
+
+    def inverse(self, z, context=None):
+        self._check(z, "z")
+        return self._logit(z)
+
+
+class Permutation(Transform):
+    """Reorder the features: z = x[..., perm]."""
+
+    def __init__(self, permutation):
+        super().__init__()
+        perm = torch.as_tensor(permutation).long()
+        n = perm.numel()
+        if perm.dim() != 1 or not torch.equal(perm.sort().values, torch.arange(n)):
+            raise ValueError(f"permutation must be a permutation of 0..{n - 1}")
+        self.features = n
+        self.register_buffer("perm", perm)
+        self.register_buffer("inverse_perm", torch.argsort(perm))
+
+    def forward(self, x, context=None):
+        self._check(x)
+        return x[..., self.perm], x.new_zeros(x.shape[:-1])
+
+    def inverse(self, z, context=None):
+        self._check(z, "z")
+        return z[..., self.inverse_perm], z.new_zeros(z.shape[:-1])
+
+
+class Reverse(Permutation):
+    """Reverse the order of the features."""
+
+    def __init__(self, features: int):
+        super().__init__(torch.arange(features - 1, -1, -1))

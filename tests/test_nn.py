@@ -1,0 +1,177 @@
+"""fastflow.nn and fastflow.distributions: autoregressive structure, log-determinants against
+full autograd Jacobians, round trips, normalisation by quadrature, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from fastflow.distributions import MixtureOfGaussians, StandardNormal, Uniform
+from fastflow.nn import (
+    MADE,
+    AutoregressiveMixtureFlow,
+    Compose,
+    Flow,
+    Logit,
+    MixtureCDFFlow,
+    Permutation,
+    Reverse,
+    Sigmoid,
+)
+
+KINDS = ["logistic", "gaussian"]
+DIRECTIONS = ["maf", "iaf"]
+
+MADE_CASES = {
+    "natural": dict(order="natural"),
+    "random-order": dict(order="random", hidden_degrees="random", seed=3),
+    "permutation": dict(order=torch.tensor([2, 0, 4, 1, 3])),
+    "residual": dict(order="random", residual=True, seed=5),
+    "context": dict(order="random", context_features=2, seed=7),
+}
+
+
+@pytest.mark.parametrize("case", list(MADE_CASES))
+def test_made_outputs_depend_only_on_earlier_inputs(case):
+    D, hidden = 5, [12, 12]
+    made = MADE(D, hidden, out_multiplier=3, **MADE_CASES[case]).double()
+    for p in made.parameters():  # no accidental zeros hiding a connection
+        torch.nn.init.uniform_(p, 0.1, 1.0)
+    x = torch.randn(D, dtype=torch.float64)
+    ctx = torch.randn(2, dtype=torch.float64) if case == "context" else None
+    J = torch.autograd.functional.jacobian(lambda v: made(v.unsqueeze(0), None if ctx is None
+                                                          else ctx.unsqueeze(0))[0], x)
+    deg = made.input_degrees
+    allowed = deg[None, :] < deg[:, None]  # output dim d may see input i iff deg(i) < deg(d)
+    dep = J.abs().sum(1) > 0               # (D outputs, D inputs)
+    assert not (dep & ~allowed).any()
+    assert dep[allowed].any()              # and the network is not trivially empty
+    if ctx is not None:
+        Jc = torch.autograd.functional.jacobian(lambda c: made(x.unsqueeze(0),
+                                                               c.unsqueeze(0))[0], ctx)
+        assert (Jc.abs().sum((1, 2)) > 0).all()  # the context reaches every dimension
+
+
+def _transforms(kind, direction):
+    return {
+        "ar-unit": AutoregressiveMixtureFlow(3, 4, [16, 16], kind=kind, direction=direction,
+                                             output="unit", order="random", seed=1),
+        "ar-logit-residual": AutoregressiveMixtureFlow(
+            3, 3, [16, 16], kind=kind, direction=direction, output="logit", residual=True,
+            seed=2),
+        "ar-context": AutoregressiveMixtureFlow(3, 2, [8], kind=kind, direction=direction,
+                                                output="logit", context_features=2, seed=4),
+        "elementwise": MixtureCDFFlow(3, 5, kind=kind, output="logit"),
+        "composition": Compose([MixtureCDFFlow(3, 2, kind=kind, output="logit"), Reverse(3),
+                                AutoregressiveMixtureFlow(3, 2, [8], kind=kind,
+                                                          direction=direction,
+                                                          output="logit", seed=5)]),
+    }
+
+
+def _perturb(module, scale=0.3):
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["ar-unit", "ar-logit-residual", "ar-context", "elementwise",
+                                  "composition"])
+def test_logabsdet_equals_autograd_jacobian_and_round_trip(name, kind, direction):
+    t = _transforms(kind, direction)[name].double()
+    _perturb(t)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ctx = torch.randn(4, 2, dtype=torch.float64) if name == "ar-context" else None
+    z, lad = t(x, ctx)
+    for b in range(x.shape[0]):
+        c = None if ctx is None else ctx[b:b + 1]
+        J = torch.autograd.functional.jacobian(lambda v, c=c: t(v.unsqueeze(0), c)[0][0], x[b])
+        torch.testing.assert_close(lad[b], torch.linalg.slogdet(J)[1], rtol=1e-8, atol=1e-8)
+    x_back, lad_inv = t.inverse(z, ctx)
+    torch.testing.assert_close(x_back, x, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(lad_inv, -lad, rtol=1e-8, atol=1e-8)
+
+
+def test_logit_sigmoid_permutation_are_exact_inverses():
+    x = torch.rand(6, 4, dtype=torch.float64) * 0.98 + 0.01
+    for t in (Logit(4, alpha=0.01), Compose([Logit(4), Sigmoid(4)]), Permutation([2, 0, 3, 1])):
+        z, lad = t(x)
+        J = torch.autograd.functional.jacobian(lambda v, t=t: t(v.unsqueeze(0))[0][0], x[0])
+        torch.testing.assert_close(lad[0], torch.linalg.slogdet(J)[1])
+        xb, ladi = t.inverse(z)
+        torch.testing.assert_close(xb, x)
+        torch.testing.assert_close(ladi, -lad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_1d_cdf_flow_with_uniform_base_integrates_to_one(kind):
+    flow = Flow([MixtureCDFFlow(1, 4, kind=kind, output="unit")], Uniform(1)).double()
+    _perturb(flow)
+    grid = torch.linspace(-80, 80, 64001, dtype=torch.float64).unsqueeze(-1)
+    p = flow.log_prob(grid).exp()
+    assert abs(torch.trapezoid(p, grid[:, 0]).item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("base", ["normal", "mog"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_2d_autoregressive_flow_integrates_to_one(kind, base):
+    """The lecture's 2-D autoregressive flow: z1 = f(x1), z2 = f(x2; x1)."""
+    base_dist = StandardNormal(2) if base == "normal" else MixtureOfGaussians(2, 3)
+    flow = Flow([AutoregressiveMixtureFlow(2, 3, [16], kind=kind, output="logit", seed=0)],
+                base_dist).double()
+    _perturb(flow, scale=0.1)  # larger scales can put visible mass far beyond the grid
+    g = torch.linspace(-40, 40, 1201, dtype=torch.float64)
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    pts = torch.stack([xx.flatten(), yy.flatten()], -1)
+    with torch.no_grad():
+        p = flow.log_prob(pts).exp().reshape(1201, 1201)
+    total = torch.trapezoid(torch.trapezoid(p, g, dim=1), g).item()
+    assert abs(total - 1.0) < 2e-3
+
+
+def test_flow_sampling_and_distribution_interface():
+    flow = Flow([AutoregressiveMixtureFlow(3, 2, [8], output="logit", seed=0)],
+                StandardNormal(3))
+    dist = flow.distribution()
+    assert isinstance(dist, torch.distributions.Distribution)
+    s = dist.sample((4, 5))
+    assert s.shape == (4, 5, 3) and torch.isfinite(s).all()
+    torch.testing.assert_close(dist.log_prob(s), flow.log_prob(s))
+    x = flow.rsample(7)
+    loss = flow.log_prob(x.detach()).mean() + x.sum()
+    loss.backward()
+    assert all(p.grad is not None for p in flow.parameters())
+    bpd = flow.bits_per_dim(s.reshape(-1, 3))
+    torch.testing.assert_close(bpd, -flow.log_prob(s.reshape(-1, 3)).mean() / (3 * math.log(2)))
+
+
+def test_conditional_flow_samples_per_context_row():
+    flow = Flow([AutoregressiveMixtureFlow(2, 2, [8], output="logit", context_features=3,
+                                           seed=0)], StandardNormal(2))
+    ctx = torch.randn(5, 3)
+    assert flow.sample(4, ctx).shape == (4, 5, 2)
+    assert flow.distribution(ctx).sample((2,)).shape == (2, 5, 2)
+
+
+def test_bad_input_names_the_problem():
+    t = AutoregressiveMixtureFlow(3, 2, [8], context_features=2)
+    with pytest.raises(ValueError, match="x must have 3 features"):
+        t(torch.randn(4, 2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="context is required"):
+        t(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="context must have shape"):
+        t(torch.randn(4, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        t(torch.ones(4, 3, dtype=torch.int64), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="context was given"):
+        MixtureCDFFlow(3, 2)  # no context: fine
+        MADE(3, [4])(torch.randn(2, 3), torch.randn(2, 1))
+    with pytest.raises(ValueError, match="order must be a permutation"):
+        MADE(3, [4], order=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="direction must be"):
+        AutoregressiveMixtureFlow(3, 2, [8], direction="nice")
+    with pytest.raises(ValueError, match="base has 2 features"):
+        Flow([MixtureCDFFlow(3, 2)], StandardNormal(2))
