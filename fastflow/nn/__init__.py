@@ -1,5 +1,10 @@
 """Flow layers: MADE, masked autoregressive mixture-CDF flows, and their building blocks."""
 
+from .dequantization import (
+    UniformDequantization,
+    VariationalDequantization,
+    dequantized_log_prob,
+)
 from .flow import Flow, FlowDistribution
 from .made import MADE, MaskedLinear
 from .transforms import (
@@ -26,4 +31,7 @@ __all__ = [
     "Reverse",
     "Sigmoid",
     "Transform",
+    "UniformDequantization",
+    "VariationalDequantization",
+    "dequantized_log_prob",
 ]

@@ -48,12 +48,16 @@ class Flow(nn.Module):
     def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """n samples, differentiable with respect to the parameters. With a context of shape
         (B, C), n samples per context row: shape (n, B, D)."""
+        return self.rsample_and_log_prob(n, context)[0]
+
+    def rsample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
+        """(x, log p(x)) for n differentiable samples, from the sampling pass alone."""
         shape = (n,) if context is None else (n, *context.shape[:-1])
         if context is not None:
             context = context.expand(n, *context.shape)
         z = self.base.sample(shape)
-        x, _ = self._chain.inverse(z, context)
-        return x
+        x, lad = self._chain.inverse(z, context)  # lad = log|dx/dz|
+        return x, self.base.log_prob(z) - lad
 
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """n samples (no gradient)."""
