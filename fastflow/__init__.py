@@ -3,6 +3,7 @@
 from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
 from .functional import (
     get_validate_args,
+    masked_linear,
     mixture_cdf,
     mixture_cdf_inverse,
     mixture_log_prob,
@@ -16,6 +17,7 @@ __all__ = [
     "MixtureCDFInverse",
     "MixtureLogProb",
     "get_validate_args",
+    "masked_linear",
     "mixture_cdf",
     "mixture_cdf_inverse",
     "mixture_log_prob",

@@ -36,13 +36,19 @@ def backend_for(t: torch.Tensor) -> str:
     return choice
 
 
+def _use_triton(t: torch.Tensor) -> bool:
+    if backend_for(t) != "triton":
+        return False
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "FASTFLOW_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before fastflow's kernels are first imported"
+        )
+    return True
+
+
 def _impl(t: torch.Tensor):
-    if backend_for(t) == "triton":
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                "FASTFLOW_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before fastflow's kernels are first imported"
-            )
+    if _use_triton(t):
         from .kernels import mixture_cdf as cdf_kernels
         from .kernels import mixture_inverse as inverse_kernels
 
@@ -162,3 +168,45 @@ def mixture_cdf_inverse_bwd(
 @mixture_cdf_inverse_bwd.register_fake
 def _(grad_x, grad_lad, x, logits, loc, log_scale, kind, output):
     return (x.new_empty(x.shape, dtype=_compute_dtype(x.dtype)), *_fake_param_grads(x, logits))
+
+
+# --------------------------------------------------------------------------------------------
+# masked_linear: y = act(x @ (W * M)^T + b), all-zero mask tiles skipped in the kernel
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastflow::masked_linear_fwd", mutates_args=())
+def masked_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    if _use_triton(x):
+        from .kernels import made as made_kernels
+
+        return made_kernels.masked_linear_fwd(x, weight, mask, bias, activation)
+    return reference.masked_linear_fwd(x, weight, mask, bias, activation).contiguous()
+
+
+@masked_linear_fwd.register_fake
+def _(x, weight, mask, bias, activation):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _masked_linear_setup(ctx, inputs, output):
+    x, weight, mask, bias, activation = inputs
+    ctx.save_for_backward(x, weight, mask, output)
+    ctx.has_bias, ctx.activation = bias is not None, activation
+
+
+def _masked_linear_backward(ctx, grad):
+    """Plain matmuls: cuBLAS does the backward well; the mask zeroes the weight grads."""
+    x, weight, mask, y = ctx.saved_tensors
+    if ctx.activation == "relu":
+        grad = grad * (y > 0)
+    grad_x = grad @ (weight * mask)
+    grad_w = (grad.transpose(0, 1) @ x) * mask
+    grad_b = grad.sum(0) if ctx.has_bias else None
+    return grad_x, grad_w, None, grad_b, None
+
+
+torch.library.register_autograd(
+    "fastflow::masked_linear_fwd", _masked_linear_backward, setup_context=_masked_linear_setup
+)

@@ -175,3 +175,47 @@ def mixture_log_prob(
         _validate_values([("x", torch.isnan(x), "contains NaN"),
                           *_param_checks(logits, loc, log_scale)])
     return MixtureLogProb.apply(x, logits, loc, log_scale, kind)
+
+
+_ACTIVATIONS = ("identity", "relu")
+
+
+def masked_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
+    *, activation: str = "identity",
+) -> torch.Tensor:
+    """``act(x @ (weight * mask)^T + bias)``; on a GPU the mask is applied in-kernel and
+    all-zero mask tiles are skipped.
+
+    Args:
+        x: ``(..., K)``. weight, mask: ``(N, K)``; mask is 0/1 (any dtype). bias: ``(N,)``.
+        activation: ``"identity"`` or ``"relu"`` (fused into the kernel's epilogue).
+
+    Returns:
+        ``(..., N)`` in x's dtype.
+    """
+    _check_choice("activation", activation, _ACTIVATIONS)
+    named = {"x": x, "weight": weight, "mask": mask}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name in ("x", "weight") + (("bias",) if bias is not None else ()):
+        if not named[name].is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
+    if weight.dim() != 2 or mask.shape != weight.shape:
+        raise ValueError(f"weight must be (N, K) and mask the same shape; got weight "
+                         f"{tuple(weight.shape)}, mask {tuple(mask.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must end in K = {weight.shape[1]} features, got {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    dtype = x.dtype
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.ops.fastflow.masked_linear_fwd(flat, weight, mask.to(dtype), bias, activation)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

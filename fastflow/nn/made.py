@@ -14,9 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..functional import masked_linear
+
 
 class MaskedLinear(nn.Linear):
-    """``y = x @ (W * mask).T + b`` with a fixed 0/1 mask of shape (out_features, in_features)."""
+    """``y = x @ (W * mask).T + b`` with a fixed 0/1 mask of shape (out_features, in_features).
+
+    Runs :func:`fastflow.masked_linear`: on a GPU the mask is applied in-kernel and all-zero
+    mask tiles are skipped.
+    """
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
@@ -28,7 +34,7 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+        return masked_linear(x, self.weight, self.mask, self.bias)
 
 
 def _input_degrees(features: int, order, generator) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Pure-PyTorch implementations: the CPU path and the oracle for every kernel test."""
 
+from .made import masked_linear_fwd
 from .mixture_cdf import (
     mixture_cdf_bwd,
     mixture_cdf_fwd,
@@ -12,4 +13,5 @@ __all__ = [
     "mixture_cdf_fwd",
     "mixture_cdf_inverse_bwd",
     "mixture_cdf_inverse_fwd",
+    "masked_linear_fwd",
 ]

@@ -1,0 +1,102 @@
+"""Masked linear layer: y = act(x @ (W * M)^T + b) with the mask applied in-kernel.
+
+MADE keeps hidden units sorted by degree, so its masks are block-triangular: whole
+(BLOCK_N x BLOCK_K) tiles of the mask are zero. The host marks the tiles that have any nonzero
+entry (a small int8 table per mask and block size) and the kernel skips the rest without
+loading them: about half the FLOPs and weight traffic of a dense layer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"identity": 0, "relu": 1}
+
+
+@triton.jit
+def _masked_linear_fwd_kernel(
+    # pointers: input, weight, mask, bias, nonzero-tile table, output
+    x_ptr, w_ptr, m_ptr, b_ptr, tiles_ptr, y_ptr,
+    # strides
+    s_xm, s_xk, s_wn, s_wk, s_mn, s_mk, s_ym, s_yn, s_tn, s_tk,
+    # sizes: rows, output features, input features
+    M, N, K,
+    # flags and block sizes
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if tl.load(tiles_ptr + pid_n * s_tn + kt * s_tk) != 0:
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wk = mask_n[:, None] & mask_k[None, :]
+            w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
+                        mask=wk, other=0.0)
+            m = tl.load(m_ptr + offs_n[:, None] * s_mn + offs_k[None, :] * s_mk,
+                        mask=wk, other=0)
+            w = tl.where(m != 0, w, 0.0).to(x.dtype)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :] * s_yn, acc,
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def nonzero_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """int8 table (ceil(N / block_n), ceil(K / block_k)): 1 where the mask tile has a nonzero."""
+    n, k = mask.shape
+    tn, tk = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    padded = torch.zeros(tn * block_n, tk * block_k, dtype=torch.bool, device=mask.device)
+    padded[:n, :k] = mask != 0
+    return padded.reshape(tn, block_n, tk, block_k).any(dim=(1, 3)).to(torch.int8)
+
+
+def block_sizes(M: int, N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K), at least 16 (tl.dot's minimum), at most 64."""
+    def fit(n):
+        return max(16, min(64, triton.next_power_of_2(n)))
+
+    return fit(M), fit(N), fit(K)
+
+
+def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
+    """Launch: x (M, K), weight and mask (N, K), bias (N,) or None -> (M, N) in x's dtype.
+
+    ``tiles`` overrides the nonzero-tile table (tests use it to see that skipped tiles are
+    really skipped).
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    block_m, block_n, block_k = block_sizes(M, N, K)
+    if tiles is None:
+        tiles = nonzero_tiles(mask, block_n, block_k)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
+    _masked_linear_fwd_kernel[grid](
+        x, weight, mask, y if bias is None else bias, tiles, y,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        mask.stride(0), mask.stride(1), y.stride(0), y.stride(1),
+        tiles.stride(0), tiles.stride(1),
+        M, N, K,
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], IEEE=ieee,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return y

@@ -1,0 +1,116 @@
+"""masked_linear: the kernel against the reference (values and gradients), tile skipping, and
+the reference against a dense matmul with the mask multiplied in."""
+
+import pytest
+import torch
+from fastflow.kernels import made as made_kernels
+from fastflow.kernels.made import block_sizes, nonzero_tiles
+
+import fastflow
+from fastflow.nn.made import MADE
+
+from conftest import DEVICE
+
+SHAPES = [
+    pytest.param(5, 37, 23, id="5x37<-23"),
+    pytest.param(70, 64, 128, id="70x64<-128"),
+    pytest.param(1, 3, 1, id="1x3<-1"),
+]
+
+
+def _made_mask(n_out, n_in, seed=0, degrees=6):
+    """A block-triangular mask as MADE builds it (degrees sorted)."""
+    gen = torch.Generator().manual_seed(seed)
+    d_in = torch.randint(1, degrees, (n_in,), generator=gen).sort().values
+    d_out = torch.randint(1, degrees, (n_out,), generator=gen).sort().values
+    return (d_out[:, None] >= d_in[None, :]).float()
+
+
+def _run(backend, monkeypatch, x, w, mask, b, activation):
+    monkeypatch.setenv("FASTFLOW_BACKEND", backend)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = fastflow.masked_linear(leaves[0], leaves[1], mask, leaves[2], activation=activation)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y)
+    return y, torch.autograd.grad((y * g).sum(), leaves)
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_kernel_matches_reference(monkeypatch, dtype, M, N, K, activation):
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    w = torch.randn(N, K, dtype=dtype, device=DEVICE)
+    b = torch.randn(N, dtype=dtype, device=DEVICE)
+    mask = _made_mask(N, K).to(dtype=dtype, device=DEVICE)
+    got = _run("triton", monkeypatch, x, w, mask, b, activation)
+    want = _run("reference", monkeypatch, x, w, mask, b, activation)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for g, w_ in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w_, **tol)
+
+
+def test_reference_is_dense_matmul_with_mask():
+    x, w, b = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
+    mask = _made_mask(5, 6)
+    y = fastflow.masked_linear(x, w, mask, b, activation="relu")
+    want = torch.relu(x @ (w * mask).T + b)
+    torch.testing.assert_close(y, want)
+
+
+def test_tile_table_marks_exactly_the_nonzero_tiles():
+    mask = _made_mask(100, 70, seed=2, degrees=30)
+    tiles = nonzero_tiles(mask, 32, 16)
+    for i in range(tiles.shape[0]):
+        for j in range(tiles.shape[1]):
+            block = mask[i * 32:(i + 1) * 32, j * 16:(j + 1) * 16]
+            assert tiles[i, j] == int(block.any())
+    assert (tiles == 0).any()  # MADE masks do have empty tiles
+
+
+def test_kernel_skips_the_tiles_the_table_marks_empty():
+    """Mark one nonzero tile empty: the kernel must leave out exactly its contribution."""
+    M, N, K = 8, 160, 160
+    mask = _made_mask(N, K, seed=3, degrees=40).to(DEVICE)
+    _, bn, bk = block_sizes(M, N, K)
+    tiles = nonzero_tiles(mask, bn, bk)
+    i, j = (tiles == 1).nonzero()[0].tolist()
+    tiles[i, j] = 0
+    x, w = torch.randn(M, K, device=DEVICE), torch.randn(N, K, device=DEVICE)
+    y = made_kernels.masked_linear_fwd(x, w, mask, None, "identity", tiles=tiles)
+    kept = mask.clone()
+    kept[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = 0
+    torch.testing.assert_close(y, x @ (w * kept).T, rtol=1e-5, atol=1e-5)
+
+
+def test_made_on_the_kernel_path_equals_the_reference_path(monkeypatch):
+    made = MADE(6, [32, 32], 3, order="random", seed=0, context_features=2).to(DEVICE)
+    x, ctx = torch.randn(9, 6, device=DEVICE), torch.randn(9, 2, device=DEVICE)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    got = made(x, ctx)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    torch.testing.assert_close(got, made(x, ctx), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_names_the_argument():
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="mask the same shape"):
+        fastflow.masked_linear(x, w, torch.ones(5, 5))
+    with pytest.raises(ValueError, match="x must end in K = 6"):
+        fastflow.masked_linear(torch.randn(4, 5), w, torch.ones(5, 6))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fastflow.masked_linear(x, w, torch.ones(5, 6), torch.randn(4))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastflow.masked_linear(x, w, torch.ones(5, 6), activation="tanh")
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        fastflow.masked_linear(x.long(), w, torch.ones(5, 6))
+
+
+def test_opcheck(backend):
+    x = torch.randn(7, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = _made_mask(5, 6).double().to(DEVICE)
+    for act in ("identity", "relu"):
+        torch.library.opcheck(torch.ops.fastflow.masked_linear_fwd, (x, w, mask, b, act))
+        torch.library.opcheck(torch.ops.fastflow.masked_linear_fwd, (x, w, mask, None, act))
