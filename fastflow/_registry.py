@@ -210,3 +210,49 @@ def _masked_linear_backward(ctx, grad):
 torch.library.register_autograd(
     "fastflow::masked_linear_fwd", _masked_linear_backward, setup_context=_masked_linear_setup
 )
+
+
+# --------------------------------------------------------------------------------------------
+# made_head: the MADE output layer fused with the mixture-CDF forward
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastflow::made_head_fwd", mutates_args=())
+def made_head_fwd(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, limits: torch.Tensor,
+    x: torch.Tensor, components: int, kind: str, output: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        from .kernels import made as made_kernels
+
+        return made_kernels.made_head_fwd(h, weight, bias, limits, x, components, kind, output)
+    y, lad = reference.made.made_head_fwd(h, weight, bias, limits, x, components, kind, output)
+    return _contiguous(y, lad)
+
+
+@made_head_fwd.register_fake
+def _(h, weight, bias, limits, x, components, kind, output):
+    return _empty_contiguous(x), _empty_contiguous(x)
+
+
+def _made_head_setup(ctx, inputs, output):
+    h, weight, bias, limits, x, components, kind, out = inputs
+    ctx.save_for_backward(h, weight, bias, limits, x)
+    ctx.components, ctx.kind, ctx.output = components, kind, out
+
+
+def _made_head_backward(ctx, grad_y, grad_lad):
+    """Recompute the parameters (one matmul), take the mixture-CDF VJP, then the layer's."""
+    h, weight, bias, limits, x = ctx.saved_tensors
+    K = ctx.components
+    params = reference.made.made_head_params(h, weight, bias, limits, K)
+    g_x, *g_params = torch.ops.fastflow.mixture_cdf_bwd(
+        grad_y, grad_lad, x, *params, ctx.kind, ctx.output)
+    g_out = torch.cat(g_params, dim=-1).reshape(h.shape[0], -1).to(h.dtype)
+    mask = reference.made.head_mask(limits, K, h.shape[1]).to(weight.dtype)
+    grad_h = g_out @ (weight * mask)
+    grad_w = (g_out.transpose(0, 1) @ h) * mask
+    return grad_h, grad_w, g_out.sum(0), None, g_x.to(x.dtype), None, None, None
+
+
+torch.library.register_autograd(
+    "fastflow::made_head_fwd", _made_head_backward, setup_context=_made_head_setup
+)

@@ -1,14 +1,22 @@
-"""Masked linear layer: y = act(x @ (W * M)^T + b) with the mask applied in-kernel.
+"""MADE kernels: the masked linear layer and the fused output head.
+
+Masked linear layer: y = act(x @ (W * M)^T + b) with the mask applied in-kernel.
 
 MADE keeps hidden units sorted by degree, so its masks are block-triangular: whole
 (BLOCK_N x BLOCK_K) tiles of the mask are zero. The host marks the tiles that have any nonzero
 entry (a small int8 table per mask and block size) and the kernel skips the rest without
 loading them: about half the FLOPs and weight traffic of a dense layer.
+
+Fused head: the last hidden layer goes straight to the mixture-CDF outputs (y, logabsdet) of
+every dimension; the (B, D, 3K) parameters live only in registers.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from ._math import lse_parts
+from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype
 
 ACTIVATIONS = {"identity": 0, "relu": 1}
 
@@ -100,3 +108,85 @@ def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y
+
+
+# --------------------------------------------------------------------------------------------
+# Fused MADE output head: last hidden layer -> mixture parameters -> (y, logabsdet)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _made_head_fwd_kernel(
+    # pointers: last hidden layer, output weight, output bias, per-dimension hidden prefix
+    # lengths, the flow's input, outputs
+    h_ptr, w_ptr, b_ptr, lim_ptr, x_ptr, y_ptr, lad_ptr,
+    # strides
+    s_hb, s_hh, s_wo, s_wh, s_xb, s_xd,
+    # sizes: rows, dimensions, hidden units, components
+    B, D, H, K,
+    # flags and block sizes
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1).to(tl.int64)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    # Output rows of dimension d: logits d*3K + k, locs d*3K + K + k, log-scales d*3K + 2K + k.
+    row_l = d * 3 * K + offs_k
+    acc_l = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
+    acc_m = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
+    acc_s = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
+    # Hidden units are sorted by degree, so dimension d sees a prefix of them: stop there.
+    lim = tl.load(lim_ptr + d)
+    for ht in range(0, tl.cdiv(lim, BLOCK_H)):
+        offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < lim
+        hb = tl.load(h_ptr + offs_b[:, None] * s_hb + offs_h[None, :] * s_hh,
+                     mask=mask_b[:, None] & mask_h[None, :], other=0.0)
+        wmask = mask_k[:, None] & mask_h[None, :]
+        w_off = offs_h[None, :] * s_wh
+        w_l = tl.load(w_ptr + row_l[:, None] * s_wo + w_off, mask=wmask, other=0.0)
+        w_m = tl.load(w_ptr + (row_l + K)[:, None] * s_wo + w_off, mask=wmask, other=0.0)
+        w_s = tl.load(w_ptr + (row_l + 2 * K)[:, None] * s_wo + w_off, mask=wmask, other=0.0)
+        if IEEE:
+            acc_l += tl.dot(hb, tl.trans(w_l), input_precision="ieee")
+            acc_m += tl.dot(hb, tl.trans(w_m), input_precision="ieee")
+            acc_s += tl.dot(hb, tl.trans(w_s), input_precision="ieee")
+        else:
+            acc_l += tl.dot(hb, tl.trans(w_l))
+            acc_m += tl.dot(hb, tl.trans(w_m))
+            acc_s += tl.dot(hb, tl.trans(w_s))
+    logit = acc_l + tl.load(b_ptr + row_l, mask=mask_k, other=0.0).to(CDT)[None, :]
+    loc = acc_m + tl.load(b_ptr + row_l + K, mask=mask_k, other=0.0).to(CDT)[None, :]
+    log_scale = acc_s + tl.load(b_ptr + row_l + 2 * K, mask=mask_k, other=0.0).to(CDT)[None, :]
+    logit = tl.where(mask_k[None, :], logit, -float("inf"))
+    m, s = lse_parts(logit)
+    log_pi = (logit - m[:, None]) - s[:, None]
+    x = tl.load(x_ptr + offs_b * s_xb + d * s_xd, mask=mask_b, other=0.0).to(CDT)
+    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
+    tl.store(y_ptr + offs_b * D + d, y, mask=mask_b)
+    tl.store(lad_ptr + offs_b * D + d, lad, mask=mask_b)
+
+
+def made_head_fwd(h, weight, bias, limits, x, components: int, kind: str, output: str):
+    """Launch the fused head: h (B, H), weight (3KD, H), bias (3KD,), limits (D,) int32 (the
+    hidden prefix each dimension sees), x (B, D) -> (y, lad), each (B, D) in x's dtype."""
+    B, D = x.shape
+    y = torch.empty((B, D), dtype=x.dtype, device=x.device)
+    lad = torch.empty_like(y)
+    if B == 0:
+        return y, lad
+    H = h.shape[1]
+    block_k = max(16, triton.next_power_of_2(components))
+    block_b = max(16, min(64, triton.next_power_of_2(B)))
+    block_h = max(16, min(64, triton.next_power_of_2(H)))
+    ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
+    _made_head_fwd_kernel[(triton.cdiv(B, block_b), D)](
+        h, weight, bias, limits, x, y, lad,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
+        B, D, H, components,
+        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype), IEEE=ieee,
+        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+    )
+    return y, lad

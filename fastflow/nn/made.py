@@ -108,6 +108,10 @@ class MADE(nn.Module):
             mask = m[:, None] >= degrees[-1][None, :]
             self.layers.append(MaskedLinear(len(degrees[-1]), size, mask))
             degrees.append(m)
+        # Hidden units are sorted by degree, so dimension d's outputs see a prefix of the last
+        # hidden layer: the fused head stops reading there.
+        self.register_buffer("head_limits",
+                             (degrees[-1][None, :] < d_in[:, None]).sum(1).to(torch.int32))
         d_out = d_in.repeat_interleave(out_multiplier)
         self.output = MaskedLinear(hidden[-1], features * out_multiplier,
                                    d_out[:, None] > degrees[-1][None, :])
@@ -120,6 +124,14 @@ class MADE(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(x, context)
+        out = self.output(h)
+        if self.context is not None:
+            out = out + self.context[-1](context)
+        return out.reshape(*x.shape[:-1], self.features, self.out_multiplier)
+
+    def hidden(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer, (..., hidden_features[-1])."""
         if x.shape[-1] != self.features:
             raise ValueError(f"x must have {self.features} features, got shape {tuple(x.shape)}")
         check_context(context, self.context_features, x)
@@ -130,10 +142,7 @@ class MADE(nn.Module):
                 a = a + self.context[i](context)
             a = self.activation(a)
             h = h + a if self.residual and i > 0 else a
-        out = self.output(h)
-        if self.context is not None:
-            out = out + self.context[-1](context)
-        return out.reshape(*x.shape[:-1], self.features, self.out_multiplier)
+        return h
 
 
 def check_context(context, context_features, x):

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from ..functional import mixture_cdf, mixture_cdf_inverse
+from .._registry import backend_for
+from ..functional import _should_validate, _validate_values, mixture_cdf, mixture_cdf_inverse
 from .made import MADE, check_context
 
 
@@ -133,10 +134,25 @@ class AutoregressiveMixtureFlow(Transform):
         return out[..., :K], out[..., K:2 * K], out[..., 2 * K:]
 
     def _one_pass(self, inputs, values, context, invert: bool):
+        if not invert and context is None and backend_for(values) == "triton":
+            return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         if invert:
             return mixture_cdf_inverse(values, *params, kind=self.kind, output=self.output)
         return mixture_cdf(values, *params, kind=self.kind, output=self.output)
+
+    def _fused_forward(self, inputs, values):
+        """MADE's output layer and the mixture CDF in one kernel: the (B, D, 3K) parameters
+        are never written to memory."""
+        if _should_validate(None):
+            _validate_values([("x", torch.isnan(values), "contains NaN")])
+        lead = values.shape[:-1]
+        h = self.made.hidden(inputs).reshape(-1, self.made.output.in_features)
+        out = self.made.output
+        y, lad = torch.ops.fastflow.made_head_fwd(
+            h, out.weight, out.bias, self.made.head_limits, values.reshape(-1, self.features),
+            self.components, self.kind, self.output)
+        return y.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def _sequential(self, values, context, invert: bool):
         """Solve for the MADE-side variable one degree at a time (D network passes)."""
