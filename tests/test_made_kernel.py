@@ -171,3 +171,12 @@ def test_fused_head_opcheck(backend):
     args = (h, out.weight.detach().requires_grad_(), out.bias.detach().requires_grad_(),
             flow.made.head_limits, x.requires_grad_(), 2, "logistic", "logit")
     torch.library.opcheck(torch.ops.fastflow.made_head_fwd, args)
+
+
+def test_relu_fused_into_the_masked_layer_equals_a_separate_relu(backend):
+    fused = MADE(5, [16, 16], 2, order="random", seed=1).to(DEVICE)
+    separate = MADE(5, [16, 16], 2, order="random", seed=1,
+                    activation=torch.nn.Sequential(torch.nn.ReLU())).to(DEVICE)
+    separate.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 5, device=DEVICE)
+    torch.testing.assert_close(fused(x), separate(x), rtol=1e-6, atol=1e-6)

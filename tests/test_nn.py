@@ -106,10 +106,16 @@ def test_logit_sigmoid_permutation_are_exact_inverses():
         torch.testing.assert_close(ladi, -lad)
 
 
+@pytest.mark.parametrize("base", ["uniform", "normal", "mog"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_1d_cdf_flow_with_uniform_base_integrates_to_one(kind):
-    flow = Flow([MixtureCDFFlow(1, 4, kind=kind, output="unit")], Uniform(1)).double()
-    _perturb(flow)
+def test_1d_cdf_flow_integrates_to_one(kind, base):
+    """The lecture's 1-D CDF flow on each base: unit output onto a uniform base, logit output
+    onto a Gaussian or a learnable Gaussian mixture."""
+    bases = {"uniform": (Uniform(1), "unit"), "normal": (StandardNormal(1), "logit"),
+             "mog": (MixtureOfGaussians(1, 3), "logit")}
+    base_dist, output = bases[base]
+    flow = Flow([MixtureCDFFlow(1, 4, kind=kind, output=output)], base_dist).double()
+    _perturb(flow, scale=0.1 if base == "mog" else 0.3)
     grid = torch.linspace(-80, 80, 64001, dtype=torch.float64).unsqueeze(-1)
     p = flow.log_prob(grid).exp()
     assert abs(torch.trapezoid(p, grid[:, 0]).item() - 1.0) < 1e-5

@@ -33,8 +33,8 @@ class MaskedLinear(nn.Linear):
             )
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return masked_linear(x, self.weight, self.mask, self.bias)
+    def forward(self, x: torch.Tensor, activation: str = "identity") -> torch.Tensor:
+        return masked_linear(x, self.weight, self.mask, self.bias, activation=activation)
 
 
 def _input_degrees(features: int, order, generator) -> torch.Tensor:
@@ -136,11 +136,16 @@ class MADE(nn.Module):
             raise ValueError(f"x must have {self.features} features, got shape {tuple(x.shape)}")
         check_context(context, self.context_features, x)
         h = x
+        # A ReLU goes into the masked layer's epilogue, unless the context must be added first.
+        fuse = self.context is None and type(self.activation) is nn.ReLU
         for i, layer in enumerate(self.layers):
-            a = layer(h)
-            if self.context is not None:
-                a = a + self.context[i](context)
-            a = self.activation(a)
+            if fuse:
+                a = layer(h, activation="relu")
+            else:
+                a = layer(h)
+                if self.context is not None:
+                    a = a + self.context[i](context)
+                a = self.activation(a)
             h = h + a if self.residual and i > 0 else a
         return h
 
