@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, constraints
 
-from .transforms import Compose
+from .transforms import Compose, chain_forward, chain_inverse
 
 
 class Flow(nn.Module):
@@ -23,22 +23,21 @@ class Flow(nn.Module):
     def __init__(self, transforms, base):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
-        self._chain = Compose(list(self.transforms))
+        features = Compose(list(self.transforms)).features  # checks they agree
         self.base = base
-        if base.features != self._chain.features:
+        if base.features != features:
             raise ValueError(
-                f"base has {base.features} features but the transforms have "
-                f"{self._chain.features}"
+                f"base has {base.features} features but the transforms have {features}"
             )
         self.features = base.features
 
     def forward(self, x, context=None):
         """(z, logabsdet) of the data-to-base map."""
-        return self._chain(x, context)
+        return chain_forward(self.transforms, x, context)
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Log-density of x, shape ``x.shape[:-1]``."""
-        z, lad = self._chain(x, context)
+        z, lad = chain_forward(self.transforms, x, context)
         return self.base.log_prob(z) + lad
 
     def bits_per_dim(self, x, context=None) -> torch.Tensor:
@@ -56,7 +55,7 @@ class Flow(nn.Module):
         if context is not None:
             context = context.expand(n, *context.shape)
         z = self.base.sample(shape)
-        x, lad = self._chain.inverse(z, context)  # lad = log|dx/dz|
+        x, lad = chain_inverse(self.transforms, z, context)  # lad = log|dx/dz|
         return x, self.base.log_prob(z) - lad
 
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:

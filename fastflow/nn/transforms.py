@@ -56,18 +56,28 @@ class Compose(Transform):
                 )
 
     def forward(self, x, context=None):
-        total = 0.0
-        for t in self.transforms:
-            x, lad = t(x, context)
-            total = total + lad
-        return x, total
+        return chain_forward(self.transforms, x, context)
 
     def inverse(self, z, context=None):
-        total = 0.0
-        for t in reversed(self.transforms):
-            z, lad = t.inverse(z, context)
-            total = total + lad
-        return z, total
+        return chain_inverse(self.transforms, z, context)
+
+
+def chain_forward(transforms, x, context=None):
+    """Apply transforms in order; logabsdets add up."""
+    total = 0.0
+    for t in transforms:
+        x, lad = t(x, context)
+        total = total + lad
+    return x, total
+
+
+def chain_inverse(transforms, z, context=None):
+    """Invert transforms in reverse order; logabsdets add up."""
+    total = 0.0
+    for t in reversed(transforms):
+        z, lad = t.inverse(z, context)
+        total = total + lad
+    return z, total
 
 
 class MixtureCDFFlow(Transform):
