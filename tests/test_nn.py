@@ -173,7 +173,6 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="x must be a floating-point"):
         t(torch.ones(4, 3, dtype=torch.int64), torch.randn(4, 2))
     with pytest.raises(ValueError, match="context was given"):
-        MixtureCDFFlow(3, 2)  # no context: fine
         MADE(3, [4])(torch.randn(2, 3), torch.randn(2, 1))
     with pytest.raises(ValueError, match="order must be a permutation"):
         MADE(3, [4], order=torch.tensor([0, 0, 1]))
