@@ -28,7 +28,7 @@ def _reference_forward(x, logits, loc, log_scale):
 
 
 def _reference_inverse(y, logits, loc, log_scale):
-    return ref.mixture_cdf_inverse_fwd(y, logits, loc, log_scale, KIND, OUTPUT,
+    return ref.mixture_cdf_inverse_fixed(y, logits, loc, log_scale, KIND, OUTPUT,
                                        _registry.BISECT_STEPS, _registry.NEWTON_STEPS)
 
 

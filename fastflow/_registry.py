@@ -19,7 +19,8 @@ import torch
 
 from . import reference
 
-# Inverse iteration counts, shared by the kernel and the reference so both compute the same.
+# The kernels' inverse iteration counts (compile-time constants). The CPU reference iterates to
+# convergence instead; reference.mixture_cdf.mixture_cdf_inverse_fixed is the kernels' algorithm.
 BISECT_STEPS = 40
 NEWTON_STEPS = 4
 
@@ -143,9 +144,14 @@ def mixture_cdf_inverse_fwd(
     y: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
     kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x, lad = _impl(y)[1].mixture_cdf_inverse_fwd(
-        y, logits, loc, log_scale, kind, output, BISECT_STEPS, NEWTON_STEPS
-    )
+    if _use_triton(y):
+        from .kernels import mixture_inverse
+
+        x, lad = mixture_inverse.mixture_cdf_inverse_fwd(
+            y, logits, loc, log_scale, kind, output, BISECT_STEPS, NEWTON_STEPS
+        )
+    else:
+        x, lad = reference.mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind, output)
     return _contiguous(x, lad)
 
 
@@ -256,3 +262,4 @@ def _made_head_backward(ctx, grad_y, grad_lad):
 torch.library.register_autograd(
     "fastflow::made_head_fwd", _made_head_backward, setup_context=_made_head_setup
 )
+
