@@ -263,3 +263,27 @@ torch.library.register_autograd(
     "fastflow::made_head_fwd", _made_head_backward, setup_context=_made_head_setup
 )
 
+
+# --------------------------------------------------------------------------------------------
+# autoregressive_solve: a degree-sorted MADE's sequential direction in one pass (no autograd:
+# the modules take the D-pass route when gradients are needed)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastflow::autoregressive_solve", mutates_args=())
+def autoregressive_solve(
+    values: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+    table: torch.Tensor, order: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+    components: int, kind: str, output: str, invert: bool, residual: bool, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (values, weights, biases, table, order, out_weight, out_bias, components, kind,
+            output, invert, residual, activation)
+    if activation == "relu" and _use_triton(values):
+        from .kernels import autoregressive as ar_kernels
+
+        return ar_kernels.autoregressive_solve(*args)
+    return _contiguous(*reference.autoregressive.autoregressive_solve(*args))
+
+
+@autoregressive_solve.register_fake
+def _(values, weights, biases, table, order, out_weight, out_bias, components, kind, output,
+      invert, residual, activation):
+    return _empty_contiguous(values), _empty_contiguous(values)

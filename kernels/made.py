@@ -114,22 +114,13 @@ def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
 # Fused MADE output head: last hidden layer -> mixture parameters -> (y, logabsdet)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _made_head_fwd_kernel(
-    # pointers: last hidden layer, output weight, output bias, per-dimension hidden prefix
-    # lengths, the flow's input, outputs
-    h_ptr, w_ptr, b_ptr, lim_ptr, x_ptr, y_ptr, lad_ptr,
-    # strides
-    s_hb, s_hh, s_wo, s_wh, s_xb, s_xd,
-    # sizes: rows, dimensions, hidden units, components
-    B, D, H, K,
-    # flags and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+def _head_params(
+    h_ptr, s_hb, s_hh, w_ptr, s_wo, s_wh, b_ptr, s_bb, offs_b, mask_b, d, lim, K,
+    CDT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
+    """Dimension d's mixture (log pi, loc, log_scale, lane mask), [BLOCK_B, BLOCK_K] tiles,
+    from the first ``lim`` hidden units of rows offs_b. Bias row stride s_bb (0: shared)."""
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     # Output rows of dimension d: logits d*3K + k, locs d*3K + K + k, log-scales d*3K + 2K + k.
@@ -138,7 +129,6 @@ def _made_head_fwd_kernel(
     acc_m = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
     acc_s = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
     # Hidden units are sorted by degree, so dimension d sees a prefix of them: stop there.
-    lim = tl.load(lim_ptr + d)
     for ht in range(0, tl.cdiv(lim, BLOCK_H)):
         offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < lim
@@ -157,12 +147,40 @@ def _made_head_fwd_kernel(
             acc_l += tl.dot(hb, tl.trans(w_l))
             acc_m += tl.dot(hb, tl.trans(w_m))
             acc_s += tl.dot(hb, tl.trans(w_s))
-    logit = acc_l + tl.load(b_ptr + row_l, mask=mask_k, other=0.0).to(CDT)[None, :]
-    loc = acc_m + tl.load(b_ptr + row_l + K, mask=mask_k, other=0.0).to(CDT)[None, :]
-    log_scale = acc_s + tl.load(b_ptr + row_l + 2 * K, mask=mask_k, other=0.0).to(CDT)[None, :]
+    b_rows = b_ptr + offs_b[:, None] * s_bb
+    bmask = mask_b[:, None] & mask_k[None, :]
+    logit = acc_l + tl.load(b_rows + row_l[None, :], mask=bmask, other=0.0).to(CDT)
+    loc = acc_m + tl.load(b_rows + (row_l + K)[None, :], mask=bmask, other=0.0).to(CDT)
+    log_scale = acc_s + tl.load(b_rows + (row_l + 2 * K)[None, :], mask=bmask,
+                                other=0.0).to(CDT)
     logit = tl.where(mask_k[None, :], logit, -float("inf"))
     m, s = lse_parts(logit)
     log_pi = (logit - m[:, None]) - s[:, None]
+    return log_pi, loc, log_scale, mask_b[:, None] & mask_k[None, :]
+
+
+@triton.jit
+def _made_head_fwd_kernel(
+    # pointers: last hidden layer, output weight, output bias, per-dimension hidden prefix
+    # lengths, the flow's input, outputs
+    h_ptr, w_ptr, b_ptr, lim_ptr, x_ptr, y_ptr, lad_ptr,
+    # strides
+    s_hb, s_hh, s_wo, s_wh, s_xb, s_xd,
+    # sizes: rows, dimensions, hidden units, components
+    B, D, H, K,
+    # flags and block sizes
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1).to(tl.int64)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    lim = tl.load(lim_ptr + d)
+    log_pi, loc, log_scale, mask = _head_params(
+        h_ptr, s_hb, s_hh, w_ptr, s_wo, s_wh, b_ptr, 0, offs_b, mask_b, d, lim, K,
+        CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K,
+    )
     x = tl.load(x_ptr + offs_b * s_xb + d * s_xd, mask=mask_b, other=0.0).to(CDT)
     y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
     tl.store(y_ptr + offs_b * D + d, y, mask=mask_b)

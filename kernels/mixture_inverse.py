@@ -57,29 +57,20 @@ def _logit_eval(x, log_pi, loc, inv_s, KIND: tl.constexpr):
 
 
 @triton.jit
-def _mixture_cdf_inverse_fwd_kernel(
-    # pointers: targets, parameters, outputs
-    y_ptr, logit_ptr, loc_ptr, log_scale_ptr, x_ptr, lad_ptr,
-    # strides of each parameter's (row, col, component) view
-    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-    # sizes: elements, columns (last dim of y), components
-    N, C, K,
-    # flags, iteration counts and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
-    BISECT_STEPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    y = tl.load(y_ptr + offs_n, mask=mask_n, other=0.5).to(CDT)
+def _target_logit(y, OUTPUT: tl.constexpr):
+    """The target in logit space: y itself, or log z - log(1 - z) for unit targets."""
     if OUTPUT == 1:
         t = y
     else:
         t = tl.log(y) - log1p(-y)
-    log_pi, loc, log_scale, mask = _load_mixture(
-        logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT,
-    )
+    return t
+
+
+@triton.jit
+def _solve(t, log_pi, loc, log_scale, mask, KIND: tl.constexpr, OUTPUT: tl.constexpr,
+           BISECT_STEPS: tl.constexpr, NEWTON_STEPS: tl.constexpr):
+    """(x, lad) with logit F(x) = t for a [BLOCK_N] target and [BLOCK_N, BLOCK_K] mixtures
+    (lad = log|dx/dy| for the output kind); shared by the inverse and autoregressive kernels."""
     scale = tl.exp(log_scale)
     inv_s = tl.exp(-log_scale)
     if KIND == 0:
@@ -111,6 +102,30 @@ def _mixture_cdf_inverse_fwd_kernel(
     nan = t != t
     x = tl.where(nan, t, x)
     lad = tl.where(nan, t, lad)
+    return x, lad
+
+
+@triton.jit
+def _mixture_cdf_inverse_fwd_kernel(
+    # pointers: targets, parameters, outputs
+    y_ptr, logit_ptr, loc_ptr, log_scale_ptr, x_ptr, lad_ptr,
+    # strides of each parameter's (row, col, component) view
+    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+    # sizes: elements, columns (last dim of y), components
+    N, C, K,
+    # flags, iteration counts and block sizes
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
+    BISECT_STEPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t = _target_logit(tl.load(y_ptr + offs_n, mask=mask_n, other=0.5).to(CDT), OUTPUT)
+    log_pi, loc, log_scale, mask = _load_mixture(
+        logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+        offs_n, mask_n, C, K, BLOCK_K, CDT,
+    )
+    x, lad = _solve(t, log_pi, loc, log_scale, mask, KIND, OUTPUT, BISECT_STEPS, NEWTON_STEPS)
     tl.store(x_ptr + offs_n, x, mask=mask_n)
     tl.store(lad_ptr + offs_n, lad, mask=mask_n)
 

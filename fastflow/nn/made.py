@@ -108,6 +108,11 @@ class MADE(nn.Module):
             mask = m[:, None] >= degrees[-1][None, :]
             self.layers.append(MaskedLinear(len(degrees[-1]), size, mask))
             degrees.append(m)
+        # table[l, m]: units of layer l (row 0: the inputs, in degree order) with degree < m.
+        steps = torch.arange(features + 1)
+        table = [torch.searchsorted(m.contiguous(), steps) for m in degrees[1:]]
+        self.register_buffer("degree_table", torch.stack([(steps - 1).clamp(min=0), *table]),
+                             persistent=False)
         # Hidden units are sorted by degree, so dimension d's outputs see a prefix of the last
         # hidden layer: the fused head stops reading there.
         self.register_buffer("head_limits",
@@ -129,6 +134,23 @@ class MADE(nn.Module):
         if self.context is not None:
             out = out + self.context[-1](context)
         return out.reshape(*x.shape[:-1], self.features, self.out_multiplier)
+
+    def sequential_plan(self, context: torch.Tensor | None = None) -> dict:
+        """The network as the plain tensors of the one-pass sequential solve (see
+        :func:`fastflow.reference.autoregressive.autoregressive_solve`): masked weights (the
+        first layer's columns in degree order), biases with a (B, C) context's contribution
+        folded in, the degree table and the order."""
+        order = torch.argsort(self.input_degrees)
+        weights = [layer.weight * layer.mask for layer in self.layers]
+        weights[0] = weights[0][:, order]
+        biases = [layer.bias for layer in self.layers]
+        out_bias = self.output.bias
+        if self.context is not None:
+            biases = [b + c(context) for b, c in zip(biases, self.context, strict=False)]
+            out_bias = out_bias + self.context[-1](context)
+        return {"weights": weights, "biases": biases, "table": self.degree_table,
+                "order": order, "out_weight": self.output.weight * self.output.mask,
+                "out_bias": out_bias}
 
     def hidden(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The last hidden layer, (..., hidden_features[-1])."""

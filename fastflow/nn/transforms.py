@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from .._registry import backend_for
-from ..functional import _should_validate, _validate_values, mixture_cdf, mixture_cdf_inverse
+from ..functional import (
+    _should_validate,
+    _validate_values,
+    mixture_cdf,
+    mixture_cdf_inverse,
+)
+from ..reference.autoregressive import autoregressive_solve as reference_solve
 from .made import MADE, check_context
 
 
@@ -165,13 +171,53 @@ class AutoregressiveMixtureFlow(Transform):
         return y.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def _sequential(self, values, context, invert: bool):
-        """Solve for the MADE-side variable one degree at a time (D network passes)."""
+        """(side, logabsdet): solve for the MADE-side variable one degree at a time.
+
+        Without gradients, one pass (each hidden unit computed once; a single Triton kernel
+        on a GPU). With gradients, D network passes, so that autograd sees every dependence.
+        """
+        tracked = torch.is_grad_enabled() and (
+            values.requires_grad or (context is not None and context.requires_grad)
+            or any(p.requires_grad for p in self.parameters()))
+        if not tracked:
+            return self._solve_one_pass(values, context, invert)
         side = torch.zeros_like(values)
         degrees = self.made.input_degrees
         for d in range(1, self.features + 1):
             new, _ = self._one_pass(side, values, context, invert)
             side = torch.where(degrees == d, new, side)
-        return side
+        _, lad = self._one_pass(side, values, context, invert)
+        return side, lad
+
+    def _solve_one_pass(self, values, context, invert: bool):
+        validate = _should_validate(None)
+        name = "z" if invert else "x"
+        if validate:
+            if invert and self.output == "unit":
+                bad = ~((values >= 0) & (values <= 1))
+                what = "must lie in [0, 1] for output='unit' (found values outside, or NaN)"
+            else:
+                bad, what = torch.isnan(values), "contains NaN"
+            _validate_values([(name, bad, what)])
+        lead = values.shape[:-1]
+        flat = values.reshape(-1, self.features)
+        if context is not None:
+            context = context.reshape(-1, context.shape[-1])
+        plan = self.made.sequential_plan(context)
+        act = self.made.activation
+        args = (flat, plan["weights"], plan["biases"], plan["table"], plan["order"],
+                plan["out_weight"], plan["out_bias"], self.components, self.kind, self.output,
+                invert, self.made.residual)
+        if type(act) is nn.ReLU:
+            side, lad = torch.ops.fastflow.autoregressive_solve(*args, "relu")
+        else:
+            side, lad = reference_solve(*args, act)
+        if validate:
+            # The parameters exist only inside the solve: a NaN result means they were not
+            # finite (a diverged network), which the D-pass route reports the same way.
+            _validate_values([("the network's mixture parameters", torch.isnan(side)
+                               | torch.isnan(lad), f"are not finite for some rows of {name}")])
+        return side.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def forward(self, x, context=None):
         self._check(x)
@@ -179,8 +225,7 @@ class AutoregressiveMixtureFlow(Transform):
         if self.direction == "maf":
             z, lad = self._one_pass(x, x, context, invert=False)
             return z, lad.sum(-1)
-        z = self._sequential(x, context, invert=False)
-        _, lad = self._one_pass(z, x, context, invert=False)
+        z, lad = self._sequential(x, context, invert=False)
         return z, lad.sum(-1)
 
     def inverse(self, z, context=None):
@@ -189,8 +234,7 @@ class AutoregressiveMixtureFlow(Transform):
         if self.direction == "iaf":
             x, lad = self._one_pass(z, z, context, invert=True)
             return x, lad.sum(-1)
-        x = self._sequential(z, context, invert=True)
-        _, lad = self._one_pass(x, z, context, invert=True)
+        x, lad = self._sequential(z, context, invert=True)
         return x, lad.sum(-1)
 
 
