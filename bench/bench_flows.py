@@ -16,46 +16,45 @@ import pytest
 import torch
 
 import fastflow
-from fastflow.distributions import StandardNormal
-from fastflow.nn import AutoregressiveMixtureFlow, Flow
+from fastflow.benchmark import FLOW_SIZES, _train_step, _zuko_maf, flow_model
 
 from conftest import DEVICE, sync
 
-W4_SIZES = {
-    "full": dict(features=784, hidden=[1024, 1024], components=10, batch=256),
-    "cpu": dict(features=64, hidden=[256, 256], components=8, batch=256),
-    "tiny": dict(features=8, hidden=[32, 32], components=3, batch=16),
-}
+
+def _cfg(size_name, batch_index):
+    D, hidden, K = FLOW_SIZES[size_name][:3]
+    return dict(features=D, hidden=hidden, components=K,
+                batch=FLOW_SIZES[size_name][batch_index])
 
 
 @pytest.fixture(scope="module")
 def w4(size_name):
-    cfg = W4_SIZES[size_name]
+    cfg = _cfg(size_name, 3)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["batch"], cfg["features"], generator=gen).to(DEVICE)
     return cfg, x
 
 
 def _fastflow_model(cfg):
-    """W4 and W5: one autoregressive mixture-of-logistics flow layer over a Gaussian base."""
-    torch.manual_seed(0)
-    return Flow([AutoregressiveMixtureFlow(cfg["features"], cfg["components"], cfg["hidden"],
-                                           output="logit", seed=0)],
-                StandardNormal(cfg["features"])).to(DEVICE)
+    return flow_model(cfg["features"], cfg["hidden"], cfg["components"], DEVICE)
 
 
-def _step_fn(model, x):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+def _zuko(cfg):
+    flow = _zuko_maf(cfg["features"], cfg["hidden"], DEVICE)
+    if flow is None:
+        pytest.skip("zuko is not installed (the bench extra)")
+    return flow
 
-    def step():
-        loss = -model.log_prob(x).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+def _synced_step(loss_fn, params):
+    step = _train_step(loss_fn, params)
+
+    def synced():
+        loss = step()
         sync()
-        return loss.detach()
+        return loss
 
-    return step
+    return synced
 
 
 @pytest.mark.parametrize("variant", ["fastflow", "torch-eager", "torch-compile", "zuko-maf"])
@@ -65,23 +64,13 @@ def test_w4_training_step(benchmark, w4, variant, monkeypatch):
     fastflow.set_validate_args(False)
     try:
         if variant == "zuko-maf":
-            zuko = pytest.importorskip("zuko", reason="zuko is not installed (the bench extra)")
-            flow = zuko.flows.MAF(cfg["features"], transforms=1,
-                                  hidden_features=cfg["hidden"]).to(DEVICE)
-            opt = torch.optim.SGD(flow.parameters(), lr=1e-4)
-
-            def step():
-                loss = -flow().log_prob(x).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sync()
-                return loss.detach()
+            flow = _zuko(cfg)
+            step = _synced_step(lambda: -flow().log_prob(x).mean(), flow.parameters())
         else:
             if variant != "fastflow":
                 monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
             model = _fastflow_model(cfg)
-            step = _step_fn(model, x)
+            step = _synced_step(lambda: -model.log_prob(x).mean(), model.parameters())
             if variant == "torch-compile":
                 step = torch.compile(step)
         step()  # warm-up: compilation stays out of the timings
@@ -94,25 +83,12 @@ def test_w4_training_step(benchmark, w4, variant, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # W5 / C1: sampling against log_prob on the same model and batch
 # --------------------------------------------------------------------------------------------
-W5_SIZES = {
-    "full": dict(features=784, hidden=[1024, 1024], components=10, batch=4096),
-    "cpu": dict(features=64, hidden=[256, 256], components=8, batch=4096),  # C1
-    "tiny": dict(features=8, hidden=[32, 32], components=3, batch=16),
-}
-
-
 @pytest.fixture(scope="module")
 def w5(size_name):
-    cfg = W5_SIZES[size_name]
+    cfg = _cfg(size_name, 4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["batch"], cfg["features"], generator=gen).to(DEVICE)
     return cfg, x
-
-
-def _zuko_maf(cfg):
-    zuko = pytest.importorskip("zuko", reason="zuko is not installed (the bench extra)")
-    torch.manual_seed(0)
-    return zuko.flows.MAF(cfg["features"], transforms=1, hidden_features=cfg["hidden"]).to(DEVICE)
 
 
 @pytest.mark.parametrize("variant", [
@@ -128,8 +104,7 @@ def test_w5_sample_and_log_prob(benchmark, w5, variant):
     fastflow.set_validate_args(False)
     try:
         if variant.startswith("zuko"):
-            flow = _zuko_maf(cfg)
-            dist = flow()
+            dist = _zuko(cfg)()
             run = dist.log_prob if variant.endswith("log_prob") else (lambda _: dist.sample((n,)))
         else:
             model = _fastflow_model(cfg)

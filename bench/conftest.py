@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
-SIZES = {"tiny": 2**10, "cpu": 2**16, "full": 2**24}
+from fastflow.benchmark import OP_SIZES, op_inputs
+
+SIZES = OP_SIZES
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -37,14 +39,7 @@ def size_name(request):
 @pytest.fixture(scope="session")
 def w1_inputs(size_name):
     """W1 shapes: N elements as (N / 256, 256), logistic K = 8, per-element parameters."""
-    n, K, cols = SIZES[size_name], 8, 256
-    gen = torch.Generator().manual_seed(0)
-    shape = (n // cols, cols)
-    x = torch.randn(shape, generator=gen) * 3
-    logits = torch.randn((*shape, K), generator=gen)
-    loc = torch.randn((*shape, K), generator=gen)
-    log_scale = torch.randn((*shape, K), generator=gen) * 0.5
-    return [t.to(DEVICE) for t in (x, logits, loc, log_scale)]
+    return op_inputs(SIZES[size_name], DEVICE)
 
 
 def sync():

@@ -28,7 +28,8 @@ def _nan_filled_empty(monkeypatch):
 
     def fill(t):
         if t.is_floating_point() and t.device.type != "meta" and t.numel():
-            t.fill_(float("nan"))
+            with torch.no_grad():  # an empty(..., requires_grad=True) leaf is filled too
+                t.fill_(float("nan"))
         return t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))

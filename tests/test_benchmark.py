@@ -1,0 +1,53 @@
+"""The benchmark runner behind ``fastflow bench``: a tiny run writes its files, and the ratio
+arithmetic is checked on made-up times. Nothing here is timed for its own sake."""
+
+import csv
+
+import pytest
+
+from fastflow import benchmark
+from fastflow.benchmark import Result, ratios
+
+
+def test_ratios_from_one_run():
+    res = [Result("W1", "fastflow", "tiny", 2.0, 2.0, gbps=50.0),
+           Result("W1", "torch-eager", "tiny", 6.0, 6.0),
+           Result("W1", "copy", "tiny", 1.0, 1.0, gbps=100.0),
+           Result("W3", "fastflow", "tiny", 5.0, 5.0),
+           Result("W5", "fastflow-log_prob", "tiny", 4.0, 4.0),
+           Result("W5", "fastflow-sample", "tiny", 10.0, 10.0),
+           Result("W5", "zuko-maf-sample", "tiny", 300.0, 300.0)]
+    got = {(w, c): r for w, c, r in ratios(res)}
+    assert got[("W1", "speedup vs torch eager")] == pytest.approx(3.0)
+    assert got[("W1", "bandwidth / copy bandwidth")] == pytest.approx(0.5)
+    assert got[("W3", "inverse time / W1 time")] == pytest.approx(2.5)
+    assert got[("W5", "fastflow sample / log_prob (lower is better)")] == pytest.approx(2.5)
+    assert got[("W5", "sample speedup vs zuko-maf sampling")] == pytest.approx(30.0)
+    assert ("W1", "speedup vs torch.compile") not in got  # not measured: not invented
+
+
+def test_tiny_run_writes_csv_markdown_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
+    code = benchmark.main(["--size", "tiny", "--repeat", "1", "--workloads", "W1,W3,W4,W5",
+                           "--out", str(tmp_path)])
+    assert code == 0
+    stem = next(tmp_path.glob("*.csv")).with_suffix("")
+    rows = list(csv.DictReader(open(stem.with_suffix(".csv"))))
+    variants = {(r["workload"], r["variant"]) for r in rows}
+    for want in [("W1", "fastflow"), ("W1", "torch-compile"), ("W1", "copy"),
+                 ("W3", "torch-eager"), ("W4", "torch-compile"), ("W5", "fastflow-sample"),
+                 ("W5", "fastflow-sample-d-pass")]:
+        assert want in variants
+    assert all(float(r["min_ms"]) > 0 for r in rows)
+    md = stem.with_suffix(".md").read_text()
+    assert "command: `fastflow bench --size tiny" in md and "torch:" in md
+    assert "sample / log_prob" in md
+    assert stem.with_suffix(".png").stat().st_size > 1000
+    assert "round-trip error" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--workloads", "W9"])
+    assert e.value.code == 2
+    assert "--workloads" in capsys.readouterr().err
