@@ -141,6 +141,11 @@ def test_sampling_takes_the_one_pass_route(monkeypatch):
     x_r = flow.rsample(8)
     assert len(calls) == 5 + 1 and x_r.requires_grad
     torch.testing.assert_close(x, x_r.detach(), rtol=1e-10, atol=1e-10)
+    t.one_pass = False  # forces the D passes without gradients too
+    torch.manual_seed(0)
+    x_d = flow.sample(8)
+    assert len(calls) == 2 * (5 + 1)
+    torch.testing.assert_close(x, x_d, rtol=1e-10, atol=1e-10)
 
 
 def test_non_relu_activation_uses_the_reference_solver(backend):

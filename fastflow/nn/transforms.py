@@ -140,6 +140,8 @@ class AutoregressiveMixtureFlow(Transform):
         self.features, self.components = features, components
         self.kind, self.direction, self.output = kind, direction, output
         self.context_features = context_features
+        # False forces the D-pass route even without gradients (benchmarks, debugging).
+        self.one_pass = True
         self.made = MADE(features, hidden_features, 3 * components, order=order,
                          hidden_degrees=hidden_degrees, residual=residual,
                          context_features=context_features, seed=seed)
@@ -179,7 +181,7 @@ class AutoregressiveMixtureFlow(Transform):
         tracked = torch.is_grad_enabled() and (
             values.requires_grad or (context is not None and context.requires_grad)
             or any(p.requires_grad for p in self.parameters()))
-        if not tracked:
+        if self.one_pass and not tracked:
             return self._solve_one_pass(values, context, invert)
         side = torch.zeros_like(values)
         degrees = self.made.input_degrees

@@ -207,9 +207,9 @@ def _bracket(t, loc, scale, kind):
     return (loc + scale * (u_t - pad)).amin(-1), (loc + scale * (u_t + pad)).amax(-1)
 
 
-def _finish_inverse(x, t, logits, loc, log_scale, kind, output, dtype):
-    """logabsdet at the solution, and the boundary (+-inf) and NaN targets."""
-    _, lad = _forward(x, logits, loc, log_scale, kind, output)
+def _finish_inverse(x, t, lad, dtype):
+    """The inverse's logabsdet from the forward's at x, and the boundary (+-inf) and NaN
+    targets."""
     lad = -lad
     infinite = torch.isinf(t)
     x = torch.where(infinite, t, x)
@@ -251,11 +251,12 @@ def mixture_cdf_inverse_fixed(
         y_c, logits_c, loc_c, log_scale_c = _upcast(y, logits, loc, log_scale)
         t = target_logit(y_c, output)
         x = _solve_fixed(t, logits_c, loc_c, log_scale_c, kind, bisect_steps, newton_steps)
-        return _finish_inverse(x, t, logits_c, loc_c, log_scale_c, kind, output, y.dtype)
+        _, lad = _forward(x, logits_c, loc_c, log_scale_c, kind, output)
+        return _finish_inverse(x, t, lad, y.dtype)
 
 
 def _logit_and_slope(x, pi, loc, inv_scale, kind):
-    """logit F(x) and its derivative f / (F (1 - F)), from F and 1 - F each summed in
+    """logit F(x), its derivative f / (F (1 - F)) and f, from F, 1 - F and f each summed in
     probability space (each exact in its own tail; neither formed by subtraction)."""
     u = (x.unsqueeze(-1) - loc) * inv_scale
     if kind == "logistic":
@@ -266,7 +267,8 @@ def _logit_and_slope(x, pi, loc, inv_scale, kind):
         c, c_bar = 0.5 * torch.special.erfc(-INV_SQRT2 * u), 0.5 * torch.special.erfc(INV_SQRT2 * u)
         dens = torch.exp(-0.5 * u * u - HALF_LOG_2PI)
     cdf, sf = (pi * c).sum(-1), (pi * c_bar).sum(-1)
-    return torch.log(cdf) - torch.log(sf), (pi * dens * inv_scale).sum(-1) / (cdf * sf)
+    f = (pi * dens * inv_scale).sum(-1)
+    return torch.log(cdf) - torch.log(sf), f / (cdf * sf), f
 
 
 def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
@@ -308,7 +310,7 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
         for _ in range(max_steps):
             if not bool(active.any()):
                 break
-            g, slope = _logit_and_slope(x, pi, loc_c, inv_scale, kind)
+            g, slope, _ = _logit_and_slope(x, pi, loc_c, inv_scale, kind)
             h = g - t_plain
             lo = torch.where(active & (h < 0), x, lo)
             hi = torch.where(active & (h > 0), x, hi)
@@ -326,7 +328,15 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
         if bool(rest.any()):
             x[rest] = _solve_fixed(t[rest], logits_c[rest], loc_c[rest], log_scale_c[rest], kind,
                                    fallback_steps[0], fallback_steps[1])
-        return _finish_inverse(x, t, logits_c, loc_c, log_scale_c, kind, output, y.dtype)
+        # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
+        # (no cancellation); in log space wherever f is too small for that.
+        _, slope, dens = _logit_and_slope(x, pi, loc_c, inv_scale, kind)
+        lad = torch.log(slope if output == "logit" else dens)
+        redo = rest | ~(dens > 1e8 * finfo.tiny)
+        if bool(redo.any()):
+            lad[redo] = _forward(x[redo], logits_c[redo], loc_c[redo], log_scale_c[redo], kind,
+                                 output)[1]
+        return _finish_inverse(x, t, lad, y.dtype)
 
 
 def mixture_cdf_inverse_bwd(
