@@ -27,12 +27,15 @@ def _cfg(size_name, batch_index):
                 batch=FLOW_SIZES[size_name][batch_index])
 
 
+def _model_input(size_name, batch_index):
+    cfg = _cfg(size_name, batch_index)
+    gen = torch.Generator().manual_seed(0)
+    return cfg, torch.randn(cfg["batch"], cfg["features"], generator=gen).to(DEVICE)
+
+
 @pytest.fixture(scope="module")
 def w4(size_name):
-    cfg = _cfg(size_name, 3)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch"], cfg["features"], generator=gen).to(DEVICE)
-    return cfg, x
+    return _model_input(size_name, 3)
 
 
 def _fastflow_model(cfg):
@@ -85,10 +88,7 @@ def test_w4_training_step(benchmark, w4, variant, monkeypatch):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def w5(size_name):
-    cfg = _cfg(size_name, 4)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch"], cfg["features"], generator=gen).to(DEVICE)
-    return cfg, x
+    return _model_input(size_name, 4)
 
 
 @pytest.mark.parametrize("variant", [
