@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=_positive_int, help="autoregressive layers")
     train.add_argument("--dequant", choices=("uniform", "variational"), default="uniform",
                        help="dequantization for digits (default: uniform)")
+    train.add_argument("--threads", type=_positive_int,
+                       help="CPU threads (default: 1, fastest for these small models)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device(train)
 
@@ -107,7 +109,8 @@ def cmd_train(args) -> int:
     opts = TrainOptions(data=args.data, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, hidden=args.hidden, components=args.components,
                         layers=args.layers, dequant=args.dequant, device=args.device,
-                        seed=args.seed, out=args.out, progress=not args.no_progress)
+                        threads=args.threads, seed=args.seed, out=args.out,
+                        progress=not args.no_progress)
     train(opts)
     return 0
 

@@ -36,13 +36,14 @@ DATASETS = (*DATASETS_2D, "digits")
 CHECKPOINT_FORMAT = "fastflow-demo-1"
 DIGIT_LEVELS = 17  # load_digits pixels take the values 0..16
 
-# Per data set defaults; the command line overrides any of them. The 2-D default finishes in
-# well under two minutes on a two-core CPU.
+# Per data set defaults; the command line overrides any of them. The models are small: one CPU
+# thread ran them fastest on a loaded two-core machine (two threads contending with other work
+# ran 3x to 10x slower per step in our measurements).
 DEFAULTS = {
     "2d": {"steps": 2000, "batch_size": 512, "lr": 5e-3, "hidden": (128, 128),
-           "components": 8, "layers": 2},
+           "components": 8, "layers": 2, "threads": 1},
     "digits": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "hidden": (512, 512),
-               "components": 8, "layers": 1},
+               "components": 8, "layers": 1, "threads": 1},
 }
 
 
@@ -64,6 +65,7 @@ class TrainOptions:
     layers: int | None = None
     dequant: str = "uniform"
     device: str = "auto"
+    threads: int | None = None
     seed: int = 0
     out: str | None = None
     progress: bool = True
@@ -304,14 +306,17 @@ def train(opts: TrainOptions, stdout=None) -> dict:
         print(f"fastflow train: {opts.data}, {len(train_x)} train / {len(test_x)} test, "
               f"D={config['features']}, {sum(p.numel() for p in loss.parameters())} parameters, "
               f"device {device}, {world} process{'es' if world > 1 else ''}", file=stdout)
-    previous = fastflow.get_validate_args()
+    previous, threads = fastflow.get_validate_args(), torch.get_num_threads()
     fastflow.set_validate_args(False)  # no host sync per step
+    if opts.resolved("threads") and device.type == "cpu":
+        torch.set_num_threads(int(opts.resolved("threads")))
     try:
         fit(model, train_x, opts, device, rank, world)
         result = _finish(loss, config, opts, train_x, test_x, device, stdout) if rank == 0 \
             else {}
     finally:
         fastflow.set_validate_args(previous)
+        torch.set_num_threads(threads)
         if world > 1:
             import torch.distributed as dist
 
