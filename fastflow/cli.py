@@ -18,6 +18,10 @@ from types import SimpleNamespace
 EXIT_USAGE = 2
 
 
+class _Failure(Exception):
+    """A complete one-line message for stderr."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (argparse's default also prints the usage)."""
 
@@ -184,10 +188,6 @@ def cmd_bench(argv: list[str]) -> int:
         raise _Failure("fastflow bench: the benchmark runner is not part of this "
                        "installation") from None
     return int(benchmark.main(list(argv)) or 0)
-
-
-class _Failure(Exception):
-    """A complete one-line message for stderr."""
 
 
 _COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}

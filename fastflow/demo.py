@@ -302,7 +302,9 @@ def train(opts: TrainOptions, stdout=None) -> dict:
 
         model = DistributedDataParallel(loss, device_ids=[device] if device.type == "cuda"
                                         else None)
+    out = Path(opts.out) if opts.out else Path("runs") / opts.data
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
         print(f"fastflow train: {opts.data}, {len(train_x)} train / {len(test_x)} test, "
               f"D={config['features']}, {sum(p.numel() for p in loss.parameters())} parameters, "
               f"device {device}, {world} process{'es' if world > 1 else ''}", file=stdout)
@@ -312,7 +314,7 @@ def train(opts: TrainOptions, stdout=None) -> dict:
         torch.set_num_threads(int(opts.resolved("threads")))
     try:
         fit(model, train_x, opts, device, rank, world)
-        result = _finish(loss, config, opts, train_x, test_x, device, stdout) if rank == 0 \
+        result = _finish(loss, config, out, train_x, test_x, device, stdout) if rank == 0 \
             else {}
     finally:
         fastflow.set_validate_args(previous)
@@ -325,7 +327,7 @@ def train(opts: TrainOptions, stdout=None) -> dict:
     return result
 
 
-def _finish(loss: NLLLoss, config: dict, opts: TrainOptions, train_x, test_x, device,
+def _finish(loss: NLLLoss, config: dict, out: Path, train_x, test_x, device,
             stdout) -> dict:
     """Rank 0: evaluate, print, save the checkpoint and the picture."""
     loss.eval()
@@ -336,11 +338,9 @@ def _finish(loss: NLLLoss, config: dict, opts: TrainOptions, train_x, test_x, de
         metrics[split] = {"nats_per_dim": nats, "bits_per_dim": nats / math.log(2)}
         print(f"{split:5s} NLL {nats:.4f} nats/dim ({nats / math.log(2):.4f} bits/dim)",
               file=stdout)
-    out = Path(opts.out) if opts.out else Path("runs") / opts.data
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     save_checkpoint(ckpt, loss.flow, config, metrics)
-    png = out / f"{opts.data}.png"
+    png = out / f"{config['data']}.png"
     if config["levels"] is None:
         plot_2d(loss.flow, train_x, png, device)
     else:

@@ -86,6 +86,7 @@ def test_train_learns(tmp_path, capsys):
                        "--hidden", "32,32", "--components", "4", "--no-progress")
                    for s in (2, 150))
     assert short[0] == 0 and long[0] == 0
+    # measured: 1.13 nats/dim after 2 steps, 0.55 after 150
     assert nlls(long[1])["test"][0] < nlls(short[1])["test"][0] - 0.3
 
 
@@ -207,6 +208,14 @@ def test_foreign_and_mismatched_checkpoints(moons_run, tmp_path, capsys):
 def test_bad_flags_are_one_line_errors(argv, capsys):
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, "error:")
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    code, out, err = run(capsys, "train", "--out", str(taken), *TINY)
+    assert_one_line_error(code, err, "taken")
+    assert "NLL" not in out  # it failed before training
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeypatch):
