@@ -1,4 +1,4 @@
-"""Generated toy data sets (no downloads): two moons and concentric rings in 2-D."""
+"""Generated toy data sets (no downloads): two moons, concentric rings and a smiley in 2-D."""
 
 from __future__ import annotations
 
@@ -27,4 +27,26 @@ def rings(n: int, noise: float = 0.05, *, radii=(0.5, 1.0, 1.5),
     r = torch.tensor(radii)[torch.randint(0, len(radii), (n,), generator=generator)]
     angle = torch.rand(n, generator=generator) * 2 * math.pi
     pts = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], -1)
+    return pts + noise * torch.randn(n, 2, generator=generator)
+
+
+def smiley(n: int, noise: float = 0.05, *, generator: torch.Generator | None = None):
+    """(n, 2) points on a smiling face with Gaussian noise (float32).
+
+    Half the points lie on the outline (the unit circle), a tenth on each eye (circles of
+    radius 0.12 centred at (-0.35, 0.35) and (0.35, 0.35)) and the remaining three tenths on
+    the mouth, the arc of the circle of radius 0.55 about the origin from 200 to 340 degrees.
+    A density with several separate pieces, some thin, so a good fit shows detail.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    part = torch.multinomial(torch.tensor([0.5, 0.1, 0.1, 0.3]), n, replacement=True,
+                             generator=generator)
+    t = torch.rand(n, generator=generator)
+    full = 2 * math.pi * t
+    mouth = math.radians(200.0) + math.radians(140.0) * t
+    angle = torch.where(part == 3, mouth, full)
+    radius = torch.tensor([1.0, 0.12, 0.12, 0.55])[part]
+    centre = torch.tensor([[0.0, 0.0], [-0.35, 0.35], [0.35, 0.35], [0.0, 0.0]])[part]
+    pts = centre + radius.unsqueeze(-1) * torch.stack([torch.cos(angle), torch.sin(angle)], -1)
     return pts + noise * torch.randn(n, 2, generator=generator)

@@ -1,0 +1,375 @@
+"""The fastflow command line: train / sample / info / bench, its error handling, the smiley data
+set, and DistributedDataParallel training on two CPU processes (gloo). Tiny runs: a few
+optimizer steps on small networks, so each test takes seconds."""
+
+import contextlib
+import io
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastflow.cli import main
+from fastflow.data import smiley
+from fastflow.demo import (
+    NLLLoss,
+    TrainOptions,
+    build_flow,
+    init_distributed,
+    loss_and_backward,
+    model_config,
+)
+
+TINY = ["--steps", "3", "--batch-size", "32", "--hidden", "16,16", "--components", "2",
+        "--no-progress"]
+NLL_LINE = re.compile(r"^(train|test) +NLL (\S+) nats/dim \((\S+) bits/dim\)$", re.M)
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of fastflow.cli.main(argv), in-process."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err
+
+
+def nlls(out):
+    """{split: (nats/dim, bits/dim)} parsed from train's report."""
+    found = {m[1]: (float(m[2]), float(m[3])) for m in NLL_LINE.finditer(out)}
+    assert set(found) == {"train", "test"}, out
+    return found
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory):
+    """One tiny two-moons training run shared by the sampling tests."""
+    out = tmp_path_factory.mktemp("moons")
+    assert main(["train", "--data", "two_moons", "--out", str(out), *TINY]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data", ["two_moons", "rings", "smiley"])
+def test_train_2d_writes_checkpoint_and_picture(data, tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--data", data, "--out", str(tmp_path), *TINY)
+    assert code == 0, err
+    for nats, bits in nlls(out).values():
+        assert math.isfinite(nats) and bits == pytest.approx(nats / math.log(2), rel=1e-3)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["data"] == data and ckpt["config"]["hidden"] == [16, 16]
+    png = tmp_path / f"{data}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_learns(tmp_path, capsys):
+    """More steps give a lower test NLL than a handful: the loop really optimises."""
+    short, long = (run(capsys, "train", "--out", str(tmp_path / str(s)), "--steps", str(s),
+                       "--hidden", "32,32", "--components", "4", "--no-progress")
+                   for s in (2, 150))
+    assert short[0] == 0 and long[0] == 0
+    # measured: 1.13 nats/dim after 2 steps, 0.55 after 150
+    assert nlls(long[1])["test"][0] < nlls(short[1])["test"][0] - 0.3
+
+
+def test_train_defaults_to_runs_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "train", "--data", "smiley", *TINY)
+    assert code == 0
+    assert (tmp_path / "runs" / "smiley" / "checkpoint.pt").is_file()
+    assert (tmp_path / "runs" / "smiley" / "smiley.png").is_file()
+
+
+@pytest.mark.parametrize("dequant", ["uniform", "variational"])
+def test_train_digits_and_sample(dequant, tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--data", "digits", "--dequant", dequant,
+                         "--out", str(tmp_path), *TINY)
+    assert code == 0, err
+    assert "1497 train / 300 test" in out
+    for nats, _ in nlls(out).values():
+        assert math.isfinite(nats) and nats > 0
+    assert (tmp_path / "digits.png").read_bytes()[:4] == b"\x89PNG"
+    npy = tmp_path / "s.npy"
+    code, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "checkpoint.pt"),
+                       "-n", "7", "--out", str(npy))
+    assert code == 0, err
+    x = np.load(npy)
+    assert x.shape == (7, 64) and ((x >= 0) & (x <= 16) & (x == np.floor(x))).all()
+
+
+def test_digits_without_scikit_learn_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    code, _, err = run(capsys, "train", "--data", "digits", "--out", str(tmp_path), *TINY)
+    assert_one_line_error(code, err, "scikit-learn", "fastflow[demo]")
+
+
+def test_train_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run(capsys, "train", "--out", str(tmp_path), *TINY)
+    assert_one_line_error(code, err, "matplotlib")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+def test_sample_writes_finite_points(moons_run, tmp_path, capsys):
+    npy = tmp_path / "samples.npy"
+    code, out, err = run(capsys, "sample", "--checkpoint", str(moons_run / "checkpoint.pt"),
+                         "-n", "123", "--out", str(npy), "--seed", "5")
+    assert code == 0, err
+    x = np.load(npy)
+    assert x.shape == (123, 2) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.std(0).min() > 0.01  # not a constant
+    again = tmp_path / "again.npy"
+    run(capsys, "sample", "--checkpoint", str(moons_run / "checkpoint.pt"), "-n", "123",
+        "--out", str(again), "--seed", "5")
+    np.testing.assert_array_equal(np.load(again), x)
+
+
+def test_sample_matches_the_trained_flow(moons_run):
+    """The checkpoint rebuilds the same density: log p from the rebuilt flow equals the one
+    computed from the raw state dict loaded into a fresh model."""
+    from fastflow.demo import load_checkpoint
+
+    flow, config = load_checkpoint(moons_run / "checkpoint.pt")
+    ckpt = torch.load(moons_run / "checkpoint.pt", weights_only=True)
+    fresh = build_flow(config)
+    assert not torch.equal(fresh.transforms[0].made.output.weight,
+                           ckpt["state_dict"]["transforms.0.made.output.weight"])
+    fresh.load_state_dict(ckpt["state_dict"])
+    x = torch.randn(10, 2)
+    torch.testing.assert_close(flow.log_prob(x), fresh.log_prob(x))
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "nope.pt"), "-n", "3",
+                       "--out", str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, "no such checkpoint file", "nope.pt")
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint", b""])
+def test_corrupt_checkpoint(content, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(bad), "-n", "3",
+                       "--out", str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, "cannot read checkpoint", "bad.pt")
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_foreign_and_mismatched_checkpoints(moons_run, tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(foreign), "--out",
+                       str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, "not a checkpoint written by fastflow train")
+    ckpt = torch.load(moons_run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["hidden"] = [17, 16]
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(ckpt, mismatched)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(mismatched), "--out",
+                       str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, "does not match its model config")
+
+
+# ---------------------------------------------------------------------------------------------
+# usage errors, info, bench
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["train", "--stepz", "3"],
+    ["train", "--steps", "0"],
+    ["train", "--hidden", "16,x"],
+    ["train", "--data", "mnist"],
+    ["train", "--device", "tpu"],
+    ["sample", "-n", "3"],
+    ["frobnicate"],
+    [],
+])
+def test_bad_flags_are_one_line_errors(argv, capsys):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "error:")
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    code, out, err = run(capsys, "train", "--out", str(taken), *TINY)
+    assert_one_line_error(code, err, "taken")
+    assert "NLL" not in out  # it failed before training
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, "train", "--device", "cuda", "--out", str(tmp_path), *TINY)
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_help_exits_zero(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and all(c in out for c in ("train", "sample", "info", "bench"))
+
+
+def test_info_names_versions_and_backends(capsys, monkeypatch):
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f"torch {torch.__version__}" in out and "numpy " in out and "triton " in out
+    assert "backend for CPU tensors: reference" in out
+    assert "backend for CUDA tensors: triton" in out
+    assert f"cuda available {'yes' if torch.cuda.is_available() else 'no'}" in out
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    code, out, _ = run(capsys, "info")
+    assert "backend for CPU tensors: triton" in out and "TRITON_INTERPRET on" in out
+    monkeypatch.setenv("FASTFLOW_BACKEND", "bogus")
+    code, _, err = run(capsys, "info")
+    assert_one_line_error(code, err, "FASTFLOW_BACKEND")
+
+
+def test_bench_without_the_runner(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastflow.benchmark", None)  # import fails as if absent
+    code, out, err = run(capsys, "bench", "--quick")
+    assert_one_line_error(code, err)
+    assert err.strip() == "fastflow bench: the benchmark runner is not part of this installation"
+
+
+def test_bench_forwards_its_arguments(capsys, monkeypatch):
+    seen = []
+    fake = types.ModuleType("fastflow.benchmark")
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "fastflow.benchmark", fake)
+    assert main(["bench", "--sizes", "1,2", "--help"]) == 3
+    assert seen == [["--sizes", "1,2", "--help"]]
+
+
+def test_console_entry_point_runs_as_a_program(tmp_path):
+    """python -m fastflow.cli: exit codes reach the shell; errors stay one line."""
+    ok = subprocess.run([sys.executable, "-m", "fastflow.cli", "info"], capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and "backend for CPU tensors" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastflow.cli", "sample", "--checkpoint",
+                          str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# smiley data
+# ---------------------------------------------------------------------------------------------
+def test_smiley_points_lie_on_the_face():
+    g = torch.Generator().manual_seed(0)
+    x = smiley(4000, noise=0.0, generator=g)
+    assert x.shape == (4000, 2) and x.dtype == torch.float32
+    outline = (x.norm(dim=-1) - 1.0).abs() < 1e-5
+    eyes = torch.stack([((x - c).norm(dim=-1) - 0.12).abs() < 1e-5
+                        for c in (torch.tensor([-0.35, 0.35]), torch.tensor([0.35, 0.35]))])
+    angle = torch.atan2(x[:, 1], x[:, 0]) % (2 * math.pi)
+    mouth = ((x.norm(dim=-1) - 0.55).abs() < 1e-5) & (angle > math.radians(199.9)) & (
+        angle < math.radians(340.1))
+    assert (outline | eyes.any(0) | mouth).all()
+    shares = torch.stack([outline, eyes[0], eyes[1], mouth]).float().mean(1)
+    torch.testing.assert_close(shares, torch.tensor([0.5, 0.1, 0.1, 0.3]), atol=0.03, rtol=0)
+
+
+def test_smiley_is_seeded_noisy_and_checks_n():
+    a = smiley(100, generator=torch.Generator().manual_seed(1))
+    b = smiley(100, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, smiley(100, generator=torch.Generator().manual_seed(2)))
+    off = (a.norm(dim=-1) - 1.0).abs().min()
+    assert off < 0.2 and smiley(100, noise=0.2).std() > smiley(100, noise=0.0).std() * 0.9
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        smiley(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DistributedDataParallel on two CPU processes
+# ---------------------------------------------------------------------------------------------
+CONFIG = model_config(TrainOptions(hidden=(16, 16), components=3, layers=2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives each process, then the CLI's own process-group setup."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    got_rank, got_world, device = init_distributed(torch.device("cpu"))
+    assert (got_rank, got_world, device.type) == (rank, world, "cpu")
+    assert dist.get_backend() == "gloo"
+
+
+def _ddp_gradient_worker(rank, world, port, shards, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    _join(rank, world, port)
+    torch.manual_seed(100 + rank)  # different inits: DDP must broadcast rank 0's parameters
+    loss = NLLLoss(build_flow(CONFIG)).double()
+    loss_and_backward(DistributedDataParallel(loss), shards[rank])
+    grads = {name: p.grad for name, p in loss.named_parameters()}
+    state = {name: p.detach() for name, p in loss.named_parameters()}
+    torch.save({"grads": grads, "params": state}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batch = smiley(64, generator=g).double()
+    shards = list(batch.chunk(2))
+    mp.spawn(_ddp_gradient_worker, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(100)  # rank 0's initialisation
+    single = NLLLoss(build_flow(CONFIG)).double()
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(results[1]["params"][name], p.detach())  # broadcast
+    loss_and_backward(single, batch)
+    for name, p in single.named_parameters():
+        for r in range(2):
+            torch.testing.assert_close(results[r]["grads"][name], p.grad, rtol=1e-6, atol=1e-9)
+    assert any(p.grad.abs().max() > 1e-3 for p in single.parameters())
+
+
+def _ddp_train_worker(rank, world, port, out_dir):
+    _join(rank, world, port)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["train", "--data", "two_moons", "--out", str(Path(out_dir) / "run"),
+                     "--steps", "2", "--batch-size", "16", "--hidden", "8", "--components",
+                     "2", "--no-progress"])
+    Path(out_dir, f"rank{rank}.txt").write_text(f"{code}\n{printed.getvalue()}")
+    assert not dist.is_initialized()
+
+
+def test_train_under_two_processes_reports_and_writes_on_rank_0_only(tmp_path):
+    mp.spawn(_ddp_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert rank1 == "0\n"  # exit code 0, nothing printed: no report, no files written
+    assert rank0.startswith("0\n") and "2 processes" in rank0
+    nlls(rank0)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt",
+                                                                      "two_moons.png"]
