@@ -433,6 +433,17 @@ def ratios(results: list[Result]) -> list[tuple[str, str, float]]:
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, str]:
     import numpy
 
@@ -442,8 +453,7 @@ def environment(device: torch.device) -> dict[str, str]:
            "torch": torch.__version__, "numpy": numpy.__version__,
            "fastflow": getattr(fastflow, "__version__", "dev"),
            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                      else f"CPU ({platform.processor() or platform.machine()}, "
-                           f"{torch.get_num_threads()} threads)")}
+                      else f"CPU ({_cpu_name()}, {torch.get_num_threads()} threads)")}
     for peer in ("triton", "zuko", "nflows"):
         mod = _peer(peer)
         env[peer] = getattr(mod, "__version__", "?") if mod is not None else "not installed"
@@ -460,7 +470,7 @@ def markdown(results, rats, env, command, skipped) -> str:
     lines += [f"- {k}: {v}" for k, v in env.items() if k != "date"]
     lines += [f"- command: `{command}`", "", "## Ratios (min times, one run)", "",
               "| workload | comparison | ratio |", "|---|---|---|"]
-    lines += [f"| {w} | {c} | {r:.2f} |" for w, c, r in rats]
+    lines += [f"| {w} | {c} | {r:.3g} |" for w, c, r in rats]
     lines += ["", "## Times", "",
               "| workload | size | variant | min ms | median ms | GB/s | peak MiB | note |",
               "|---|---|---|---|---|---|---|---|"]
