@@ -2,8 +2,8 @@
 W5 / C1: sampling that flow against its log_prob on the same batch.
 
 fastflow's model (Triton kernels on a GPU) against the same model on the plain-PyTorch
-reference path in eager mode and under torch.compile, and zuko's affine MAF with the same MADE
-sizes where zuko is installed (skipped with a message otherwise), all in one run:
+reference path in eager mode and under torch.compile, and zuko's and nflows' affine MAFs with
+the same MADE sizes where they are installed (skipped with a message otherwise), in one run:
 
     pytest bench/bench_flows.py --benchmark-enable --benchmark-group-by=group
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastflow
-from fastflow.benchmark import FLOW_SIZES, _train_step, _zuko_maf, flow_model
+from fastflow.benchmark import FLOW_SIZES, _nflows_maf, _train_step, _zuko_maf, flow_model
 
 from conftest import DEVICE, sync
 
@@ -42,11 +42,16 @@ def _fastflow_model(cfg):
     return flow_model(cfg["features"], cfg["hidden"], cfg["components"], DEVICE)
 
 
-def _zuko(cfg):
-    flow = _zuko_maf(cfg["features"], cfg["hidden"], DEVICE)
+def _peer(variant, cfg):
+    """zuko's or nflows' affine MAF with the same MADE sizes (skipped when not installed)."""
+    name = variant.split("-")[0]
+    build = {"zuko": _zuko_maf, "nflows": _nflows_maf}[name]
+    flow = build(cfg["features"], cfg["hidden"], DEVICE)
     if flow is None:
-        pytest.skip("zuko is not installed (the bench extra)")
-    return flow
+        pytest.skip(f"{name} is not installed (the bench extra)")
+    if name == "zuko":
+        return flow, lambda: flow()
+    return flow, lambda: flow
 
 
 def _synced_step(loss_fn, params):
@@ -60,15 +65,16 @@ def _synced_step(loss_fn, params):
     return synced
 
 
-@pytest.mark.parametrize("variant", ["fastflow", "torch-eager", "torch-compile", "zuko-maf"])
+@pytest.mark.parametrize("variant", ["fastflow", "torch-eager", "torch-compile", "zuko-maf",
+                                     "nflows-maf"])
 def test_w4_training_step(benchmark, w4, variant, monkeypatch):
     benchmark.group = "W4 training step"
     cfg, x = w4
     fastflow.set_validate_args(False)
     try:
-        if variant == "zuko-maf":
-            flow = _zuko(cfg)
-            step = _synced_step(lambda: -flow().log_prob(x).mean(), flow.parameters())
+        if variant.endswith("maf"):
+            flow, dist = _peer(variant, cfg)
+            step = _synced_step(lambda: -dist().log_prob(x).mean(), flow.parameters())
         else:
             if variant != "fastflow":
                 monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
@@ -93,7 +99,7 @@ def w5(size_name):
 
 @pytest.mark.parametrize("variant", [
     "fastflow-log_prob", "fastflow-sample", "fastflow-sample-d-pass",
-    "zuko-maf-log_prob", "zuko-maf-sample",
+    "zuko-maf-log_prob", "zuko-maf-sample", "nflows-maf-log_prob", "nflows-maf-sample",
 ])
 def test_w5_sample_and_log_prob(benchmark, w5, variant):
     """fastflow samples in one pass (one kernel launch on a GPU); "-d-pass" is the
@@ -103,9 +109,17 @@ def test_w5_sample_and_log_prob(benchmark, w5, variant):
     n = cfg["batch"]
     fastflow.set_validate_args(False)
     try:
-        if variant.startswith("zuko"):
-            dist = _zuko(cfg)()
-            run = dist.log_prob if variant.endswith("log_prob") else (lambda _: dist.sample((n,)))
+        if variant.startswith(("zuko", "nflows")):
+            _, dist = _peer(variant, cfg)
+            dist = dist()
+            if variant.endswith("log_prob"):
+                run = dist.log_prob
+            elif variant.startswith("zuko"):
+                def run(_):
+                    return dist.sample((n,))
+            else:
+                def run(_):
+                    return dist.sample(n)
         else:
             model = _fastflow_model(cfg)
             if variant.endswith("log_prob"):

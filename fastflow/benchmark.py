@@ -24,6 +24,7 @@ import contextlib
 import csv
 import datetime as _dt
 import importlib
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -274,7 +275,9 @@ def _nflows_maf(features, hidden, device):
     from nflows.transforms import MaskedAffineAutoregressiveTransform
 
     torch.manual_seed(0)
-    t = MaskedAffineAutoregressiveTransform(features, hidden[0], num_blocks=len(hidden))
+    # nflows' MADE: an input layer, then num_blocks hidden-to-hidden layers, then the output.
+    t = MaskedAffineAutoregressiveTransform(features, hidden[0], num_blocks=len(hidden) - 1,
+                                            use_residual_blocks=False)
     return NFlow(t, NStd([features])).to(device)
 
 
@@ -316,7 +319,7 @@ def w4(size, device, compile_: bool, skipped: list[str]) -> list[Variant]:
     else:
         out.append(Variant("nflows-maf", _train_step(lambda: -nmaf.log_prob(x).mean(),
                                                      nmaf.parameters()),
-                           note="affine MAF, residual-free MADE of the same width"))
+                           note="affine MAF, same MADE sizes"))
     return out
 
 
@@ -455,8 +458,10 @@ def environment(device: torch.device) -> dict[str, str]:
            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                       else f"CPU ({_cpu_name()}, {torch.get_num_threads()} threads)")}
     for peer in ("triton", "zuko", "nflows"):
-        mod = _peer(peer)
-        env[peer] = getattr(mod, "__version__", "?") if mod is not None else "not installed"
+        try:
+            env[peer] = importlib.metadata.version(peer)
+        except importlib.metadata.PackageNotFoundError:
+            env[peer] = "not installed"
     env["backend"] = "triton kernels" if device.type == "cuda" else "PyTorch reference"
     return env
 

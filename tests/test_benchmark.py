@@ -36,7 +36,8 @@ def test_tiny_run_writes_csv_markdown_and_plot(tmp_path, capsys):
     variants = {(r["workload"], r["variant"]) for r in rows}
     for want in [("W1", "fastflow"), ("W1", "torch-compile"), ("W1", "copy"),
                  ("W3", "torch-eager"), ("W4", "torch-compile"), ("W5", "fastflow-sample"),
-                 ("W5", "fastflow-sample-d-pass")]:
+                 ("W5", "fastflow-sample-d-pass"), ("W4", "zuko-maf"), ("W4", "nflows-maf"),
+                 ("W5", "zuko-maf-sample"), ("W5", "nflows-maf-sample")]:
         assert want in variants
     assert all(float(r["min_ms"]) > 0 for r in rows)
     md = stem.with_suffix(".md").read_text()
