@@ -1,7 +1,8 @@
 """The benchmark runner behind ``fastflow bench``: DESIGN's workloads measured in one run.
 
-Every workload runs its variants back to back in one process, and every figure is reported as
-a ratio within that run: fastflow against the same computation in eager PyTorch, under
+Every workload times its variants in one process, in interleaved rounds (each variant once
+per round, so that the machine's drifts hit them alike; min and median over rounds), and every
+figure is reported as a ratio within that run: fastflow against the same computation in eager PyTorch, under
 torch.compile, and against peers (zuko, nflows) where they have the model and are installed.
 The elementwise ops are also reported as achieved GB/s next to a device-to-device copy of the
 same bytes. Writes CSV and markdown (device, versions, date and the command on top) and, with
@@ -99,29 +100,41 @@ def _backend(name: str | None):
             os.environ["FASTFLOW_BACKEND"] = old
 
 
-def measure(fn, device: torch.device, repeat: int, min_seconds: float = 0.05):
-    """(min, median) milliseconds per call. Calls are batched so that one timing covers at
-    least ``min_seconds``/repeat; the first call (compilation, autotuning) is not timed."""
+def _calls_per_timing(fn, device: torch.device, budget: float) -> int:
+    """Warm up (compilation, autotuning) and pick how many calls one timing batches: enough
+    to cover ``budget`` seconds."""
     fn()
     _sync(device)
-    number, budget = 1, min_seconds / max(repeat, 1)
-    while True:
+    number = 1
+    while number < 1 << 12:
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         _sync(device)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= budget or number >= 1 << 12:
+        if time.perf_counter() - t0 >= budget:
             break
         number *= 2
-    times = [elapsed / number]
-    for _ in range(repeat - 1):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) / number)
-    return 1e3 * min(times), 1e3 * statistics.median(times)
+    return number
+
+
+def _time_batch(fn, device: torch.device, number: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / number
+
+
+def measure_interleaved(fns: dict, device: torch.device, repeat: int,
+                        budget: float = 0.02) -> dict:
+    """{name: (min, median) ms per call}. The functions take turns, one timing each per round,
+    so that drifts of the machine (clocks, neighbours) hit all of them alike."""
+    numbers = {name: _calls_per_timing(fn, device, budget) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(_time_batch(fn, device, numbers[name]))
+    return {name: (1e3 * min(t), 1e3 * statistics.median(t)) for name, t in times.items()}
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:
@@ -378,27 +391,33 @@ def build(name: str, size: str, device: torch.device, compile_: bool) -> Workloa
     return wl
 
 
+def _backend_bound(v: Variant):
+    def run():
+        with _backend(v.backend):
+            return v.fn()
+    return run
+
+
 def run_workload(wl: Workload, device: torch.device, repeat: int) -> list[Result]:
+    """Time the variants of one workload in interleaved rounds; "slow" ones once each."""
     import fastflow
 
-    results = []
     old = fastflow.get_validate_args()
     fastflow.set_validate_args(False)
     try:
+        fast = {v.name: _backend_bound(v) for v in wl.variants if not v.slow}
+        timed = measure_interleaved(fast, device, repeat)
         for v in wl.variants:
-            with _backend(v.backend):
-                if v.slow:
-                    if device.type == "cuda":
-                        v.fn()
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    v.fn()
-                    _sync(device)
-                    t_min = t_med = 1e3 * (time.perf_counter() - t0)
-                else:
-                    t_min, t_med = measure(v.fn, device, repeat)
-                peak = _peak_mib(v.fn, device)
+            if v.slow:
+                run = _backend_bound(v)
+                if device.type == "cuda":
+                    run()
+                timed[v.name] = (1e3 * _time_batch(run, device, 1),) * 2
+        results = []
+        for v in wl.variants:
+            t_min, t_med = timed[v.name]
             gbps = None if v.nbytes is None else v.nbytes / (t_min * 1e-3) / 1e9
+            peak = _peak_mib(_backend_bound(v), device)
             results.append(Result(wl.name, v.name, wl.size, t_min, t_med, gbps, peak, v.note))
     finally:
         fastflow.set_validate_args(old)
@@ -505,9 +524,9 @@ def sweep(size: str, device: torch.device, repeat: int, workloads) -> list[tuple
         for name in [w for w in ("W1", "W2", "W3") if w in workloads]:
             fn = {"W1": w1, "W2": w2, "W3": lambda *a: w3(*a)[0]}[name]
             variants = {v.name: v for v in fn(n, device, False)}
-            t_fast = measure(variants["fastflow"].fn, device, repeat)[0]
-            t_eager = measure(variants["torch-eager"].fn, device, repeat)[0]
-            rows.append((name, n, t_eager / t_fast))
+            t = measure_interleaved({k: variants[k].fn for k in ("fastflow", "torch-eager")},
+                                    device, repeat)
+            rows.append((name, n, t["torch-eager"][0] / t["fastflow"][0]))
         n *= 4
     return rows
 
