@@ -2,8 +2,9 @@
 
 Every workload times its variants in one process, in interleaved rounds (each variant once
 per round, so that the machine's drifts hit them alike; min and median over rounds), and every
-figure is reported as a ratio within that run: fastflow against the same computation in eager PyTorch, under
-torch.compile, and against peers (zuko, nflows) where they have the model and are installed.
+figure is reported as a ratio within that run: fastflow against the same computation in eager
+PyTorch, under torch.compile, and against peers (zuko, nflows) where they have the model and
+are installed.
 The elementwise ops are also reported as achieved GB/s next to a device-to-device copy of the
 same bytes. Writes CSV and markdown (device, versions, date and the command on top) and, with
 matplotlib, a PNG of fastflow's speedup against problem size for W1-W3.
