@@ -104,6 +104,14 @@ def _should_validate(validate_args: bool | None) -> bool:
     return bool(on) and not torch.compiler.is_compiling()
 
 
+def _target_check(name: str, y: torch.Tensor, output: str):
+    """The (name, bad-mask, what) check of an inverse's targets."""
+    if output == "unit":
+        return (name, ~((y >= 0) & (y <= 1)),
+                "must lie in [0, 1] for output='unit' (found values outside, or NaN)")
+    return name, torch.isnan(y), "contains NaN"
+
+
 def _param_checks(logits, loc, log_scale):
     return [(name, ~torch.isfinite(p), "must be finite")
             for name, p in zip(_PARAM_NAMES, (logits, loc, log_scale), strict=True)]
@@ -156,12 +164,7 @@ def mixture_cdf_inverse(
     """
     y, logits, loc, log_scale = _prepare("y", y, logits, loc, log_scale, kind, output)
     if _should_validate(validate_args):
-        if output == "unit":
-            bad_y = ~((y >= 0) & (y <= 1))
-            what = "must lie in [0, 1] for output='unit' (found values outside, or NaN)"
-        else:
-            bad_y, what = torch.isnan(y), "contains NaN"
-        _validate_values([("y", bad_y, what), *_param_checks(logits, loc, log_scale)])
+        _validate_values([_target_check("y", y, output), *_param_checks(logits, loc, log_scale)])
     return MixtureCDFInverse.apply(y, logits, loc, log_scale, kind, output)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from .._registry import backend_for
 from ..functional import (
     _should_validate,
+    _target_check,
     _validate_values,
     mixture_cdf,
     mixture_cdf_inverse,
@@ -192,15 +193,6 @@ class AutoregressiveMixtureFlow(Transform):
         return side, lad
 
     def _solve_one_pass(self, values, context, invert: bool):
-        validate = _should_validate(None)
-        name = "z" if invert else "x"
-        if validate:
-            if invert and self.output == "unit":
-                bad = ~((values >= 0) & (values <= 1))
-                what = "must lie in [0, 1] for output='unit' (found values outside, or NaN)"
-            else:
-                bad, what = torch.isnan(values), "contains NaN"
-            _validate_values([(name, bad, what)])
         lead = values.shape[:-1]
         flat = values.reshape(-1, self.features)
         if context is not None:
@@ -214,11 +206,18 @@ class AutoregressiveMixtureFlow(Transform):
             side, lad = torch.ops.fastflow.autoregressive_solve(*args, "relu")
         else:
             side, lad = reference_solve(*args, act)
-        if validate:
-            # The parameters exist only inside the solve: a NaN result means they were not
-            # finite (a diverged network), which the D-pass route reports the same way.
-            _validate_values([("the network's mixture parameters", torch.isnan(side)
-                               | torch.isnan(lad), f"are not finite for some rows of {name}")])
+        if _should_validate(None):
+            # One sync after the solve. The parameters exist only inside it: a NaN result from
+            # valid input means they were not finite (a diverged network), which the D-pass
+            # route reports too.
+            name = "z" if invert else "x"
+            given = (_target_check(name, values, self.output) if invert
+                     else (name, torch.isnan(values), "contains NaN"))
+            _validate_values([
+                given,
+                ("the network's mixture parameters", torch.isnan(side) | torch.isnan(lad),
+                 f"are not finite for some rows of {name}"),
+            ])
         return side.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def forward(self, x, context=None):
