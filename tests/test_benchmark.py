@@ -52,3 +52,14 @@ def test_bad_arguments_exit_2(capsys):
         benchmark.main(["--workloads", "W9"])
     assert e.value.code == 2
     assert "--workloads" in capsys.readouterr().err
+
+
+def test_cli_bench_runs_the_runner(capsys):
+    from fastflow import cli
+
+    code = cli.main(["bench", "--size", "tiny", "--workloads", "W1", "--no-compile",
+                     "--repeat", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| W1 | speedup vs torch eager |" in out
+    assert "command: `fastflow bench --size tiny" in out
