@@ -10,7 +10,7 @@ from fastflow.distributions import StandardNormal
 from fastflow.nn import AutoregressiveMixtureFlow, Flow
 from fastflow.reference.autoregressive import autoregressive_solve as reference_solve
 
-from conftest import DEVICE
+from conftest import DEVICE, HAS_CUDA
 
 VARIANTS = {
     "natural": dict(),
@@ -123,6 +123,27 @@ def test_kernel_matches_reference(case):
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[0], want[0], **tol)
     torch.testing.assert_close(got[1], want[1], **tol)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the compiled kernel at D = 784 needs a GPU; on a "
+                    "CPU the interpreter would take hours (small D is tested above)")
+@pytest.mark.parametrize("invert", [True, False])
+def test_kernel_matches_reference_at_d784_on_gpu(invert):
+    """W5's dimension and MADE width on the compiled kernel, against the reference on the
+    same GPU tensors (float64, so the comparison is tight)."""
+    from fastflow.kernels.autoregressive import autoregressive_solve as kernel_solve
+
+    t = _flow(784, 10, [1024, 1024], "random-order", dtype=torch.float64, device=DEVICE,
+              perturb=0.0)
+    v, _ = _inputs(t, 64, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        plan = t.made.sequential_plan(None)
+        args = (v, plan["weights"], plan["biases"], plan["table"], plan["order"],
+                plan["out_weight"], plan["out_bias"], 10, "logistic", "logit", invert, False,
+                "relu")
+        got, want = kernel_solve(*args), reference_solve(*args)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-8, atol=1e-8)
 
 
 def test_sampling_takes_the_one_pass_route(monkeypatch):
