@@ -43,6 +43,7 @@ def _autoregressive_solve_kernel(
     rows = scr_ptr + offs_b[:, None] * s_sb
     bias_rows = b_ptr + offs_b[:, None] * s_bb
     T1 = D + 1
+    last = tl.load(meta_ptr + 4 * (L - 1) + 3)  # scratch column of the last hidden layer
     for t in range(0, D):
         for layer in range(0, L):
             # meta: weight offset, weight row length, input and output columns in scratch
@@ -80,7 +81,6 @@ def _autoregressive_solve_kernel(
             tl.debug_barrier()
         col = tl.load(order_ptr + t).to(tl.int64)
         lim = tl.load(table_ptr + L * T1 + t + 1)
-        last = tl.load(meta_ptr + 4 * (L - 1) + 3)
         log_pi, loc, log_scale, mask = _head_params(
             scr_ptr + last, s_sb, 1, wo_ptr, H_last, 1, bo_ptr, s_ob, offs_b, mask_b, col, lim,
             K, CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K,

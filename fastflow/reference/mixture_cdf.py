@@ -200,10 +200,10 @@ def component_quantile(t: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.sign(t) * (w - num / den)
 
 
-def _bracket(t, loc, scale, kind):
-    """[lo, hi] holding the root for logit target t: the components' own inverses."""
+def _bracket(u_t, loc, scale, kind):
+    """[lo, hi] holding the root for logit target t, from u_t = component_quantile(t) with a
+    trailing component axis: the components' own inverses."""
     pad = GAUSS_BRACKET_PAD if kind == "gaussian" else 0.0
-    u_t = component_quantile(t, kind).unsqueeze(-1)
     return (loc + scale * (u_t - pad)).amin(-1), (loc + scale * (u_t + pad)).amax(-1)
 
 
@@ -224,7 +224,8 @@ def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
     """Root of logit F(x) = t in log space: bisection, then safeguarded Newton steps."""
     log_pi = torch.log_softmax(logits, dim=-1)
     inv_scale = torch.exp(-log_scale)
-    lo, hi = _bracket(t, loc, torch.exp(log_scale), kind)
+    lo, hi = _bracket(component_quantile(t, kind).unsqueeze(-1), loc, torch.exp(log_scale),
+                      kind)
     for _ in range(bisect_steps):
         mid = 0.5 * lo + 0.5 * hi
         below = _logit_forward(mid, log_pi, loc, inv_scale, kind) < t
@@ -298,11 +299,11 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
         scale = torch.exp(log_scale_c)
         inv_scale = torch.exp(-log_scale_c)
         t_plain = torch.where(plain, t, 0.0)
-        lo, hi = _bracket(t_plain, loc_c, scale, kind)
+        u_t = component_quantile(t_plain, kind).unsqueeze(-1)
+        lo, hi = _bracket(u_t, loc_c, scale, kind)
         s_min = scale.amin(-1)
         tol_newton = 0.25 * math.sqrt(eps) * s_min
         # Start from the weighted mean of the components' inverses (inside the bracket).
-        u_t = component_quantile(t_plain, kind).unsqueeze(-1)
         x = (pi * (loc_c + scale * u_t)).sum(-1).clamp(lo, hi)
         dx_old = hi - lo
         dx = dx_old
