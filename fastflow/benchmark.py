@@ -588,21 +588,22 @@ def main(argv=None) -> int:
     size = args.size or ("full" if cuda else "cpu")
     command = "fastflow bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     env = environment(device)
+    stem = os.path.join(args.out or "", f"bench-{env['date']}-{device.type}-{size}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     results, skipped = [], []
     for name in args.workloads:
         wl = build(name, size, device, not args.no_compile)
         print(f"{name} ({size}): {', '.join(v.name for v in wl.variants)}", flush=True)
         results += run_workload(wl, device, args.repeat)
         skipped += [f"{name} {s}" for s in wl.skipped]
-    rats = ratios(results)
-    report = markdown(results, rats, env, command.strip(), skipped)
+        report = markdown(results, ratios(results), env, command.strip(), skipped)
+        if args.out:  # after each workload, so that a run cut short keeps what it measured
+            write_csv(stem + ".csv", results)
+            with open(stem + ".md", "w") as f:
+                f.write(report)
     print(report)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"bench-{env['date']}-{device.type}-{size}")
-        write_csv(stem + ".csv", results)
-        with open(stem + ".md", "w") as f:
-            f.write(report)
         print(f"wrote {stem}.csv and {stem}.md")
         ops = [w for w in args.workloads if w in ("W1", "W2", "W3")]
         if ops and not args.no_sweep:

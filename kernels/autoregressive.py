@@ -20,6 +20,10 @@ from .made import _head_params
 from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype
 from .mixture_inverse import _solve, _target_logit
 
+# Launch parameters on a GPU (bench/tune_gpu.py sweeps them): rows per program (at most), the
+# hidden units and the input columns of one tl.dot tile, warps per program.
+LAUNCH = {"block_b": 32, "block_n": 16, "block_h": 32, "num_warps": 4}
+
 
 @triton.jit
 def _autoregressive_solve_kernel(
@@ -127,7 +131,7 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
     out_bias = out_bias.to(cdt)
     out_bias = out_bias[None, :] if out_bias.dim() == 1 else out_bias.contiguous()
     scratch = torch.empty((B, col), dtype=cdt, device=dev)
-    block_b = max(16, min(32, triton.next_power_of_2(B)))
+    block_b = max(16, min(LAUNCH["block_b"], triton.next_power_of_2(B)))
     _autoregressive_solve_kernel[(triton.cdiv(B, block_b),)](
         values, result, lad, scratch, w_packed, b_packed,
         torch.tensor(meta, dtype=torch.int64, device=dev),
@@ -141,7 +145,7 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
         CDT=_tl_dtype(values.dtype),
         IEEE=cdt == torch.float64 or not torch.backends.cuda.matmul.allow_tf32,
         BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
-        BLOCK_B=block_b, BLOCK_N=16, BLOCK_H=32,
-        BLOCK_K=max(16, triton.next_power_of_2(components)),
+        BLOCK_B=block_b, BLOCK_N=LAUNCH["block_n"], BLOCK_H=LAUNCH["block_h"],
+        BLOCK_K=max(16, triton.next_power_of_2(components)), num_warps=LAUNCH["num_warps"],
     )
     return result, lad

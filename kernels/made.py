@@ -73,12 +73,18 @@ def nonzero_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tenso
     return padded.reshape(tn, block_n, tk, block_k).any(dim=(1, 3)).to(torch.int8)
 
 
-def block_sizes(M: int, N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K), at least 16 (tl.dot's minimum), at most 64."""
-    def fit(n):
-        return max(16, min(64, triton.next_power_of_2(n)))
+# Launch parameters on a GPU (bench/tune_gpu.py sweeps them): the masked linear's largest
+# (BLOCK_M, BLOCK_N, BLOCK_K) and warps; the fused head's largest BLOCK_B and BLOCK_H and warps.
+LAUNCH = {"linear_blocks": (64, 64, 64), "linear_warps": 4,
+          "head_block_b": 64, "head_block_h": 64, "head_warps": 4}
 
-    return fit(M), fit(N), fit(K)
+
+def block_sizes(M: int, N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K), at least 16 (tl.dot's minimum), at most LAUNCH's."""
+    def fit(n, most):
+        return max(16, min(most, triton.next_power_of_2(n)))
+
+    return tuple(fit(n, most) for n, most in zip((M, N, K), LAUNCH["linear_blocks"], strict=True))
 
 
 def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
@@ -105,7 +111,7 @@ def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
         M, N, K,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], IEEE=ieee,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["linear_warps"],
     )
     return y
 
@@ -197,14 +203,14 @@ def made_head_fwd(h, weight, bias, limits, x, components: int, kind: str, output
         return y, lad
     H = h.shape[1]
     block_k = max(16, triton.next_power_of_2(components))
-    block_b = max(16, min(64, triton.next_power_of_2(B)))
-    block_h = max(16, min(64, triton.next_power_of_2(H)))
+    block_b = max(16, min(LAUNCH["head_block_b"], triton.next_power_of_2(B)))
+    block_h = max(16, min(LAUNCH["head_block_h"], triton.next_power_of_2(H)))
     ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
     _made_head_fwd_kernel[(triton.cdiv(B, block_b), D)](
         h, weight, bias, limits, x, y, lad,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
         B, D, H, components,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype), IEEE=ieee,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=LAUNCH["head_warps"],
     )
     return y, lad

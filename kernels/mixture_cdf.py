@@ -269,10 +269,19 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def block_sizes(K: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): about 2048 tile lanes on a GPU, 16384 under the interpreter."""
+# Tile lanes (BLOCK_N * BLOCK_K) and warps per program of the elementwise kernels on a GPU
+# (bench/tune_gpu.py sweeps them).
+LAUNCH = {"lanes": 2048, "num_warps": 4}
+
+
+def block_sizes(K: int, lanes: int | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): ``lanes`` (default LAUNCH's) tile lanes on a GPU, 16384 under the
+    interpreter."""
     block_k = triton.next_power_of_2(K)
-    lanes = 16384 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        lanes = 16384
+    elif lanes is None:
+        lanes = LAUNCH["lanes"]
     return max(16, lanes // block_k), block_k
 
 
@@ -314,7 +323,7 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
         x_flat, *views, lad if y is None else y, lad,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return y, lad
 
@@ -341,6 +350,6 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
         gy, gl, x_flat, *views, g_x, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_x, *g_params]

@@ -29,6 +29,9 @@ from .mixture_cdf import (
     param_views,
 )
 
+# Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
+LAUNCH = {"lanes": 2048, "num_warps": 4}
+
 # Bracket padding for the Gaussian quantile approximation (error < 4.5e-4), in scale units.
 GAUSS_BRACKET_PAD: tl.constexpr = 1e-3
 
@@ -185,13 +188,13 @@ def mixture_cdf_inverse_fwd(
     if N == 0:
         return x, lad
     y_flat, _, cols, views, strides = param_views(y, logits, loc, log_scale)
-    block_n, block_k = block_sizes(K)
+    block_n, block_k = block_sizes(K, LAUNCH["lanes"])
     _mixture_cdf_inverse_fwd_kernel[(triton.cdiv(N, block_n),)](
         y_flat, *views, x, lad,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(y.dtype),
         BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return x, lad
 
@@ -204,11 +207,11 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     if N == 0:
         return [g_y, *g_params]
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    block_n, block_k = block_sizes(K)
+    block_n, block_k = block_sizes(K, LAUNCH["lanes"])
     _mixture_cdf_inverse_bwd_kernel[(triton.cdiv(N, block_n),)](
         flat(grad_x), flat(grad_lad), x_flat, *views, g_y, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_y, *g_params]

@@ -1,0 +1,197 @@
+"""Sweep the kernels' launch parameters on a GPU and print one markdown table per kernel.
+
+Every row of a table is timed in the same interleaved rounds as the others (and as the
+baseline that gives the ratios), so the ratios are comparable; lone times are not. The
+kernels' defaults are the first row of each table. Configurations whose outputs differ from
+the default's beyond rounding are marked, so a faster but wrong tile shape cannot win.
+
+    python bench/tune_gpu.py --out tune.md          # a CUDA device, full sizes
+    python bench/tune_gpu.py --size tiny            # a smoke run of the script (CPU too)
+"""
+
+import argparse
+import contextlib
+import sys
+import time
+
+import torch
+from fastflow.kernels import autoregressive as k_ar
+from fastflow.kernels import made as k_made
+from fastflow.kernels import mixture_cdf as k_cdf
+from fastflow.kernels import mixture_inverse as k_inv
+
+import fastflow
+from fastflow import _registry, benchmark
+
+
+@contextlib.contextmanager
+def patched(table: dict, **values):
+    old = dict(table)
+    table.update(values)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(old)
+
+
+def emit(lines: list[str], out) -> None:
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if out is not None:
+        out.write(text)
+        out.flush()
+
+
+def sweep(title, table, configs, make_fn, baseline, device, repeat, out, check=None):
+    """Time make_fn() under each configuration of ``table``; ``baseline`` (name, fn) is timed
+    in the same rounds. ``check(result)`` returns an error against the default's result."""
+    fns, errs, ref = {}, {}, None
+    for i, cfg in enumerate(configs):
+        with patched(table, **cfg):
+            fn = make_fn()
+            res = fn()
+            benchmark._sync(device)
+            if check is not None:
+                if i == 0:
+                    ref = res
+                errs[i] = check(res, ref)
+        fns[i] = fn
+    # measure_interleaved calls each function under the configuration it was built with.
+    def bound(i, fn):
+        def run():
+            with patched(table, **configs[i]):
+                return fn()
+        return run
+
+    timed = benchmark.measure_interleaved(
+        {**{str(i): bound(i, f) for i, f in fns.items()}, baseline[0]: baseline[1]},
+        device, repeat)
+    base = timed[baseline[0]][0]
+    lines = [f"### {title}", "", f"baseline: {baseline[0]} {base:.4g} ms (min)", "",
+             "| config | min ms | median ms | baseline / config | error vs default |",
+             "| --- | --- | --- | --- | --- |"]
+    for i, cfg in enumerate(configs):
+        t_min, t_med = timed[str(i)]
+        err = "" if check is None else f"{errs[i]:.2e}"
+        lines.append(f"| {cfg} | {t_min:.4g} | {t_med:.4g} | {base / t_min:.3f} | {err} |")
+    emit(lines + [""], out)
+
+
+def max_err(a, b):
+    if isinstance(a, (tuple, list)):
+        return max(max_err(x, y) for x, y in zip(a, b, strict=True))
+    return (a.double() - b.double()).abs().max().item() / max(1.0, b.double().abs().max().item())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="markdown file to write (also printed)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--only", default="W1,W3,W5,W4", help="comma-separated tables to run")
+    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    args = p.parse_args(argv)
+    if args.size == "full" and not torch.cuda.is_available():
+        print("tune_gpu.py --size full needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fastflow.set_validate_args(False)
+    only = set(args.only.split(","))
+    out = open(args.out, "w") if args.out else None
+    env = benchmark.environment(device)
+    emit([f"# Launch-parameter sweep, {env['date']}", "",
+          f"device {env['device']}; torch {torch.__version__}; "
+          f"triton {__import__('triton').__version__}", "",
+          "command: `python bench/tune_gpu.py " + " ".join(argv or sys.argv[1:]) + "`", ""], out)
+    n = benchmark.OP_SIZES[args.size]
+
+    if "W1" in only:
+        variants = {v.name: v for v in benchmark.w1(n, device, False)}
+        copy = ("copy", variants["copy"].fn)
+        configs = [{"lanes": 2048, "num_warps": 4}, {"lanes": 1024, "num_warps": 4},
+                   {"lanes": 4096, "num_warps": 4}, {"lanes": 4096, "num_warps": 8},
+                   {"lanes": 8192, "num_warps": 8}, {"lanes": 1024, "num_warps": 2}]
+        sweep("W1 forward (mixture_cdf), K = 8", k_cdf.LAUNCH, configs,
+              lambda: variants["fastflow"].fn, copy, device, args.repeat, out, max_err)
+        w2 = {v.name: v for v in benchmark.w2(n, device, False)}
+        sweep("W2 forward + backward, K = 8 (baseline: autograd through the "
+              "reference)", k_cdf.LAUNCH, configs, lambda: w2["fastflow"].fn,
+              ("torch-eager", w2["torch-eager"].fn), device, args.repeat, out)
+
+    if "W3" in only:
+        variants, _ = benchmark.w3(n, device, False)
+        variants = {v.name: v for v in variants}
+        w1f = {v.name: v for v in benchmark.w1(n, device, False)}["fastflow"].fn
+        configs = [{"lanes": 2048, "num_warps": 4}, {"lanes": 1024, "num_warps": 4},
+                   {"lanes": 512, "num_warps": 4}, {"lanes": 1024, "num_warps": 8},
+                   {"lanes": 4096, "num_warps": 8}]
+        sweep("W3 inverse, K = 8 (baseline: W1's forward)", k_inv.LAUNCH, configs,
+              lambda: variants["fastflow"].fn, ("W1-fastflow", w1f), device, args.repeat, out,
+              max_err)
+        for steps in ((40, 4), (32, 4), (28, 5), (24, 6)):
+            _registry.BISECT_STEPS, _registry.NEWTON_STEPS = steps
+            t0 = time.perf_counter()
+            vs, err = benchmark.w3(n, device, False)
+            t = benchmark.measure_interleaved({"inv": vs[0].fn, "fwd": w1f}, device,
+                                              args.repeat)
+            emit([f"- W3 with {steps[0]} bisection + {steps[1]} Newton steps: "
+                  f"inverse / forward time {t['inv'][0] / t['fwd'][0]:.3f}, "
+                  f"round-trip error {err:.2e} ({time.perf_counter() - t0:.1f} s)"], out)
+        _registry.BISECT_STEPS, _registry.NEWTON_STEPS = 40, 4
+        emit([""], out)
+
+    if "W5" in only or "W4" in only:
+        D, hidden, K, _, batch = benchmark.FLOW_SIZES[args.size]
+        model = benchmark.flow_model(D, hidden, K, device)
+        x = torch.randn(batch, D, device=device)
+        emit([f"flow: D = {D}, hidden {hidden}, K = {K}, batch {batch}", ""], out)
+
+        def log_prob():
+            with torch.no_grad():
+                return model.log_prob(x)
+
+        def sample():
+            torch.manual_seed(0)
+            with torch.no_grad():
+                return model.sample(batch)
+
+    if "W5" in only:
+        configs = [{"block_b": 32, "block_n": 16, "block_h": 32, "num_warps": 4},
+                   {"block_b": 16, "block_n": 16, "block_h": 32, "num_warps": 4},
+                   {"block_b": 16, "block_n": 16, "block_h": 64, "num_warps": 4},
+                   {"block_b": 16, "block_n": 32, "block_h": 32, "num_warps": 4},
+                   {"block_b": 32, "block_n": 16, "block_h": 64, "num_warps": 8},
+                   {"block_b": 64, "block_n": 16, "block_h": 32, "num_warps": 8},
+                   {"block_b": 16, "block_n": 16, "block_h": 32, "num_warps": 2}]
+        sweep("W5 one-pass sample (baseline: log_prob)", k_ar.LAUNCH, configs, lambda: sample,
+              ("log_prob", log_prob), device, max(2, args.repeat // 2), out, max_err)
+
+    if "W4" in only:
+        configs = [{"linear_blocks": (64, 64, 64), "linear_warps": 4},
+                   {"linear_blocks": (128, 64, 32), "linear_warps": 4},
+                   {"linear_blocks": (128, 128, 32), "linear_warps": 8},
+                   {"linear_blocks": (64, 128, 32), "linear_warps": 4},
+                   {"linear_blocks": (128, 64, 64), "linear_warps": 8}]
+
+        def eager():
+            with torch.no_grad(), benchmark._backend("reference"):
+                return model.log_prob(x)
+
+        sweep("log_prob's masked linear layers (baseline: the reference, cuBLAS)", k_made.LAUNCH,
+              configs, lambda: log_prob, ("reference", eager), device, args.repeat, out,
+              max_err)
+        configs = [{"head_block_b": 64, "head_block_h": 64, "head_warps": 4},
+                   {"head_block_b": 32, "head_block_h": 64, "head_warps": 4},
+                   {"head_block_b": 128, "head_block_h": 64, "head_warps": 8},
+                   {"head_block_b": 64, "head_block_h": 128, "head_warps": 8}]
+        sweep("log_prob's fused head (baseline: the reference, cuBLAS)", k_made.LAUNCH,
+              configs, lambda: log_prob, ("reference", eager), device, args.repeat, out,
+              max_err)
+    if out is not None:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
