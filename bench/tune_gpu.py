@@ -22,6 +22,7 @@ from fastflow.kernels import mixture_inverse as k_inv
 
 import fastflow
 from fastflow import _registry, benchmark
+from fastflow.nn import made as made_nn
 
 
 @contextlib.contextmanager
@@ -168,26 +169,41 @@ def main(argv=None) -> int:
               ("log_prob", log_prob), device, max(2, args.repeat // 2), out, max_err)
 
     if "W4" in only:
-        configs = [{"linear_blocks": (64, 64, 64), "linear_warps": 4},
-                   {"linear_blocks": (128, 64, 32), "linear_warps": 4},
-                   {"linear_blocks": (128, 128, 32), "linear_warps": 8},
-                   {"linear_blocks": (64, 128, 32), "linear_warps": 4},
-                   {"linear_blocks": (128, 64, 64), "linear_warps": 8}]
+        routes = [{"linear": "dense", "head": "dense"}, {"linear": "kernel", "head": "dense"},
+                  {"linear": "dense", "head": "kernel"}, {"linear": "kernel", "head": "kernel"}]
 
         def eager():
             with torch.no_grad(), benchmark._backend("reference"):
                 return model.log_prob(x)
 
-        sweep("log_prob's masked linear layers (baseline: the reference, cuBLAS)", k_made.LAUNCH,
-              configs, lambda: log_prob, ("reference", eager), device, args.repeat, out,
-              max_err)
-        configs = [{"head_block_b": 64, "head_block_h": 64, "head_warps": 4},
-                   {"head_block_b": 32, "head_block_h": 64, "head_warps": 4},
-                   {"head_block_b": 128, "head_block_h": 64, "head_warps": 8},
-                   {"head_block_b": 64, "head_block_h": 128, "head_warps": 8}]
-        sweep("log_prob's fused head (baseline: the reference, cuBLAS)", k_made.LAUNCH,
-              configs, lambda: log_prob, ("reference", eager), device, args.repeat, out,
-              max_err)
+        sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",
+              made_nn.GPU_ROUTE, routes, lambda: log_prob, ("reference", eager), device,
+              args.repeat, out, max_err)
+        D4, hidden4, K4, batch4, _ = benchmark.FLOW_SIZES[args.size]
+        model4 = benchmark.flow_model(D4, hidden4, K4, device)
+        x4 = torch.randn(batch4, D4, device=device)
+        model4r = benchmark.flow_model(D4, hidden4, K4, device)
+
+        def step4():
+            return benchmark._train_step(lambda: -model4.log_prob(x4).mean(),
+                                         model4.parameters())
+
+        def eager4():
+            with benchmark._backend("reference"):
+                return train_ref()
+
+        train_ref = benchmark._train_step(lambda: -model4r.log_prob(x4).mean(),
+                                          model4r.parameters())
+        sweep(f"W4 training step by MADE route, batch {batch4} (baseline: the reference)",
+              made_nn.GPU_ROUTE, routes, step4, ("reference", eager4), device, args.repeat, out)
+        configs = [{"linear_blocks": (64, 64, 64), "linear_warps": 4},
+                   {"linear_blocks": (128, 64, 32), "linear_warps": 4},
+                   {"linear_blocks": (128, 128, 32), "linear_warps": 8},
+                   {"linear_blocks": (64, 128, 32), "linear_warps": 4}]
+        with patched(made_nn.GPU_ROUTE, linear="kernel"):
+            sweep("log_prob with the masked-linear kernel, by tile (baseline: the reference)",
+                  k_made.LAUNCH, configs, lambda: log_prob, ("reference", eager), device,
+                  args.repeat, out, max_err)
     if out is not None:
         out.close()
     return 0

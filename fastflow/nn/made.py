@@ -15,13 +15,28 @@ import torch
 from torch import nn
 
 from ..functional import masked_linear
+from ..reference import made as reference_made
+
+# How MADE's products run on a CUDA device. "dense": cuBLAS with the masked weight (twice the
+# multiply-adds of the mask's nonzeros, on the library's fastest path); "kernel": fastflow's
+# masked-linear and fused-head kernels, which skip the mask's zero tiles but whose fp32 tl.dot
+# runs on CUDA cores (IEEE fp32; tensor cores only with TF32 allowed or in half precision).
+# Measured on an H200 (bench/TUNING.md): the fused head made the density 3x slower than the
+# dense reference at D = 784, K = 10, batch 4096, so "dense" is the default for both.
+GPU_ROUTE = {"linear": "dense", "head": "dense"}
+
+
+def dense_on_gpu(x: torch.Tensor, part: str) -> bool:
+    """Whether MADE's ``part`` ("linear" or "head") takes the cuBLAS route for x."""
+    return x.is_cuda and GPU_ROUTE[part] == "dense"
 
 
 class MaskedLinear(nn.Linear):
     """``y = x @ (W * mask).T + b`` with a fixed 0/1 mask of shape (out_features, in_features).
 
-    Runs :func:`fastflow.masked_linear`: on a GPU the mask is applied in-kernel and all-zero
-    mask tiles are skipped.
+    Runs :func:`fastflow.masked_linear` (the mask applied in-kernel, all-zero mask tiles
+    skipped), except on a CUDA device while ``GPU_ROUTE["linear"]`` is "dense": there the
+    product is one cuBLAS call with the masked weight.
     """
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True):
@@ -34,6 +49,10 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor, activation: str = "identity") -> torch.Tensor:
+        if dense_on_gpu(x, "linear"):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return reference_made.masked_linear_fwd(x, self.weight.to(x.dtype),
+                                                    self.mask.to(x.dtype), bias, activation)
         return masked_linear(x, self.weight, self.mask, self.bias, activation=activation)
 
 

@@ -21,7 +21,7 @@ from ..functional import (
     mixture_cdf_inverse,
 )
 from ..reference.autoregressive import autoregressive_solve as reference_solve
-from .made import MADE, check_context
+from .made import MADE, check_context, dense_on_gpu
 
 
 class Transform(nn.Module):
@@ -153,7 +153,8 @@ class AutoregressiveMixtureFlow(Transform):
         return out[..., :K], out[..., K:2 * K], out[..., 2 * K:]
 
     def _one_pass(self, inputs, values, context, invert: bool):
-        if not invert and context is None and backend_for(values) == "triton":
+        if (not invert and context is None and backend_for(values) == "triton"
+                and not dense_on_gpu(values, "head")):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         if invert:
