@@ -48,6 +48,7 @@ def emit(lines: list[str], out) -> None:
 def sweep(title, table, configs, make_fn, baseline, device, repeat, out, check=None):
     """Time make_fn() under each configuration of ``table``; ``baseline`` (name, fn) is timed
     in the same rounds. ``check(result)`` returns an error against the default's result."""
+    configs = [dict(table)] + [c for c in configs if {**table, **c} != table]
     fns, errs, ref = {}, {}, None
     for i, cfg in enumerate(configs):
         with patched(table, **cfg):
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         _registry.BISECT_STEPS, _registry.NEWTON_STEPS = 40, 4
         emit([""], out)
 
-    if "W5" in only or "W4" in only:
+    if only & {"W5", "W4", "W4tiles"}:
         D, hidden, K, _, batch = benchmark.FLOW_SIZES[args.size]
         model = benchmark.flow_model(D, hidden, K, device)
         x = torch.randn(batch, D, device=device)
@@ -150,6 +151,10 @@ def main(argv=None) -> int:
 
         def log_prob():
             with torch.no_grad():
+                return model.log_prob(x)
+
+        def eager():
+            with torch.no_grad(), benchmark._backend("reference"):
                 return model.log_prob(x)
 
         def sample():
@@ -172,10 +177,6 @@ def main(argv=None) -> int:
         routes = [{"linear": "dense", "head": "dense"}, {"linear": "kernel", "head": "dense"},
                   {"linear": "dense", "head": "kernel"}, {"linear": "kernel", "head": "kernel"}]
 
-        def eager():
-            with torch.no_grad(), benchmark._backend("reference"):
-                return model.log_prob(x)
-
         sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",
               made_nn.GPU_ROUTE, routes, lambda: log_prob, ("reference", eager), device,
               args.repeat, out, max_err)
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
                                           model4r.parameters())
         sweep(f"W4 training step by MADE route, batch {batch4} (baseline: the reference)",
               made_nn.GPU_ROUTE, routes, step4, ("reference", eager4), device, args.repeat, out)
+    if "W4tiles" in only:
         configs = [{"linear_blocks": (64, 64, 64), "linear_warps": 4},
                    {"linear_blocks": (128, 64, 32), "linear_warps": 4},
                    {"linear_blocks": (128, 128, 32), "linear_warps": 8},

@@ -22,7 +22,7 @@ from .mixture_inverse import _solve, _target_logit
 
 # Launch parameters on a GPU (bench/tune_gpu.py sweeps them): rows per program (at most), the
 # hidden units and the input columns of one tl.dot tile, warps per program.
-LAUNCH = {"block_b": 32, "block_n": 16, "block_h": 32, "num_warps": 4}
+LAUNCH = {"block_b": 16, "block_n": 16, "block_h": 32, "num_warps": 4}
 
 
 @triton.jit

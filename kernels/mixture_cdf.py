@@ -271,7 +271,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 # Tile lanes (BLOCK_N * BLOCK_K) and warps per program of the elementwise kernels on a GPU
 # (bench/tune_gpu.py sweeps them).
-LAUNCH = {"lanes": 2048, "num_warps": 4}
+LAUNCH = {"lanes": 1024, "num_warps": 4}
 
 
 def block_sizes(K: int, lanes: int | None = None) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from .mixture_cdf import (
 )
 
 # Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
-LAUNCH = {"lanes": 2048, "num_warps": 4}
+LAUNCH = {"lanes": 512, "num_warps": 4}
 
 # Bracket padding for the Gaussian quantile approximation (error < 4.5e-4), in scale units.
 GAUSS_BRACKET_PAD: tl.constexpr = 1e-3
