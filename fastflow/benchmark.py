@@ -248,7 +248,7 @@ def w3(n, device, compile_: bool) -> tuple[list[Variant], float]:
     err = ((y_back - y).abs() / y.abs().clamp(min=1.0)).max().item()
     out = [Variant("fastflow", fast, nbytes),
            Variant("torch-eager", lambda: fixed(y, logits, loc, log_scale), nbytes,
-                   note="the kernels' fixed 40 + 4 iterations in PyTorch")]
+                   note="a fixed 40 + 4 iteration schedule in PyTorch")]
     comp = _compiled(fixed, compile_)
     if comp is not None:
         out.append(Variant("torch-compile", lambda: comp(y, logits, loc, log_scale), nbytes))
