@@ -107,8 +107,10 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         pad = GAUSS_BRACKET_PAD
     if t.dtype == tl.float64:
         eps = 2.220446049250313e-16
+        sqrt_eps = 1.4901161193847656e-08
     else:
         eps = 1.1920928955078125e-07
+        sqrt_eps = 0.00034526698300124393
     # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step.
     active = row_mask & (tl.abs(t) < float("inf"))
     t_s = tl.where(active, t, 0.0)
@@ -119,7 +121,7 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     hi = tl.where(active, hi, 0.0)
     s_min = tl.min(tl.where(mask, scale, float("inf")), axis=1)
     s_min = tl.where(active, s_min, 1.0)
-    tol_newton = 0.25 * tl.sqrt(eps) * s_min
+    tol_newton = 0.25 * sqrt_eps * s_min
     # Start from the pi-weighted mean of the components' inverses, clamped into the bracket.
     lp = tl.where(mask, log_pi, -float("inf"))
     m_pi = tl.max(lp, axis=1)
