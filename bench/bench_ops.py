@@ -98,7 +98,7 @@ INVERSES = {
 
 @pytest.mark.parametrize("variant", list(INVERSES))
 def test_w3_inverse(benchmark, w1_inputs, variant):
-    benchmark.group = "W3 bisection inverse"
+    benchmark.group = "W3 inverse"
     x, *params = w1_inputs
     with torch.no_grad():
         y, _ = _reference_forward(x, *params)

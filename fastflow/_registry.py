@@ -19,10 +19,14 @@ import torch
 
 from . import reference
 
-# The kernels' inverse iteration counts (compile-time constants). The CPU reference iterates to
-# convergence instead; reference.mixture_cdf.mixture_cdf_inverse_fixed is the kernels' algorithm.
+# The inverse's iteration budget. The kernels iterate safeguarded Newton per tile until every
+# element has converged, capped at MAX_STEPS iterations (a compile-time constant: the worst
+# case of the earlier fixed schedule). reference.mixture_cdf's mixture_cdf_inverse_fixed runs
+# that fixed schedule (BISECT_STEPS bisection, then NEWTON_STEPS Newton steps) and serves as a
+# benchmark baseline; the CPU reference iterates to convergence.
 BISECT_STEPS = 40
 NEWTON_STEPS = 4
+MAX_STEPS = BISECT_STEPS + NEWTON_STEPS
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -137,7 +141,7 @@ def _(grad, x, logits, loc, log_scale, kind):
 
 
 # --------------------------------------------------------------------------------------------
-# mixture_cdf_inverse: bisection inverse and its implicit-differentiation VJP
+# mixture_cdf_inverse: safeguarded Newton inverse and its implicit-differentiation VJP
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastflow::mixture_cdf_inverse_fwd", mutates_args=())
 def mixture_cdf_inverse_fwd(
@@ -148,7 +152,7 @@ def mixture_cdf_inverse_fwd(
         from .kernels import mixture_inverse
 
         x, lad = mixture_inverse.mixture_cdf_inverse_fwd(
-            y, logits, loc, log_scale, kind, output, BISECT_STEPS, NEWTON_STEPS
+            y, logits, loc, log_scale, kind, output, MAX_STEPS
         )
     else:
         x, lad = reference.mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind, output)
@@ -279,7 +283,7 @@ def autoregressive_solve(
     if activation == "relu" and _use_triton(values):
         from .kernels import autoregressive as ar_kernels
 
-        return ar_kernels.autoregressive_solve(*args)
+        return ar_kernels.autoregressive_solve(*args, max_steps=MAX_STEPS)
     return _contiguous(*reference.autoregressive.autoregressive_solve(*args))
 
 

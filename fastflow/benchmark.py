@@ -10,7 +10,7 @@ same bytes. Writes CSV and markdown (device, versions, date and the command on t
 matplotlib, a PNG of fastflow's speedup against problem size for W1-W3.
 
 Workloads (DESIGN section 5): W1 mixture CDF forward + logabsdet, W2 forward + backward,
-W3 bisection inverse (with its round-trip error), W4 a training step of an autoregressive
+W3 inverse (with its round-trip error), W4 a training step of an autoregressive
 mixture-of-logistics flow, W5 sampling that flow against its log_prob (C1 is W5 at the CPU
 size). Sizes: "full" (DESIGN's, for a GPU), "cpu" (C1 and a reduced set) and "tiny" (a smoke
 run).
@@ -248,7 +248,7 @@ def w3(n, device, compile_: bool) -> tuple[list[Variant], float]:
     err = ((y_back - y).abs() / y.abs().clamp(min=1.0)).max().item()
     out = [Variant("fastflow", fast, nbytes),
            Variant("torch-eager", lambda: fixed(y, logits, loc, log_scale), nbytes,
-                   note="the kernels' fixed 40 + 4 iterations in PyTorch")]
+                   note="a fixed 40 + 4 iteration schedule in PyTorch")]
     comp = _compiled(fixed, compile_)
     if comp is not None:
         out.append(Variant("torch-compile", lambda: comp(y, logits, loc, log_scale), nbytes))

@@ -146,9 +146,9 @@ def mixture_cdf_inverse(
     y: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
     *, kind: str = "logistic", output: str = "unit", validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`mixture_cdf`, on a bracket from the components' own inverses: fixed
-    bisection steps and a Newton polish in the Triton kernels; on the CPU, Newton with
-    bisection safeguards run until each element has converged.
+    """Inverse of :func:`mixture_cdf`, on a bracket from the components' own inverses: Newton
+    with bisection safeguards, run until each element has converged (the Triton kernels stop
+    a tile once all its elements have, at most 44 iterations).
 
     Args:
         y: targets in the forward's output space, shape ``S``: z in [0, 1] for ``"unit"``,

@@ -5,7 +5,7 @@ Each program owns BLOCK_B batch rows and runs the whole loop of DESIGN section 4
 the oracle for this kernel). Step t computes the units of degree t of every hidden layer —
 a few rows of each weight, streamed from L2, against the already computed prefix of the layer
 below, through tl.dot — then the 3K mixture parameters of the dimension with degree t + 1,
-then its transform (the bisection inverse, or the forward map) in registers.
+then its transform (the Newton inverse, or the forward map) in registers.
 
 Activations live in a per-row scratch buffer ``[solved values in degree order | layer 0 |
 layer 1 | ...]`` written and re-read by the same program (L2-resident at these sizes); a
@@ -35,10 +35,10 @@ def _autoregressive_solve_kernel(
     s_vb, s_vd, s_sb, s_bb, s_ob,
     # sizes: rows, dimensions, hidden layers, components, last hidden width
     B, D, L, K, H_last,
-    # flags, inverse iteration counts and block sizes
+    # flags, the inverse's iteration cap and block sizes
     KIND: tl.constexpr, OUTPUT: tl.constexpr, INVERT: tl.constexpr, RESIDUAL: tl.constexpr,
     CDT: tl.constexpr, IEEE: tl.constexpr,
-    BISECT_STEPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
+    MAX_STEPS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -91,8 +91,8 @@ def _autoregressive_solve_kernel(
         )
         v = tl.load(v_ptr + offs_b * s_vb + col * s_vd, mask=mask_b, other=0.5).to(CDT)
         if INVERT:
-            r, lad = _solve(_target_logit(v, OUTPUT), log_pi, loc, log_scale, mask, KIND,
-                            OUTPUT, BISECT_STEPS, NEWTON_STEPS)
+            r, lad, _ = _solve(_target_logit(v, OUTPUT), log_pi, loc, log_scale, mask, mask_b,
+                               KIND, OUTPUT, MAX_STEPS)
         else:
             r, lad = _forward_eval(v, log_pi, loc, log_scale, KIND, OUTPUT)
         tl.store(scr_ptr + offs_b * s_sb + t, r, mask=mask_b)
@@ -104,7 +104,7 @@ def _autoregressive_solve_kernel(
 def autoregressive_solve(values, weights, biases, table, order, out_weight, out_bias,
                          components: int, kind: str, output: str, invert: bool,
                          residual: bool, activation: str,
-                         bisect_steps: int = 40, newton_steps: int = 4):
+                         max_steps: int = 44):
     """Launch the one-pass solve (ReLU networks): arguments as the reference's
     ``autoregressive_solve``. Returns (result, logabsdet), each (B, D) in values' dtype."""
     if activation != "relu":
@@ -144,7 +144,7 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], INVERT=invert, RESIDUAL=residual,
         CDT=_tl_dtype(values.dtype),
         IEEE=cdt == torch.float64 or not torch.backends.cuda.matmul.allow_tf32,
-        BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
+        MAX_STEPS=max_steps,
         BLOCK_B=block_b, BLOCK_N=LAUNCH["block_n"], BLOCK_H=LAUNCH["block_h"],
         BLOCK_K=max(16, triton.next_power_of_2(components)), num_warps=LAUNCH["num_warps"],
     )

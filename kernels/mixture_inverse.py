@@ -1,17 +1,20 @@
-"""Mixture-CDF inverse by bracketed bisection, and its backward by implicit differentiation.
+"""Mixture-CDF inverse by safeguarded Newton iteration, and its backward by implicit
+differentiation.
 
 Bracket: logit F(x) is a convex-combination-like blend of the components' logits, so the root
 for target t lies between the components' own inverses min_k x_k(t) and max_k x_k(t). The
-search runs in logit space for both outputs (a unit target z becomes log z - log(1-z)), a fixed
-number of bisection steps, then safeguarded Newton steps that fall back to bisection whenever
-they leave the bracket. No host synchronisation: every count is a compile-time constant.
+search runs in logit space for both outputs (a unit target z becomes log z - log(1-z)): Newton
+steps on logit F, evaluated in log space, from the pi-weighted mean of the components'
+inverses, falling back to bisection whenever a step leaves the bracket or fails to halve.
+Each tile loops until all its elements have converged (typically a handful of evaluations),
+at most a compile-time cap of iterations. No host synchronisation.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._math import log1p, lse_parts, softplus
+from ._math import HALF_LOG_2PI, log1p, lse_parts, softplus
 from .mixture_cdf import (
     KINDS,
     OUTPUTS,
@@ -51,12 +54,26 @@ def _component_quantile(t, KIND: tl.constexpr):
 
 
 @triton.jit
-def _logit_eval(x, log_pi, loc, inv_s, KIND: tl.constexpr):
-    """logit F(x): all that bisection compares with the target."""
-    log_cdf, log_sf = _log_cdf_sf((x[:, None] - loc) * inv_s, KIND)
+def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
+    """logit F(x) and log of its slope f / (F (1 - F)), for the Newton iteration.
+
+    The slope as log f - log F - log(1 - F): in a far tail that difference cancels to an
+    absolute error of a few ulps of |logit F|, a relative error of the slope that only slows
+    Newton negligibly (the root itself is set by logit F, exact in log space). Cheaper than
+    ``_forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
+    """
+    u = (x[:, None] - loc) * tl.exp(-log_scale)
+    log_cdf, log_sf = _log_cdf_sf(u, KIND)
+    if KIND == 0:
+        log_pdf = log_cdf + log_sf
+    else:
+        log_pdf = -0.5 * u * u - HALF_LOG_2PI
     m_c, s_c = lse_parts(log_pi + log_cdf)
     m_s, s_s = lse_parts(log_pi + log_sf)
-    return (m_c + s_c) - (m_s + s_s)
+    m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
+    log_F = m_c + s_c
+    log_S = m_s + s_s
+    return log_F - log_S, (m_f + s_f) - log_F - log_S
 
 
 @triton.jit
@@ -70,32 +87,74 @@ def _target_logit(y, OUTPUT: tl.constexpr):
 
 
 @triton.jit
-def _solve(t, log_pi, loc, log_scale, mask, KIND: tl.constexpr, OUTPUT: tl.constexpr,
-           BISECT_STEPS: tl.constexpr, NEWTON_STEPS: tl.constexpr):
-    """(x, lad) with logit F(x) = t for a [BLOCK_N] target and [BLOCK_N, BLOCK_K] mixtures
-    (lad = log|dx/dy| for the output kind); shared by the inverse and autoregressive kernels."""
+def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT: tl.constexpr,
+           MAX_STEPS: tl.constexpr):
+    """(x, lad, steps) with logit F(x) = t for a [BLOCK_N] target and [BLOCK_N, BLOCK_K]
+    mixtures (lad = log|dx/dy| for the output kind; steps = the loop iterations the tile ran);
+    shared by the inverse and autoregressive kernels. Rows off ``row_mask`` are not solved.
+
+    Safeguarded Newton (rtsafe) on logit F, evaluated in log space: each iteration narrows the
+    bracket with the sign of F(x) - t and takes the Newton step when it stays inside the
+    bracket and at least halves the step before last, else bisects. A lane stops once its
+    Newton step is below sqrt(eps)/4 of its smallest component scale, its step is a few ulps
+    of x, or its bracket a few ulps wide (the CPU reference's criteria); the tile stops when
+    every lane has, or after MAX_STEPS iterations.
+    """
     scale = tl.exp(log_scale)
-    inv_s = tl.exp(-log_scale)
     if KIND == 0:
         pad = 0.0
     else:
         pad = GAUSS_BRACKET_PAD
-    u_t = _component_quantile(t, KIND)[:, None]
+    if t.dtype == tl.float64:
+        eps = 2.220446049250313e-16
+        sqrt_eps = 1.4901161193847656e-08
+    else:
+        eps = 1.1920928955078125e-07
+        sqrt_eps = 0.00034526698300124393
+    # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step.
+    active = row_mask & (tl.abs(t) < float("inf"))
+    t_s = tl.where(active, t, 0.0)
+    u_t = _component_quantile(t_s, KIND)[:, None]
     lo = tl.min(tl.where(mask, loc + scale * (u_t - pad), float("inf")), axis=1)
     hi = tl.max(tl.where(mask, loc + scale * (u_t + pad), -float("inf")), axis=1)
-    for _ in range(BISECT_STEPS):
-        mid = 0.5 * lo + 0.5 * hi
-        below = _logit_eval(mid, log_pi, loc, inv_s, KIND) < t
-        lo = tl.where(below, mid, lo)
-        hi = tl.where(below, hi, mid)
-    x = 0.5 * lo + 0.5 * hi
-    for _ in range(NEWTON_STEPS):
-        g, g_lad = _forward_eval(x, log_pi, loc, log_scale, KIND, 1)
-        below = g < t
-        lo = tl.where(below, x, lo)
-        hi = tl.where(below, hi, x)
-        x_new = x - (g - t) * tl.exp(-g_lad)
-        x = tl.where((x_new > lo) & (x_new < hi), x_new, 0.5 * lo + 0.5 * hi)
+    lo = tl.where(active, lo, 0.0)
+    hi = tl.where(active, hi, 0.0)
+    s_min = tl.min(tl.where(mask, scale, float("inf")), axis=1)
+    s_min = tl.where(active, s_min, 1.0)
+    tol_newton = 0.25 * sqrt_eps * s_min
+    # Start from the pi-weighted mean of the components' inverses, clamped into the bracket.
+    lp = tl.where(mask, log_pi, -float("inf"))
+    m_pi = tl.max(lp, axis=1)
+    m_pi = tl.where(m_pi > -float("inf"), m_pi, 0.0)
+    w = tl.where(mask, tl.exp(lp - m_pi[:, None]), 0.0)
+    w_sum = tl.sum(w, axis=1)
+    x = tl.sum(w * (loc + scale * u_t), axis=1) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    x = tl.minimum(tl.maximum(x, lo), hi)
+    x = tl.where(active, x, 0.0)
+    dx_old = hi - lo
+    dx = dx_old
+    steps = tl.max(tl.where(active, 1, 0), axis=0) * 0
+    pending = tl.max(tl.where(active, 1, 0), axis=0)
+    while pending > 0:
+        g, g_lad = _logit_slope_eval(x, log_pi, loc, log_scale, KIND)
+        h = g - t_s
+        lo = tl.where(active & (h < 0.0), x, lo)
+        hi = tl.where(active & (h > 0.0), x, hi)
+        newton = x - h * tl.exp(-g_lad)
+        use_newton = ((newton >= lo) & (newton <= hi)
+                      & (2.0 * tl.abs(newton - x) <= tl.abs(dx_old)))
+        x_next = tl.where(use_newton, newton, 0.5 * lo + 0.5 * hi)
+        step = tl.abs(x_next - x)
+        done = ((h == 0.0) | (step <= 4.0 * eps * tl.abs(x))
+                | (use_newton & (step <= tol_newton))
+                | (hi - lo <= 8.0 * eps * (tl.abs(x) + s_min)))
+        x = tl.where(active & (h != 0.0), x_next, x)
+        dx_old = tl.where(active, dx, dx_old)
+        dx = tl.where(active, step, dx)
+        active = active & ~done
+        steps += 1
+        pending = tl.max(tl.where(active, 1, 0), axis=0)
+        pending = tl.where(steps < MAX_STEPS, pending, 0)
     _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
     lad = -lad
     # Boundary targets map to +-inf with logabsdet +inf; NaN targets stay NaN.
@@ -105,21 +164,20 @@ def _solve(t, log_pi, loc, log_scale, mask, KIND: tl.constexpr, OUTPUT: tl.const
     nan = t != t
     x = tl.where(nan, t, x)
     lad = tl.where(nan, t, lad)
-    return x, lad
+    return x, lad, steps
 
 
 @triton.jit
 def _mixture_cdf_inverse_fwd_kernel(
-    # pointers: targets, parameters, outputs
-    y_ptr, logit_ptr, loc_ptr, log_scale_ptr, x_ptr, lad_ptr,
+    # pointers: targets, parameters, outputs, per-program iteration counts (if COUNT)
+    y_ptr, logit_ptr, loc_ptr, log_scale_ptr, x_ptr, lad_ptr, steps_ptr,
     # strides of each parameter's (row, col, component) view
     s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
     # sizes: elements, columns (last dim of y), components
     N, C, K,
-    # flags, iteration counts and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
-    BISECT_STEPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # flags, iteration cap and block sizes
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, MAX_STEPS: tl.constexpr,
+    COUNT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -128,9 +186,11 @@ def _mixture_cdf_inverse_fwd_kernel(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
         offs_n, mask_n, C, K, BLOCK_K, CDT,
     )
-    x, lad = _solve(t, log_pi, loc, log_scale, mask, KIND, OUTPUT, BISECT_STEPS, NEWTON_STEPS)
+    x, lad, steps = _solve(t, log_pi, loc, log_scale, mask, mask_n, KIND, OUTPUT, MAX_STEPS)
     tl.store(x_ptr + offs_n, x, mask=mask_n)
     tl.store(lad_ptr + offs_n, lad, mask=mask_n)
+    if COUNT:
+        tl.store(steps_ptr + tl.program_id(0), steps)
 
 
 @triton.jit
@@ -178,9 +238,11 @@ def _mixture_cdf_inverse_bwd_kernel(
 
 
 def mixture_cdf_inverse_fwd(
-    y, logits, loc, log_scale, kind: str, output: str, bisect_steps: int, newton_steps: int
+    y, logits, loc, log_scale, kind: str, output: str, max_steps: int, steps_out=None
 ):
-    """Launch the inverse: (x, lad) in y's dtype, lad = log|dx/dy|."""
+    """Launch the inverse: (x, lad) in y's dtype, lad = log|dx/dy|. Each tile iterates until
+    all its elements have converged, at most ``max_steps`` times; ``steps_out``, an int32
+    tensor with one entry per program (:func:`num_programs`), receives those counts."""
     K = logits.shape[-1]
     x = torch.empty_like(y, memory_format=torch.contiguous_format)
     lad = torch.empty_like(x)
@@ -189,14 +251,22 @@ def mixture_cdf_inverse_fwd(
         return x, lad
     y_flat, _, cols, views, strides = param_views(y, logits, loc, log_scale)
     block_n, block_k = block_sizes(K, LAUNCH["lanes"])
-    _mixture_cdf_inverse_fwd_kernel[(triton.cdiv(N, block_n),)](
-        y_flat, *views, x, lad,
+    grid = triton.cdiv(N, block_n)
+    if steps_out is not None and steps_out.numel() < grid:
+        raise ValueError(f"steps_out needs {grid} entries, has {steps_out.numel()}")
+    _mixture_cdf_inverse_fwd_kernel[(grid,)](
+        y_flat, *views, x, lad, x if steps_out is None else steps_out,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(y.dtype),
-        BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
+        MAX_STEPS=max_steps, COUNT=steps_out is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return x, lad
+
+
+def num_programs(n: int, K: int) -> int:
+    """Programs (tiles) the inverse launches for n elements with K components."""
+    return triton.cdiv(n, block_sizes(K, LAUNCH["lanes"])[0])
 
 
 def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: str, output: str):

@@ -246,8 +246,9 @@ def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
 def mixture_cdf_inverse_fixed(
     y, logits, loc, log_scale, kind: str, output: str, bisect_steps: int, newton_steps: int
 ):
-    """The kernels' algorithm: a fixed number of bisection steps in logit space, then
-    safeguarded Newton steps. No data-dependent control flow (it compiles as one graph)."""
+    """A fixed schedule in log space: bisection steps in logit space, then safeguarded
+    Newton steps (the kernels' earlier algorithm; now the CPU solver's fallback and a
+    benchmark baseline). No data-dependent control flow (it compiles as one graph)."""
     with torch.no_grad():
         y_c, logits_c, loc_c, log_scale_c = _upcast(y, logits, loc, log_scale)
         t = target_logit(y_c, output)
@@ -281,9 +282,10 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
     own inverses and falling back to bisection whenever a step leaves the bracket or fails to
     halve (Numerical Recipes' rtsafe). An element stops once its Newton step is below
     sqrt(eps)/4 of the smallest component scale (the next error is then about eps of it) or
-    its bracket has shrunk to a few ulps: typically 3-6 evaluations instead of the kernels'
-    44. Targets so far out that the tail mass nears underflow, and any element still
-    unconverged after ``max_steps``, are solved in log space by the kernels' algorithm
+    its bracket has shrunk to a few ulps: typically 3-6 evaluations instead of a fixed
+    schedule's 44 (the kernels iterate the same way, in log space, per tile). Targets so far
+    out that the tail mass nears underflow, and any element still unconverged after
+    ``max_steps``, are solved in log space by the fixed schedule
     (:func:`mixture_cdf_inverse_fixed`). The logabsdet is taken in log space at the
     solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward logabsdet at x.
     """
