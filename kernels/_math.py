@@ -8,9 +8,10 @@ the dtype of their argument (float32 or float64).
 import triton
 import triton.language as tl
 
-LN2: tl.constexpr = 0.6931471805599453
-HALF_LOG_2PI: tl.constexpr = 0.9189385332046727
-INV_SQRT2: tl.constexpr = 0.7071067811865476
+# Constants appear as literals inside @triton.jit code: compiled Triton refuses module-level
+# Python floats (a `: tl.constexpr` annotation does not help), and the interpreter does not
+# check. log 2 = 0.6931471805599453, log(2 pi) / 2 = 0.9189385332046727,
+# 1 / sqrt 2 = 0.7071067811865476.
 
 
 @triton.jit
@@ -86,8 +87,8 @@ def log_ndtr(v):
     av = tl.abs(v)
     a = (tl.minimum(av, 64.0) * 16.0 + 0.5).to(tl.int32).to(v.dtype) * 0.0625
     half_sq_hi = 0.5 * a * a
-    rest = log_erfcx(av * INV_SQRT2) - 0.5 * (av - a) * (av + a)
-    lower = (rest - LN2) - half_sq_hi  # one rounding at the large magnitude
+    rest = log_erfcx(av * 0.7071067811865476) - 0.5 * (av - a) * (av + a)
+    lower = (rest - 0.6931471805599453) - half_sq_hi  # one rounding at the large magnitude
     upper = log1p(-0.5 * tl.exp(-half_sq_hi) * tl.exp(rest))
     return tl.where(v < 0.0, lower, upper)
 
@@ -95,8 +96,9 @@ def log_ndtr(v):
 @triton.jit
 def gauss_log_hazard(v):
     """log(phi(v) / Phi(-v)): for v >= 0 the exp(-v^2/2) factors cancel analytically."""
-    upper = LN2 - HALF_LOG_2PI - log_erfcx(tl.maximum(v, 0.0) * INV_SQRT2)
-    lower = -0.5 * v * v - HALF_LOG_2PI - log_ndtr(-v)
+    upper = (0.6931471805599453 - 0.9189385332046727
+             - log_erfcx(tl.maximum(v, 0.0) * 0.7071067811865476))
+    lower = -0.5 * v * v - 0.9189385332046727 - log_ndtr(-v)
     return tl.where(v >= 0.0, upper, lower)
 
 

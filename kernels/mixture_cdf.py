@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import HALF_LOG_2PI, LN2, gauss_log_hazard, log_ndtr, lse_parts, softplus
+from ._math import gauss_log_hazard, log_ndtr, lse_parts, softplus
 
 KINDS = {"logistic": 0, "gaussian": 1}
 OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
@@ -47,7 +47,7 @@ def _component_terms(u, KIND: tl.constexpr):
         log_h_cdf = log_sf
         dlog_pdf = tl.exp(log_sf) - tl.exp(log_cdf)
     else:
-        log_pdf = -0.5 * u * u - HALF_LOG_2PI
+        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
         log_h_sf = gauss_log_hazard(u)
         log_h_cdf = gauss_log_hazard(-u)
         dlog_pdf = -u
@@ -102,7 +102,7 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
         log_S = m_s + s_s
         if OUTPUT == 0:
             # F from whichever of F, 1-F is below one half: both stay exact in the tails.
-            y = tl.where(log_F < -LN2, tl.exp(log_F), 1.0 - tl.exp(log_S))
+            y = tl.where(log_F < -0.6931471805599453, tl.exp(log_F), 1.0 - tl.exp(log_S))
         else:
             y = log_F - log_S
             # log(f/(1-F)) and log(f/F) as logsumexps of responsibility + log hazard: the
@@ -152,7 +152,7 @@ def _output_coefs(gy, gl, log_F, log_S, OUTPUT: tl.constexpr):
     if OUTPUT == 0:
         # dF = F dlog F = -(1-F) dlog(1-F): take the side below one half, where the
         # responsibilities differ from the weights by O(1) instead of cancelling.
-        upper = log_F >= -LN2
+        upper = log_F >= -0.6931471805599453
         c_cdf = tl.where(upper, 0.0, gy * tl.exp(log_F))
         c_sf = tl.where(upper, -gy * tl.exp(log_S), 0.0)
     elif OUTPUT == 1:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import HALF_LOG_2PI, log1p, lse_parts, softplus
+from ._math import log1p, lse_parts, softplus
 from .mixture_cdf import (
     KINDS,
     OUTPUTS,
@@ -35,8 +35,6 @@ from .mixture_cdf import (
 # Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
 LAUNCH = {"lanes": 512, "num_warps": 4}
 
-# Bracket padding for the Gaussian quantile approximation (error < 4.5e-4), in scale units.
-GAUSS_BRACKET_PAD: tl.constexpr = 1e-3
 
 
 @triton.jit
@@ -67,7 +65,7 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
     if KIND == 0:
         log_pdf = log_cdf + log_sf
     else:
-        log_pdf = -0.5 * u * u - HALF_LOG_2PI
+        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
     m_c, s_c = lse_parts(log_pi + log_cdf)
     m_s, s_s = lse_parts(log_pi + log_sf)
     m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
@@ -104,7 +102,9 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     if KIND == 0:
         pad = 0.0
     else:
-        pad = GAUSS_BRACKET_PAD
+        # Bracket padding for the Gaussian quantile approximation (error < 4.5e-4), in
+        # scale units (a literal: compiled Triton refuses module-level floats).
+        pad = 1e-3
     if t.dtype == tl.float64:
         eps = 2.220446049250313e-16
         sqrt_eps = 1.4901161193847656e-08
