@@ -59,26 +59,35 @@ def _load_mixture(
     logit_ptr, loc_ptr, log_scale_ptr,
     s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
     offs_n, mask_n, C, K,
-    BLOCK_K: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_K: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr,
 ):
-    """Load a [BLOCK_N, BLOCK_K] tile of (log pi, loc, log_scale); padded lanes get pi = 0."""
+    """Load a [BLOCK_N, BLOCK_K] tile of (log pi, loc, log_scale); padded lanes get pi = 0.
+
+    DENSE: every parameter is a contiguous (N, K) array and K == BLOCK_K, so element n's
+    components start at n * BLOCK_K. The compiler then knows the rows are aligned and loads
+    them as vectors, with several components per thread: fewer threads share a row, and the
+    per-element work after each reduction is repeated on fewer of them.
+    """
     offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
+    if DENSE:
+        mask_k = offs_k < BLOCK_K  # all true, and known to be: the masks do not split vectors
+    else:
+        mask_k = offs_k < K
     mask = mask_n[:, None] & mask_k[None, :]
-    row = offs_n // C
-    col = offs_n - row * C
-    logit = tl.load(
-        logit_ptr + (row * s_lr + col * s_lc)[:, None] + (offs_k * s_lk)[None, :],
-        mask=mask, other=0.0,
-    ).to(CDT)
-    loc = tl.load(
-        loc_ptr + (row * s_mr + col * s_mc)[:, None] + (offs_k * s_mk)[None, :],
-        mask=mask, other=0.0,
-    ).to(CDT)
-    log_scale = tl.load(
-        log_scale_ptr + (row * s_sr + col * s_sc)[:, None] + (offs_k * s_sk)[None, :],
-        mask=mask, other=0.0,
-    ).to(CDT)
+    if DENSE:
+        off = offs_n[:, None] * BLOCK_K + offs_k[None, :]
+        off_l = off
+        off_m = off
+        off_s = off
+    else:
+        row = offs_n // C
+        col = offs_n - row * C
+        off_l = (row * s_lr + col * s_lc)[:, None] + (offs_k * s_lk)[None, :]
+        off_m = (row * s_mr + col * s_mc)[:, None] + (offs_k * s_mk)[None, :]
+        off_s = (row * s_sr + col * s_sc)[:, None] + (offs_k * s_sk)[None, :]
+    logit = tl.load(logit_ptr + off_l, mask=mask, other=0.0).to(CDT)
+    loc = tl.load(loc_ptr + off_m, mask=mask, other=0.0).to(CDT)
+    log_scale = tl.load(log_scale_ptr + off_s, mask=mask, other=0.0).to(CDT)
     logit = tl.where(mask_k[None, :], logit, -float("inf"))
     m, s = lse_parts(logit)
     log_pi = (logit - m[:, None]) - s[:, None]
@@ -184,9 +193,13 @@ def _vjp_assemble(
 
 @triton.jit
 def _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
-                       offs_n, mask, K, BLOCK_K: tl.constexpr):
-    """Store per-element parameter grads into contiguous (N, K) buffers."""
-    offs = offs_n[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+                       offs_n, mask, K, BLOCK_K: tl.constexpr, DENSE: tl.constexpr):
+    """Store per-element parameter grads into contiguous (N, K) buffers (with DENSE, K is
+    BLOCK_K and the stores are vectors)."""
+    if DENSE:
+        offs = offs_n[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    else:
+        offs = offs_n[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(g_logit_ptr + offs, g_logit, mask=mask)
     tl.store(g_loc_ptr + offs, g_loc, mask=mask)
     tl.store(g_log_scale_ptr + offs, g_log_scale, mask=mask)
@@ -204,7 +217,7 @@ def _mixture_cdf_fwd_kernel(
     # sizes: elements, columns (last dim of x), components
     N, C, K,
     # flags and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,7 +225,7 @@ def _mixture_cdf_fwd_kernel(
     x = tl.load(x_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
     log_pi, loc, log_scale, _ = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
     )
     y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
     if OUTPUT != 2:
@@ -230,7 +243,7 @@ def _mixture_cdf_bwd_kernel(
     # sizes: elements, columns (last dim of x), components
     N, C, K,
     # flags and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -243,7 +256,7 @@ def _mixture_cdf_bwd_kernel(
         gy = gl * 0.0
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
     )
     u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = _vjp_terms(
         x, log_pi, loc, log_scale, KIND, OUTPUT
@@ -254,7 +267,7 @@ def _mixture_cdf_bwd_kernel(
     )
     tl.store(g_x_ptr + offs_n, g_x, mask=mask_n)
     _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
-                       offs_n, mask, K, BLOCK_K)
+                       offs_n, mask, K, BLOCK_K, DENSE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +322,12 @@ def param_views(x: torch.Tensor, *params: torch.Tensor):
     return flat(x), rows, cols, views, strides
 
 
+def dense(views, block_k: int) -> bool:
+    """Whether the kernels may take the DENSE path: each (R, C, K) parameter view is
+    contiguous, so element n's K components start at n * K, and K == BLOCK_K."""
+    return views[0].shape[-1] == block_k and all(v.is_contiguous() for v in views)
+
+
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     """Launch the forward: (y, lad) in x's dtype; y is None for output "density"."""
     K = logits.shape[-1]
@@ -323,6 +342,7 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
         x_flat, *views, lad if y is None else y, lad,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
+        DENSE=dense(views, block_k),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return y, lad
@@ -350,6 +370,7 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
         gy, gl, x_flat, *views, g_x, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
+        DENSE=dense(views, block_k),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_x, *g_params]

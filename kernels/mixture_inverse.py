@@ -28,6 +28,7 @@ from .mixture_cdf import (
     _vjp_terms,
     alloc_grads,
     block_sizes,
+    dense,
     flat,
     param_views,
 )
@@ -176,15 +177,15 @@ def _mixture_cdf_inverse_fwd_kernel(
     # sizes: elements, columns (last dim of y), components
     N, C, K,
     # flags, iteration cap and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, MAX_STEPS: tl.constexpr,
-    COUNT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr,
+    MAX_STEPS: tl.constexpr, COUNT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     t = _target_logit(tl.load(y_ptr + offs_n, mask=mask_n, other=0.5).to(CDT), OUTPUT)
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
     )
     x, lad, steps = _solve(t, log_pi, loc, log_scale, mask, mask_n, KIND, OUTPUT, MAX_STEPS)
     tl.store(x_ptr + offs_n, x, mask=mask_n)
@@ -203,7 +204,7 @@ def _mixture_cdf_inverse_bwd_kernel(
     # sizes: elements, columns (last dim of x), components
     N, C, K,
     # flags and block sizes
-    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr,
+    KIND: tl.constexpr, OUTPUT: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,7 +216,7 @@ def _mixture_cdf_inverse_bwd_kernel(
     cl = tl.where(finite, tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0).to(CDT), 0.0)
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
     )
     _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
     u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = _vjp_terms(
@@ -234,7 +235,7 @@ def _mixture_cdf_inverse_bwd_kernel(
     )
     tl.store(g_y_ptr + offs_n, w, mask=mask_n)
     _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
-                       offs_n, mask, K, BLOCK_K)
+                       offs_n, mask, K, BLOCK_K, DENSE)
 
 
 def mixture_cdf_inverse_fwd(
@@ -258,6 +259,7 @@ def mixture_cdf_inverse_fwd(
         y_flat, *views, x, lad, x if steps_out is None else steps_out,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(y.dtype),
+        DENSE=dense(views, block_k),
         MAX_STEPS=max_steps, COUNT=steps_out is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
@@ -282,6 +284,7 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
         flat(grad_x), flat(grad_lad), x_flat, *views, g_y, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
+        DENSE=dense(views, block_k),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_y, *g_params]

@@ -30,6 +30,8 @@ CASES = [
     pytest.param((5, 123), 1, True, id="5x123-K1-shared"),
     pytest.param((2, 3, 17), 10, True, id="2x3x17-K10-shared"),
     pytest.param((37,), 10, False, id="37-K10"),
+    # contiguous per-element parameters, K a power of two: the kernels' DENSE loads
+    pytest.param((7, 33), 4, False, id="7x33-K4-dense"),
 ]
 
 
@@ -259,3 +261,22 @@ def test_reference_written_out_vjp_equals_autograd(kind, output):
     want = torch.autograd.grad(outs, leaves, cots)
     got = mixture_cdf_bwd(None if y is None else gy, gl, x, *params, kind, output)
     assert_close_grads(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_dense_loads_only_for_contiguous_power_of_two_components():
+    """The kernels' DENSE path indexes parameters as n * K + k: it must be chosen exactly when
+    that is where the components are."""
+    from fastflow.kernels.mixture_cdf import dense, param_views
+
+    def views(x, *params):
+        return param_views(x, *params)[3]
+
+    x = torch.zeros(3, 5)
+    p4 = [torch.zeros(3, 5, 4) for _ in range(3)]
+    assert dense(views(x, *p4), 4)
+    assert not dense(views(x, *[torch.zeros(3, 5, 3) for _ in range(3)]), 4)  # K < BLOCK_K
+    assert not dense(views(x, *[torch.zeros(5, 4).expand(3, 5, 4)] * 3), 4)  # broadcast
+    strided = torch.zeros(3, 5, 8)[..., ::2]
+    assert not dense(views(x, p4[0], strided, p4[2]), 4)
+    transposed = torch.zeros(5, 3, 4).transpose(0, 1)
+    assert not dense(views(x, transposed, p4[1], p4[2]), 4)

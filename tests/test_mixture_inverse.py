@@ -69,6 +69,7 @@ def _inverse_with_grads(backend, monkeypatch, y, params, kind, output):
     pytest.param((5, 123), 3, False, id="5x123-K3"),
     pytest.param((5, 123), 1, True, id="5x123-K1-shared"),
     pytest.param((3, 40), 10, True, id="3x40-K10-shared"),
+    pytest.param((7, 33), 4, False, id="7x33-K4-dense"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, output):
