@@ -37,19 +37,35 @@ def _log_cdf_sf(u, KIND: tl.constexpr):
 
 
 @triton.jit
+def _log_pdf(u, log_cdf, log_sf, KIND: tl.constexpr):
+    """log c(u) of the standard component, given its log C and log(1-C)."""
+    if KIND == 0:
+        log_pdf = log_cdf + log_sf  # c = C (1 - C)
+    else:
+        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
+    return log_pdf
+
+
+@triton.jit
+def _log_hazard(u, log_cdf, log_sf, KIND: tl.constexpr):
+    """log c/(1-C) at u (the reverse hazard c/C at u is this at -u, by symmetry)."""
+    if KIND == 0:
+        log_h = log_cdf  # c/(1-C) = C
+    else:
+        log_h = gauss_log_hazard(u)
+    return log_h
+
+
+@triton.jit
 def _component_terms(u, KIND: tl.constexpr):
     """log C, log(1-C), log c, log c/(1-C), log c/C and d(log c)/du at u."""
     log_cdf, log_sf = _log_cdf_sf(u, KIND)
+    log_pdf = _log_pdf(u, log_cdf, log_sf, KIND)
+    log_h_sf = _log_hazard(u, log_cdf, log_sf, KIND)
+    log_h_cdf = _log_hazard(-u, log_sf, log_cdf, KIND)
     if KIND == 0:
-        # c = C (1 - C): the hazard c/(1-C) is C, the reverse hazard c/C is 1-C.
-        log_pdf = log_cdf + log_sf
-        log_h_sf = log_cdf
-        log_h_cdf = log_sf
         dlog_pdf = tl.exp(log_sf) - tl.exp(log_cdf)
     else:
-        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
-        log_h_sf = gauss_log_hazard(u)
-        log_h_cdf = gauss_log_hazard(-u)
         dlog_pdf = -u
     return log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, dlog_pdf
 
@@ -98,8 +114,8 @@ def _load_mixture(
 def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
     """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well."""
     u = (x[:, None] - loc) * tl.exp(-log_scale)
-    log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, _ = _component_terms(u, KIND)
-    m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
+    log_cdf, log_sf = _log_cdf_sf(u, KIND)
+    m_f, s_f = lse_parts(log_pi + _log_pdf(u, log_cdf, log_sf, KIND) - log_scale)
     lad = m_f + s_f
     y = lad
     if OUTPUT != 2:
@@ -114,11 +130,20 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
             y = tl.where(log_F < -0.6931471805599453, tl.exp(log_F), 1.0 - tl.exp(log_S))
         else:
             y = log_F - log_S
-            # log(f/(1-F)) and log(f/F) as logsumexps of responsibility + log hazard: the
-            # naive log f - log F - log(1-F) cancels catastrophically in the tails.
-            m_a, s_a = lse_parts((v_sf - m_s[:, None]) - s_s[:, None] + log_h_sf - log_scale)
-            m_b, s_b = lse_parts((v_cdf - m_c[:, None]) - s_c[:, None] + log_h_cdf - log_scale)
-            lad = tl.where(y > 0.0, (m_a + s_a) - log_F, (m_b + s_b) - log_S)
+            # lad = log(f/(1-F)) - log F where y > 0, log(f/F) - log(1-F) elsewhere, each
+            # a logsumexp of responsibility + log hazard (the naive log f - log F - log(1-F)
+            # cancels catastrophically in the tails). Each element picks its side per
+            # component first, so it takes one logsumexp and one hazard, not two.
+            upper = y > 0.0
+            side = upper[:, None]
+            resp = tl.where(side, (v_sf - m_s[:, None]) - s_s[:, None],
+                            (v_cdf - m_c[:, None]) - s_c[:, None])
+            # (Both Gaussian hazards, then a select: they share their erfc terms with log C
+            # and log(1-C), which a hazard at a selected +-u would compute anew.)
+            log_h = tl.where(side, _log_hazard(u, log_cdf, log_sf, KIND),
+                             _log_hazard(-u, log_sf, log_cdf, KIND))
+            m_h, s_h = lse_parts(resp + log_h - log_scale)
+            lad = (m_h + s_h) - tl.where(upper, log_F, log_S)
     return y, lad
 
 

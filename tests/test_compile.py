@@ -77,3 +77,20 @@ def test_compile_check_reports_what_the_interpreter_accepts(tmp_path):
     assert report["signature"] == {"x_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"}
     assert report["good"] and not report["bad"]
     assert "HALF" in report["error"] and "global" in report["error"]
+
+
+def test_sass_count_reports_every_w1_to_w3_kernel():
+    """bench/sass_count.py (the instruction counts TUNING.md quotes) runs and covers the
+    forward, backward and inverse kernels for both kinds."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "sass_count.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()
+            if line.startswith("| _")]
+    assert {(r[0].strip(), r[1].strip()) for r in rows} == {
+        (k, kind) for k in ("_mixture_cdf_fwd_kernel", "_mixture_cdf_bwd_kernel",
+                            "_mixture_cdf_inverse_fwd_kernel")
+        for kind in ("logistic", "gaussian")}
+    assert all(int(r[3]) > 0 for r in rows)

@@ -1,0 +1,63 @@
+"""Instructions per element of the W1-W3 kernels, from their SASS, without a GPU.
+
+Compiles the specialisations that W1 (forward), W2 (backward) and W3 (inverse) launch at
+DESIGN's shapes (K = 8, contiguous fp32 parameters) for sm_90, for both component kinds, and
+prints per kernel: registers, the instructions one thread executes (static count; the
+forward and backward kernels have no loops, the inverse's Newton loop body is counted once),
+that count per element, and the special-function (MUFU) instructions per element. A proxy for
+time, not a measurement: the elementwise kernels are instruction-bound on an H200 (see
+bench/TUNING.md), so fewer instructions per element is the direction to go.
+
+    python bench/sass_count.py [--arch 90] [--lanes 1024] [--warps 4] [--sass DIR]
+
+TRITON_INTERPRET must be unset.
+"""
+
+import argparse
+import tempfile
+
+import torch
+from fastflow.kernels import mixture_cdf, mixture_inverse
+
+from fastflow import compile_check
+from fastflow.benchmark import K_OPS, OUTPUT, op_inputs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--lanes", type=int, default=None, help="override LAUNCH['lanes']")
+    parser.add_argument("--warps", type=int, default=None, help="override LAUNCH['num_warps']")
+    parser.add_argument("--sass", default=None, help="keep the SASS files in this folder")
+    args = parser.parse_args(argv)
+    for table in (mixture_cdf.LAUNCH, mixture_inverse.LAUNCH):
+        if args.lanes:
+            table["lanes"] = args.lanes
+        if args.warps:
+            table["num_warps"] = args.warps
+    x, logits, loc, log_scale = op_inputs(1 << 14, torch.device("cpu"))
+    params = (logits, loc, log_scale)
+    sass_dir = args.sass or tempfile.mkdtemp(prefix="fastflow-sass-")
+    print(f"sm_{args.arch}, K = {K_OPS}, output {OUTPUT!r}, fp32, contiguous parameters\n")
+    print("| kernel | kind | registers | instructions / thread | per element | MUFU / element |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind in mixture_cdf.KINDS:
+        specs = []
+        with compile_check.recording(specs):
+            mixture_cdf.mixture_cdf_fwd(x, *params, kind, OUTPUT)
+            mixture_cdf.mixture_cdf_bwd(x, x, x, *params, kind, OUTPUT)
+            mixture_inverse.mixture_cdf_inverse_fwd(x, *params, kind, OUTPUT, 44)
+        for spec in specs:
+            r = compile_check.compile_spec(spec, args.arch, sass_dir)
+            if not r["ok"]:
+                raise SystemExit(f"{spec.name()} did not compile:\n{r['error']}")
+            threads = 32 * dict(spec.options)["num_warps"]
+            per = threads / dict(spec.constexprs)["BLOCK_N"]
+            mufu = r["ops"].get("MUFU", 0)
+            print(f"| {spec.kernel} | {kind} | {r['registers']} | {r['instructions']} | "
+                  f"{r['instructions'] * per:.0f} | {mufu * per:.0f} |")
+    print(f"\nSASS in {sass_dir}")
+
+
+if __name__ == "__main__":
+    main()
