@@ -62,17 +62,33 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
     ``_forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
     """
     u = (x[:, None] - loc) * tl.exp(-log_scale)
-    log_cdf, log_sf = _log_cdf_sf(u, KIND)
     if KIND == 0:
-        log_pdf = log_cdf + log_sf
+        # With e = exp(-|u|) and r = 1/(1 + e): C = r or e r and 1 - C = e r or r (u >= 0 or
+        # not), c = e r^2. Shift each logsumexp by the maximum of its log-free part (log pi +
+        # min(u, 0), log pi - max(u, 0), log pi - |u| - log s): then a component costs an
+        # exp(-|u|), a reciprocal and three exps, and no log.
+        r = 1.0 / (1.0 + tl.exp(-tl.abs(u)))
+        log_F = _weighted_lse(log_pi + tl.minimum(u, 0.0), r)
+        log_S = _weighted_lse(log_pi - tl.maximum(u, 0.0), r)
+        log_f = _weighted_lse(log_pi - tl.abs(u) - log_scale, r * r)
     else:
+        log_cdf, log_sf = _log_cdf_sf(u, KIND)
         log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
-    m_c, s_c = lse_parts(log_pi + log_cdf)
-    m_s, s_s = lse_parts(log_pi + log_sf)
-    m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
-    log_F = m_c + s_c
-    log_S = m_s + s_s
-    return log_F - log_S, (m_f + s_f) - log_F - log_S
+        m_c, s_c = lse_parts(log_pi + log_cdf)
+        m_s, s_s = lse_parts(log_pi + log_sf)
+        m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
+        log_F = m_c + s_c
+        log_S = m_s + s_s
+        log_f = m_f + s_f
+    return log_F - log_S, log_f - log_F - log_S
+
+
+@triton.jit
+def _weighted_lse(a, w):
+    """Row-wise log sum exp(a) w of [BLOCK_N, BLOCK_K] tiles, for weights w in [1/4, 1]."""
+    m = tl.max(a, axis=1)
+    m = tl.where(m == -float("inf"), 0.0, m)
+    return m + tl.log(tl.sum(tl.exp(a - m[:, None]) * w, axis=1))
 
 
 @triton.jit
