@@ -113,3 +113,13 @@ def lse_parts(v):
     m = tl.where(m == -float("inf"), 0.0, m)
     s = tl.log(tl.sum(tl.exp(v - m[:, None]), axis=1))
     return m, s
+
+
+@triton.jit
+def weighted_lse_parts(v, w):
+    """lse_parts of v + log w, for weights w in [1/4, 1] (or the scalar 1.0): the weights
+    multiply the exponentials, so no logarithm of them is taken."""
+    m = tl.max(v, axis=1)
+    m = tl.where(m == -float("inf"), 0.0, m)
+    s = tl.log(tl.sum(tl.exp(v - m[:, None]) * w, axis=1))
+    return m, s

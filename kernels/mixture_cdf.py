@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import gauss_log_hazard, log_ndtr, lse_parts, softplus
+from ._math import gauss_log_hazard, log_ndtr, lse_parts, softplus, weighted_lse_parts
 
 KINDS = {"logistic": 0, "gaussian": 1}
 OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
@@ -37,35 +37,19 @@ def _log_cdf_sf(u, KIND: tl.constexpr):
 
 
 @triton.jit
-def _log_pdf(u, log_cdf, log_sf, KIND: tl.constexpr):
-    """log c(u) of the standard component, given its log C and log(1-C)."""
-    if KIND == 0:
-        log_pdf = log_cdf + log_sf  # c = C (1 - C)
-    else:
-        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
-    return log_pdf
-
-
-@triton.jit
-def _log_hazard(u, log_cdf, log_sf, KIND: tl.constexpr):
-    """log c/(1-C) at u (the reverse hazard c/C at u is this at -u, by symmetry)."""
-    if KIND == 0:
-        log_h = log_cdf  # c/(1-C) = C
-    else:
-        log_h = gauss_log_hazard(u)
-    return log_h
-
-
-@triton.jit
 def _component_terms(u, KIND: tl.constexpr):
     """log C, log(1-C), log c, log c/(1-C), log c/C and d(log c)/du at u."""
     log_cdf, log_sf = _log_cdf_sf(u, KIND)
-    log_pdf = _log_pdf(u, log_cdf, log_sf, KIND)
-    log_h_sf = _log_hazard(u, log_cdf, log_sf, KIND)
-    log_h_cdf = _log_hazard(-u, log_sf, log_cdf, KIND)
     if KIND == 0:
+        # c = C (1 - C): the hazard c/(1-C) is C, the reverse hazard c/C is 1-C.
+        log_pdf = log_cdf + log_sf
+        log_h_sf = log_cdf
+        log_h_cdf = log_sf
         dlog_pdf = tl.exp(log_sf) - tl.exp(log_cdf)
     else:
+        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
+        log_h_sf = gauss_log_hazard(u)
+        log_h_cdf = gauss_log_hazard(-u)
         dlog_pdf = -u
     return log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, dlog_pdf
 
@@ -111,18 +95,44 @@ def _load_mixture(
 
 
 @triton.jit
+def _component_parts(u, KIND: tl.constexpr):
+    """log C, log(1-C) and log c of the standard component at u as log-free parts and a
+    weight w: log C = c_part + log w, log(1-C) = s_part + log w, log c = d_part + 2 log w.
+
+    Logistic: with e = exp(-|u|) and w = 1/(1 + e), C = w or e w and 1-C = e w or w (as
+    u >= 0 or not), c = e w^2; so c_part = min(u, 0), s_part = -max(u, 0), d_part = -|u|, and
+    a component needs no logarithm. Gaussian: the logarithms themselves and w = 1.
+    """
+    if KIND == 0:
+        w = 1.0 / (1.0 + tl.exp(-tl.abs(u)))
+        c_part = tl.minimum(u, 0.0)
+        s_part = -tl.maximum(u, 0.0)
+        d_part = c_part + s_part
+    else:
+        c_part = log_ndtr(u)
+        s_part = log_ndtr(-u)
+        d_part = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
+        w = 1.0
+    return c_part, s_part, d_part, w
+
+
+@triton.jit
 def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
-    """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well."""
+    """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well.
+
+    Every logsumexp takes the components' log-free parts with their weights
+    (:func:`_component_parts`); for the logistic the weights are w or w^2.
+    """
     u = (x[:, None] - loc) * tl.exp(-log_scale)
-    log_cdf, log_sf = _log_cdf_sf(u, KIND)
-    m_f, s_f = lse_parts(log_pi + _log_pdf(u, log_cdf, log_sf, KIND) - log_scale)
+    c_part, s_part, d_part, w = _component_parts(u, KIND)
+    m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w)
     lad = m_f + s_f
     y = lad
     if OUTPUT != 2:
-        v_cdf = log_pi + log_cdf
-        v_sf = log_pi + log_sf
-        m_c, s_c = lse_parts(v_cdf)
-        m_s, s_s = lse_parts(v_sf)
+        v_cdf = log_pi + c_part
+        v_sf = log_pi + s_part
+        m_c, s_c = weighted_lse_parts(v_cdf, w)
+        m_s, s_s = weighted_lse_parts(v_sf, w)
         log_F = m_c + s_c
         log_S = m_s + s_s
         if OUTPUT == 0:
@@ -133,16 +143,19 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
             # lad = log(f/(1-F)) - log F where y > 0, log(f/F) - log(1-F) elsewhere, each
             # a logsumexp of responsibility + log hazard (the naive log f - log F - log(1-F)
             # cancels catastrophically in the tails). Each element picks its side per
-            # component first, so it takes one logsumexp and one hazard, not two.
+            # component first, so it takes one logsumexp, not two. The logistic hazards
+            # c/(1-C) = C and c/C = 1-C have parts c_part and s_part and weight w; the
+            # Gaussian ones are computed whole, both, then selected: they share their erfc
+            # terms with log C and log(1-C), which a hazard at a selected +-u would not.
             upper = y > 0.0
             side = upper[:, None]
             resp = tl.where(side, (v_sf - m_s[:, None]) - s_s[:, None],
                             (v_cdf - m_c[:, None]) - s_c[:, None])
-            # (Both Gaussian hazards, then a select: they share their erfc terms with log C
-            # and log(1-C), which a hazard at a selected +-u would compute anew.)
-            log_h = tl.where(side, _log_hazard(u, log_cdf, log_sf, KIND),
-                             _log_hazard(-u, log_sf, log_cdf, KIND))
-            m_h, s_h = lse_parts(resp + log_h - log_scale)
+            if KIND == 0:
+                log_h = tl.where(side, c_part, s_part)
+            else:
+                log_h = tl.where(side, gauss_log_hazard(u), gauss_log_hazard(-u))
+            m_h, s_h = weighted_lse_parts(resp + log_h - log_scale, w * w)
             lad = (m_h + s_h) - tl.where(upper, log_F, log_S)
     return y, lad
 

@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import log1p, lse_parts, softplus
+from ._math import log1p, softplus, weighted_lse_parts
 from .mixture_cdf import (
     KINDS,
     OUTPUTS,
+    _component_parts,
     _forward_eval,
     _load_mixture,
-    _log_cdf_sf,
     _output_coefs,
     _store_param_grads,
     _tl_dtype,
@@ -62,33 +62,13 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
     ``_forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
     """
     u = (x[:, None] - loc) * tl.exp(-log_scale)
-    if KIND == 0:
-        # With e = exp(-|u|) and r = 1/(1 + e): C = r or e r and 1 - C = e r or r (u >= 0 or
-        # not), c = e r^2. Shift each logsumexp by the maximum of its log-free part (log pi +
-        # min(u, 0), log pi - max(u, 0), log pi - |u| - log s): then a component costs an
-        # exp(-|u|), a reciprocal and three exps, and no log.
-        r = 1.0 / (1.0 + tl.exp(-tl.abs(u)))
-        log_F = _weighted_lse(log_pi + tl.minimum(u, 0.0), r)
-        log_S = _weighted_lse(log_pi - tl.maximum(u, 0.0), r)
-        log_f = _weighted_lse(log_pi - tl.abs(u) - log_scale, r * r)
-    else:
-        log_cdf, log_sf = _log_cdf_sf(u, KIND)
-        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
-        m_c, s_c = lse_parts(log_pi + log_cdf)
-        m_s, s_s = lse_parts(log_pi + log_sf)
-        m_f, s_f = lse_parts(log_pi + log_pdf - log_scale)
-        log_F = m_c + s_c
-        log_S = m_s + s_s
-        log_f = m_f + s_f
-    return log_F - log_S, log_f - log_F - log_S
-
-
-@triton.jit
-def _weighted_lse(a, w):
-    """Row-wise log sum exp(a) w of [BLOCK_N, BLOCK_K] tiles, for weights w in [1/4, 1]."""
-    m = tl.max(a, axis=1)
-    m = tl.where(m == -float("inf"), 0.0, m)
-    return m + tl.log(tl.sum(tl.exp(a - m[:, None]) * w, axis=1))
+    c_part, s_part, d_part, w = _component_parts(u, KIND)
+    m_c, s_c = weighted_lse_parts(log_pi + c_part, w)
+    m_s, s_s = weighted_lse_parts(log_pi + s_part, w)
+    m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w)
+    log_F = m_c + s_c
+    log_S = m_s + s_s
+    return log_F - log_S, (m_f + s_f) - log_F - log_S
 
 
 @triton.jit
