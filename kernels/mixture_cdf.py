@@ -37,24 +37,6 @@ def _log_cdf_sf(u, KIND: tl.constexpr):
 
 
 @triton.jit
-def _component_terms(u, KIND: tl.constexpr):
-    """log C, log(1-C), log c, log c/(1-C), log c/C and d(log c)/du at u."""
-    log_cdf, log_sf = _log_cdf_sf(u, KIND)
-    if KIND == 0:
-        # c = C (1 - C): the hazard c/(1-C) is C, the reverse hazard c/C is 1-C.
-        log_pdf = log_cdf + log_sf
-        log_h_sf = log_cdf
-        log_h_cdf = log_sf
-        dlog_pdf = tl.exp(log_sf) - tl.exp(log_cdf)
-    else:
-        log_pdf = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
-        log_h_sf = gauss_log_hazard(u)
-        log_h_cdf = gauss_log_hazard(-u)
-        dlog_pdf = -u
-    return log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, dlog_pdf
-
-
-@triton.jit
 def _load_mixture(
     logit_ptr, loc_ptr, log_scale_ptr,
     s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
@@ -169,17 +151,17 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
     """
     inv_s = tl.exp(-log_scale)
     u = (x[:, None] - loc) * inv_s
-    log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf, dlog_pdf = _component_terms(u, KIND)
-    v_f = log_pi + log_pdf - log_scale
-    m_f, s_f = lse_parts(v_f)
-    resp_f = tl.exp((v_f - m_f[:, None]) - s_f[:, None])
+    c_part, s_part, d_part, w = _component_parts(u, KIND)
+    v_f = log_pi + d_part - log_scale
+    m_f, s_f = weighted_lse_parts(v_f, w * w)
+    resp_f = tl.exp((v_f - m_f[:, None]) - s_f[:, None]) * (w * w)
     if OUTPUT != 2:
-        v_cdf = log_pi + log_cdf
-        v_sf = log_pi + log_sf
-        m_c, s_c = lse_parts(v_cdf)
-        m_s, s_s = lse_parts(v_sf)
-        resp_cdf = tl.exp((v_cdf - m_c[:, None]) - s_c[:, None])
-        resp_sf = tl.exp((v_sf - m_s[:, None]) - s_s[:, None])
+        v_cdf = log_pi + c_part
+        v_sf = log_pi + s_part
+        m_c, s_c = weighted_lse_parts(v_cdf, w)
+        m_s, s_s = weighted_lse_parts(v_sf, w)
+        resp_cdf = tl.exp((v_cdf - m_c[:, None]) - s_c[:, None]) * w
+        resp_sf = tl.exp((v_sf - m_s[:, None]) - s_s[:, None]) * w
         log_F = m_c + s_c
         log_S = m_s + s_s
     else:
@@ -187,8 +169,19 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
         resp_sf = resp_f * 0.0
         log_F = m_f * 0.0
         log_S = m_f * 0.0
-    du_cdf = resp_cdf * tl.exp(log_h_cdf)
-    du_sf = resp_sf * tl.exp(log_h_sf)
+    # The hazards c/(1-C), c/C and d log c / du.
+    if KIND == 0:
+        # c/(1-C) = C, c/C = 1-C and d log c/du = (1-C) - C, from the parts: no exp of a log.
+        e = tl.exp(-tl.abs(u))
+        h_sf = tl.where(u >= 0.0, 1.0, e) * w
+        h_cdf = tl.where(u >= 0.0, e, 1.0) * w
+        dlog_pdf = h_cdf - h_sf
+    else:
+        h_sf = tl.exp(gauss_log_hazard(u))
+        h_cdf = tl.exp(gauss_log_hazard(-u))
+        dlog_pdf = -u
+    du_cdf = resp_cdf * h_cdf
+    du_sf = resp_sf * h_sf
     du_pdf = resp_f * dlog_pdf
     return u, inv_s, resp_cdf, resp_sf, resp_f, du_cdf, du_sf, du_pdf, log_F, log_S
 
