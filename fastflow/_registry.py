@@ -19,7 +19,7 @@ import torch
 
 from . import reference
 
-# The inverse's iteration budget. The kernels iterate safeguarded Newton per tile until every
+# The inverse's iteration budget. The kernels iterate safeguarded Halley per tile until every
 # element has converged, capped at MAX_STEPS iterations (a compile-time constant: the worst
 # case of the earlier fixed schedule). reference.mixture_cdf's mixture_cdf_inverse_fixed runs
 # that fixed schedule (BISECT_STEPS bisection, then NEWTON_STEPS Newton steps) and serves as a

@@ -147,8 +147,8 @@ def mixture_cdf_inverse(
     *, kind: str = "logistic", output: str = "unit", validate_args: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`mixture_cdf`, on a bracket from the components' own inverses: Newton
-    with bisection safeguards, run until each element has converged (the Triton kernels stop
-    a tile once all its elements have, at most 44 iterations).
+    (Halley in the Triton kernels) with bisection safeguards, run until each element has
+    converged (the kernels stop a tile once all its elements have, at most 44 iterations).
 
     Args:
         y: targets in the forward's output space, shape ``S``: z in [0, 1] for ``"unit"``,

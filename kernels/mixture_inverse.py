@@ -54,21 +54,37 @@ def _component_quantile(t, KIND: tl.constexpr):
 
 @triton.jit
 def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
-    """logit F(x) and log of its slope f / (F (1 - F)), for the Newton iteration.
+    """logit F(x), the log of its slope g' = f / (F (1 - F)) and g''/g', for Halley's step.
 
     The slope as log f - log F - log(1 - F): in a far tail that difference cancels to an
     absolute error of a few ulps of |logit F|, a relative error of the slope that only slows
-    Newton negligibly (the root itself is set by logit F, exact in log space). Cheaper than
-    ``_forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
+    the iteration negligibly (the root itself is set by logit F, exact in log space). Cheaper
+    than ``_forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
+    g''/g' = d log g'/dx = f'/f - f/F + f/(1 - F), with f'/f the responsibility-weighted
+    d log c/du / s of the components: (1 - C) - C for the logistic, -u for the Gaussian.
     """
-    u = (x[:, None] - loc) * tl.exp(-log_scale)
+    inv_s = tl.exp(-log_scale)
+    u = (x[:, None] - loc) * inv_s
     c_part, s_part, d_part, w = _component_parts(u, KIND)
     m_c, s_c = weighted_lse_parts(log_pi + c_part, w)
     m_s, s_s = weighted_lse_parts(log_pi + s_part, w)
-    m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w)
     log_F = m_c + s_c
     log_S = m_s + s_s
-    return log_F - log_S, (m_f + s_f) - log_F - log_S
+    # log f and f'/f from the same exponentials
+    v_f = log_pi + d_part - log_scale
+    m_f = tl.max(v_f, axis=1)
+    m_f = tl.where(m_f == -float("inf"), 0.0, m_f)
+    terms = tl.exp(v_f - m_f[:, None]) * (w * w)
+    total = tl.sum(terms, axis=1)
+    if KIND == 0:
+        e = tl.exp(-tl.abs(u))
+        dlog_c = (tl.where(u >= 0.0, e, 1.0) - tl.where(u >= 0.0, 1.0, e)) * w
+    else:
+        dlog_c = -u
+    df_f = tl.sum(terms * dlog_c * inv_s, axis=1) / total
+    log_f = m_f + tl.log(total)
+    curv = df_f - tl.exp(log_f - log_F) + tl.exp(log_f - log_S)
+    return log_F - log_S, log_f - log_F - log_S, curv
 
 
 @triton.jit
@@ -88,12 +104,14 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     mixtures (lad = log|dx/dy| for the output kind; steps = the loop iterations the tile ran);
     shared by the inverse and autoregressive kernels. Rows off ``row_mask`` are not solved.
 
-    Safeguarded Newton (rtsafe) on logit F, evaluated in log space: each iteration narrows the
-    bracket with the sign of F(x) - t and takes the Newton step when it stays inside the
+    Safeguarded Halley (rtsafe with a curvature-corrected step) on logit F, evaluated in log
+    space: each iteration narrows the bracket with the sign of F(x) - t and takes the Halley
+    step (Newton's where the correction factor is out of [1/2, 2]) when it stays inside the
     bracket and at least halves the step before last, else bisects. A lane stops once its
-    Newton step is below sqrt(eps)/4 of its smallest component scale, its step is a few ulps
-    of x, or its bracket a few ulps wide (the CPU reference's criteria); the tile stops when
-    every lane has, or after MAX_STEPS iterations.
+    Newton step is below cbrt(eps)/4 of its smallest component scale where the Halley step was
+    taken (its error is then of order the step cubed) or sqrt(eps)/4 where Newton's was, its
+    step is a few ulps of x, or its bracket a few ulps wide; the tile stops when every lane
+    has, or after MAX_STEPS iterations.
     """
     scale = tl.exp(log_scale)
     if KIND == 0:
@@ -105,9 +123,11 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     if t.dtype == tl.float64:
         eps = 2.220446049250313e-16
         sqrt_eps = 1.4901161193847656e-08
+        cbrt_eps = 6.055454452393343e-06
     else:
         eps = 1.1920928955078125e-07
         sqrt_eps = 0.00034526698300124393
+        cbrt_eps = 0.004921566601151848
     # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step.
     active = row_mask & (tl.abs(t) < float("inf"))
     t_s = tl.where(active, t, 0.0)
@@ -118,6 +138,8 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     hi = tl.where(active, hi, 0.0)
     s_min = tl.min(tl.where(mask, scale, float("inf")), axis=1)
     s_min = tl.where(active, s_min, 1.0)
+    # A Halley step of size d leaves an error of order d^3 / s^2, a Newton step d^2 / s.
+    tol_halley = 0.25 * cbrt_eps * s_min
     tol_newton = 0.25 * sqrt_eps * s_min
     # Start from the pi-weighted mean of the components' inverses, clamped into the bracket.
     lp = tl.where(mask, log_pi, -float("inf"))
@@ -133,17 +155,23 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     steps = tl.max(tl.where(active, 1, 0), axis=0) * 0
     pending = tl.max(tl.where(active, 1, 0), axis=0)
     while pending > 0:
-        g, g_lad = _logit_slope_eval(x, log_pi, loc, log_scale, KIND)
+        g, g_lad, curv = _logit_slope_eval(x, log_pi, loc, log_scale, KIND)
         h = g - t_s
         lo = tl.where(active & (h < 0.0), x, lo)
         hi = tl.where(active & (h > 0.0), x, hi)
-        newton = x - h * tl.exp(-g_lad)
+        # Halley's step: Newton's, divided by 1 + (Newton's) g''/(2 g'); Newton's where that
+        # factor is outside [1/2, 2] (the safeguards below still apply). Convergence is
+        # judged by Newton's step, the first-order distance to the root, whichever is taken.
+        step_n = -h * tl.exp(-g_lad)
+        denom = 1.0 + 0.5 * step_n * curv
+        halley = (denom >= 0.5) & (denom <= 2.0)
+        newton = x + tl.where(halley, step_n / denom, step_n)
         use_newton = ((newton >= lo) & (newton <= hi)
                       & (2.0 * tl.abs(newton - x) <= tl.abs(dx_old)))
         x_next = tl.where(use_newton, newton, 0.5 * lo + 0.5 * hi)
         step = tl.abs(x_next - x)
         done = ((h == 0.0) | (step <= 4.0 * eps * tl.abs(x))
-                | (use_newton & (step <= tol_newton))
+                | (use_newton & (tl.abs(step_n) <= tl.where(halley, tol_halley, tol_newton)))
                 | (hi - lo <= 8.0 * eps * (tl.abs(x) + s_min)))
         x = tl.where(active & (h != 0.0), x_next, x)
         dx_old = tl.where(active, dx, dx_old)
