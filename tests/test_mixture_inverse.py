@@ -258,8 +258,8 @@ def test_kernel_inverse_on_hard_mixtures(monkeypatch, dtype, kind, K):
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_inverse_stops_early(kind):
     """Each tile stops once all its elements have converged: a few iterations on typical
-    mixtures (the fixed schedule took 44), and neither the padded lanes of a partial tile nor
-    boundary and NaN targets hold a tile at the cap."""
+    mixtures (the fixed schedule took 44, Newton steps up to 6), and neither the padded lanes
+    of a partial tile nor boundary and NaN targets hold a tile at the cap."""
     from fastflow.kernels import mixture_inverse as kernels
 
     cap = 44
@@ -275,7 +275,10 @@ def test_kernel_inverse_stops_early(kind):
     steps = torch.full((kernels.num_programs(y.numel(), K),), -1, dtype=torch.int32,
                        device=DEVICE)
     x, _ = kernels.mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind, "logit", cap, steps)
-    assert (steps >= 1).all() and (steps <= 8).all(), steps.tolist()
+    # Halley steps: 3 (logistic) and 4 (Gaussian) iterations for all 300 elements in one
+    # interpreted tile; Newton steps took 5 and 6.
+    most = {"logistic": 4, "gaussian": 5}[kind]
+    assert (steps >= 1).all() and (steps <= most).all(), steps.tolist()
     assert x[0, 0] == float("inf") and x[0, 1] == -float("inf") and torch.isnan(x[0, 2])
     finite = torch.ones(shape, dtype=torch.bool, device=DEVICE)
     finite[0, :3] = False
