@@ -95,9 +95,13 @@ def log_ndtr(v):
 
 @triton.jit
 def gauss_log_hazard(v):
-    """log(phi(v) / Phi(-v)): for v >= 0 the exp(-v^2/2) factors cancel analytically."""
+    """log(phi(v) / Phi(-v)): for v >= 0 the exp(-v^2/2) factors cancel analytically.
+
+    The upper branch takes log_erfcx at |v| (equal to v where it is selected), the very
+    expression log_ndtr(+-v) evaluates, so the compiler computes it once for all three.
+    """
     upper = (0.6931471805599453 - 0.9189385332046727
-             - log_erfcx(tl.maximum(v, 0.0) * 0.7071067811865476))
+             - log_erfcx(tl.abs(v) * 0.7071067811865476))
     lower = -0.5 * v * v - 0.9189385332046727 - log_ndtr(-v)
     return tl.where(v >= 0.0, upper, lower)
 
