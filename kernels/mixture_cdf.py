@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import gauss_log_hazard, log_ndtr, lse_parts, softplus, weighted_lse_parts
+from ._math import gauss_log_hazard, log_ndtr, lse_parts, weighted_lse_parts
 
 KINDS = {"logistic": 0, "gaussian": 1}
 OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
@@ -24,18 +24,6 @@ OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
 # --------------------------------------------------------------------------------------------
 # Device helpers shared by the forward, inverse and backward kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _log_cdf_sf(u, KIND: tl.constexpr):
-    """log C(u) and log(1 - C(u)) of the standard component."""
-    if KIND == 0:
-        log_cdf = -softplus(-u)
-        log_sf = -softplus(u)
-    else:
-        log_cdf = log_ndtr(u)
-        log_sf = log_ndtr(-u)
-    return log_cdf, log_sf
-
-
 @triton.jit
 def _load_mixture(
     logit_ptr, loc_ptr, log_scale_ptr,
@@ -96,6 +84,22 @@ def _component_parts(u, KIND: tl.constexpr):
         d_part = -0.5 * u * u - 0.9189385332046727  # log(2 pi) / 2
         w = 1.0
     return c_part, s_part, d_part, w
+
+
+@triton.jit
+def _hazards(u, w, KIND: tl.constexpr):
+    """c/(1-C), c/C and d log c/du of the standard component at u (w from
+    :func:`_component_parts`). Logistic: C, 1-C and (1-C) - C, straight from exp(-|u|) and w."""
+    if KIND == 0:
+        e = tl.exp(-tl.abs(u))
+        h_sf = tl.where(u >= 0.0, 1.0, e) * w
+        h_cdf = tl.where(u >= 0.0, e, 1.0) * w
+        dlog_pdf = h_cdf - h_sf
+    else:
+        h_sf = tl.exp(gauss_log_hazard(u))
+        h_cdf = tl.exp(gauss_log_hazard(-u))
+        dlog_pdf = -u
+    return h_sf, h_cdf, dlog_pdf
 
 
 @triton.jit
@@ -169,17 +173,7 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
         resp_sf = resp_f * 0.0
         log_F = m_f * 0.0
         log_S = m_f * 0.0
-    # The hazards c/(1-C), c/C and d log c / du.
-    if KIND == 0:
-        # c/(1-C) = C, c/C = 1-C and d log c/du = (1-C) - C, from the parts: no exp of a log.
-        e = tl.exp(-tl.abs(u))
-        h_sf = tl.where(u >= 0.0, 1.0, e) * w
-        h_cdf = tl.where(u >= 0.0, e, 1.0) * w
-        dlog_pdf = h_cdf - h_sf
-    else:
-        h_sf = tl.exp(gauss_log_hazard(u))
-        h_cdf = tl.exp(gauss_log_hazard(-u))
-        dlog_pdf = -u
+    h_sf, h_cdf, dlog_pdf = _hazards(u, w, KIND)
     du_cdf = resp_cdf * h_cdf
     du_sf = resp_sf * h_sf
     du_pdf = resp_f * dlog_pdf

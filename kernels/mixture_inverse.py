@@ -20,6 +20,7 @@ from .mixture_cdf import (
     OUTPUTS,
     _component_parts,
     _forward_eval,
+    _hazards,
     _load_mixture,
     _output_coefs,
     _store_param_grads,
@@ -76,11 +77,7 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
     m_f = tl.where(m_f == -float("inf"), 0.0, m_f)
     terms = tl.exp(v_f - m_f[:, None]) * (w * w)
     total = tl.sum(terms, axis=1)
-    if KIND == 0:
-        e = tl.exp(-tl.abs(u))
-        dlog_c = (tl.where(u >= 0.0, e, 1.0) - tl.where(u >= 0.0, 1.0, e)) * w
-    else:
-        dlog_c = -u
+    _, _, dlog_c = _hazards(u, w, KIND)
     df_f = tl.sum(terms * dlog_c * inv_s, axis=1) / total
     log_f = m_f + tl.log(total)
     curv = df_f - tl.exp(log_f - log_F) + tl.exp(log_f - log_S)
