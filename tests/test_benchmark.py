@@ -63,3 +63,21 @@ def test_cli_bench_runs_the_runner(capsys):
     out = capsys.readouterr().out
     assert "| W1 | speedup vs torch eager |" in out
     assert "command: `fastflow bench --size tiny" in out
+
+
+def test_inverse_steps_script_counts_tiles():
+    """bench/inverse_steps.py (the iteration counts README and TUNING quote) runs, counts
+    every tile of the GPU's size and round-trips W1's inputs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "inverse_steps.py"
+    spec = importlib.util.spec_from_file_location("inverse_steps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    steps, err = module.main(["--n", "2048"])
+    from fastflow.kernels.mixture_inverse import LAUNCH
+
+    assert steps.numel() == 2048 // (LAUNCH["lanes"] // 8)  # the GPU's tiles, K = 8
+    assert (steps >= 1).all() and (steps <= 8).all()
+    assert err < 1e-5

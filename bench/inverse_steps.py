@@ -1,0 +1,62 @@
+"""Iterations per tile of the inverse kernel on W1-W3's inputs.
+
+The inverse kernel loops per tile until every element has converged; this runs it on
+W1's inputs (K = 8, logit output, fp32, the GPU's tile size) and prints how many iterations the
+tiles took, and the round trip's error. The counts do not depend on the device, so on a CPU
+the kernel runs under the Triton interpreter (slow: keep ``--n`` at a few 10^4).
+
+    python bench/inverse_steps.py [--n 16384] [--kind logistic|gaussian]
+"""
+
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastflow.kernels import mixture_cdf, mixture_inverse  # noqa: E402
+
+from fastflow import benchmark  # noqa: E402
+from fastflow._registry import MAX_STEPS  # noqa: E402
+
+
+def tile_steps(n: int, kind: str):
+    """(iterations per tile, max relative round-trip error) on n of W1's elements."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, logits, loc, log_scale = benchmark.op_inputs(n, device)
+    params = (logits, loc, log_scale)
+    y, _ = mixture_cdf.mixture_cdf_fwd(x, *params, kind, benchmark.OUTPUT)
+    # the GPU's tiles, also under the interpreter (whose launcher default is one big tile)
+    lanes = mixture_inverse.LAUNCH["lanes"]
+    block_k = mixture_cdf.block_sizes(logits.shape[-1], lanes)[1]
+    saved = mixture_inverse.block_sizes
+    mixture_inverse.block_sizes = lambda K, _lanes=None: (max(16, lanes // block_k), block_k)
+    try:
+        programs = mixture_inverse.num_programs(n, logits.shape[-1])
+        steps = torch.zeros(programs, dtype=torch.int32, device=device)
+        back, _ = mixture_inverse.mixture_cdf_inverse_fwd(
+            y, *params, kind, benchmark.OUTPUT, MAX_STEPS, steps_out=steps)
+    finally:
+        mixture_inverse.block_sizes = saved
+    err = ((back - x).abs() / (1 + x.abs())).max().item()
+    return steps.cpu(), err
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1 << 14)
+    parser.add_argument("--kind", choices=list(mixture_cdf.KINDS), default=benchmark.KIND)
+    args = parser.parse_args(argv)
+    steps, err = tile_steps(args.n, args.kind)
+    hist = torch.bincount(steps.long()).tolist()
+    print(f"{args.kind}, n = {args.n}, {steps.numel()} tiles of "
+          f"{args.n // steps.numel() if steps.numel() else 0} elements: iterations mean "
+          f"{steps.float().mean().item():.2f}, max {steps.max().item()}, histogram {hist}; "
+          f"round-trip error {err:.1e}")
+    return steps, err
+
+
+if __name__ == "__main__":
+    main()
