@@ -31,15 +31,16 @@ def tile_steps(n: int, kind: str):
     # the GPU's tiles, also under the interpreter (whose launcher default is one big tile)
     lanes = mixture_inverse.LAUNCH["lanes"]
     block_k = mixture_cdf.block_sizes(logits.shape[-1], lanes)[1]
-    saved = mixture_inverse.block_sizes
-    mixture_inverse.block_sizes = lambda K, _lanes=None: (max(16, lanes // block_k), block_k)
+    saved = mixture_cdf.block_sizes
+    gpu_tiles = lambda K, _lanes=None: (max(16, lanes // block_k), block_k)  # noqa: E731
+    mixture_cdf.block_sizes = mixture_inverse.block_sizes = gpu_tiles
     try:
         programs = mixture_inverse.num_programs(n, logits.shape[-1])
         steps = torch.zeros(programs, dtype=torch.int32, device=device)
         back, _ = mixture_inverse.mixture_cdf_inverse_fwd(
             y, *params, kind, benchmark.OUTPUT, MAX_STEPS, steps_out=steps)
     finally:
-        mixture_inverse.block_sizes = saved
+        mixture_cdf.block_sizes = mixture_inverse.block_sizes = saved
     err = ((back - x).abs() / (1 + x.abs())).max().item()
     return steps.cpu(), err
 

@@ -25,6 +25,19 @@ OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
 # Device helpers shared by the forward, inverse and backward kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _load_rows(ptrs, mask):
+    """tl.load of a [BLOCK_N, BLOCK_K] tile through a flat [BLOCK_K * BLOCK_N] view, index
+    k * BLOCK_N + n: the load then gives consecutive elements to consecutive threads and each
+    thread all of an element's components, so the reductions over K stay in one thread."""
+    BN: tl.constexpr = ptrs.shape[0]
+    BK: tl.constexpr = ptrs.shape[1]
+    flat_p = tl.reshape(tl.trans(ptrs), (BN * BK,))
+    flat_m = tl.reshape(tl.trans(mask), (BN * BK,))
+    v = tl.load(flat_p, mask=flat_m, other=0.0)
+    return tl.trans(tl.reshape(v, (BK, BN)))
+
+
+@triton.jit
 def _load_mixture(
     logit_ptr, loc_ptr, log_scale_ptr,
     s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
@@ -46,18 +59,18 @@ def _load_mixture(
     mask = mask_n[:, None] & mask_k[None, :]
     if DENSE:
         off = offs_n[:, None] * BLOCK_K + offs_k[None, :]
-        off_l = off
-        off_m = off
-        off_s = off
+        logit = tl.load(logit_ptr + off, mask=mask, other=0.0).to(CDT)
+        loc = tl.load(loc_ptr + off, mask=mask, other=0.0).to(CDT)
+        log_scale = tl.load(log_scale_ptr + off, mask=mask, other=0.0).to(CDT)
     else:
         row = offs_n // C
         col = offs_n - row * C
         off_l = (row * s_lr + col * s_lc)[:, None] + (offs_k * s_lk)[None, :]
         off_m = (row * s_mr + col * s_mc)[:, None] + (offs_k * s_mk)[None, :]
         off_s = (row * s_sr + col * s_sc)[:, None] + (offs_k * s_sk)[None, :]
-    logit = tl.load(logit_ptr + off_l, mask=mask, other=0.0).to(CDT)
-    loc = tl.load(loc_ptr + off_m, mask=mask, other=0.0).to(CDT)
-    log_scale = tl.load(log_scale_ptr + off_s, mask=mask, other=0.0).to(CDT)
+        logit = _load_rows(logit_ptr + off_l, mask).to(CDT)
+        loc = _load_rows(loc_ptr + off_m, mask).to(CDT)
+        log_scale = _load_rows(log_scale_ptr + off_s, mask).to(CDT)
     logit = tl.where(mask_k[None, :], logit, -float("inf"))
     m, s = lse_parts(logit)
     log_pi = (logit - m[:, None]) - s[:, None]
@@ -353,6 +366,18 @@ def dense(views, block_k: int) -> bool:
     return views[0].shape[-1] == block_k and all(v.is_contiguous() for v in views)
 
 
+def tile(views, launch: dict) -> tuple[int, int, bool]:
+    """(BLOCK_N, BLOCK_K, DENSE) of a launch with ``launch``'s lanes and warps. Off the DENSE
+    path a thread holds whole elements (``_load_rows``), so a tile has at least one element
+    per thread: fewer would split an element's components over warps."""
+    K = views[0].shape[-1]
+    block_n, block_k = block_sizes(K, launch["lanes"])
+    is_dense = dense(views, block_k)
+    if not is_dense:
+        block_n = max(block_n, 32 * launch["num_warps"])
+    return block_n, block_k, is_dense
+
+
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     """Launch the forward: (y, lad) in x's dtype; y is None for output "density"."""
     K = logits.shape[-1]
@@ -362,12 +387,12 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     if N == 0:
         return y, lad
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    block_n, block_k = block_sizes(K)
+    block_n, block_k, is_dense = tile(views, LAUNCH)
     _mixture_cdf_fwd_kernel[(triton.cdiv(N, block_n),)](
         x_flat, *views, lad if y is None else y, lad,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        DENSE=dense(views, block_k),
+        DENSE=is_dense,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return y, lad
@@ -390,12 +415,12 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
     gl = flat(grad_lad)
     gy = gl if grad_y is None else flat(grad_y)
-    block_n, block_k = block_sizes(K)
+    block_n, block_k, is_dense = tile(views, LAUNCH)
     _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
         gy, gl, x_flat, *views, g_x, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        DENSE=dense(views, block_k),
+        DENSE=is_dense,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_x, *g_params]

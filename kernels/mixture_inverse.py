@@ -29,9 +29,9 @@ from .mixture_cdf import (
     _vjp_terms,
     alloc_grads,
     block_sizes,
-    dense,
     flat,
     param_views,
+    tile,
 )
 
 # Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
@@ -272,7 +272,7 @@ def mixture_cdf_inverse_fwd(
     if N == 0:
         return x, lad
     y_flat, _, cols, views, strides = param_views(y, logits, loc, log_scale)
-    block_n, block_k = block_sizes(K, LAUNCH["lanes"])
+    block_n, block_k, is_dense = tile(views, LAUNCH)
     grid = triton.cdiv(N, block_n)
     if steps_out is not None and steps_out.numel() < grid:
         raise ValueError(f"steps_out needs {grid} entries, has {steps_out.numel()}")
@@ -280,16 +280,20 @@ def mixture_cdf_inverse_fwd(
         y_flat, *views, x, lad, x if steps_out is None else steps_out,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(y.dtype),
-        DENSE=dense(views, block_k),
+        DENSE=is_dense,
         MAX_STEPS=max_steps, COUNT=steps_out is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return x, lad
 
 
-def num_programs(n: int, K: int) -> int:
-    """Programs (tiles) the inverse launches for n elements with K components."""
-    return triton.cdiv(n, block_sizes(K, LAUNCH["lanes"])[0])
+def num_programs(n: int, K: int, dense: bool = True) -> int:
+    """Programs (tiles) the inverse launches for n elements with K components, on the DENSE
+    path (contiguous parameters, K a power of two) or off it."""
+    block_n, block_k = block_sizes(K, LAUNCH["lanes"])
+    if not (dense and block_k == K):
+        block_n = max(block_n, 32 * LAUNCH["num_warps"])
+    return triton.cdiv(n, block_n)
 
 
 def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
@@ -300,12 +304,12 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     if N == 0:
         return [g_y, *g_params]
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    block_n, block_k = block_sizes(K, LAUNCH["lanes"])
+    block_n, block_k, is_dense = tile(views, LAUNCH)
     _mixture_cdf_inverse_bwd_kernel[(triton.cdiv(N, block_n),)](
         flat(grad_x), flat(grad_lad), x_flat, *views, g_y, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        DENSE=dense(views, block_k),
+        DENSE=is_dense,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_y, *g_params]
