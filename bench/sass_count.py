@@ -8,7 +8,10 @@ that count per element, and the special-function (MUFU) instructions per element
 time, not a measurement: the elementwise kernels are instruction-bound on an H200 (see
 bench/TUNING.md), so fewer instructions per element is the direction to go.
 
-    python bench/sass_count.py [--arch 90] [--lanes 1024] [--warps 4] [--sass DIR]
+    python bench/sass_count.py [--arch 90] [--lanes 1024] [--warps 4] [--sass DIR] [--flows]
+
+``--flows`` adds the forward and backward on the flows' parameters: slices of a MADE output
+of shape (64, 784, 3K) with K = 10 (W4/W5's sizes), which take the kernels' general path.
 
 TRITON_INTERPRET must be unset.
 """
@@ -23,22 +26,8 @@ from fastflow import compile_check
 from fastflow.benchmark import K_OPS, OUTPUT, op_inputs
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--lanes", type=int, default=None, help="override LAUNCH['lanes']")
-    parser.add_argument("--warps", type=int, default=None, help="override LAUNCH['num_warps']")
-    parser.add_argument("--sass", default=None, help="keep the SASS files in this folder")
-    args = parser.parse_args(argv)
-    for table in (mixture_cdf.LAUNCH, mixture_inverse.LAUNCH):
-        if args.lanes:
-            table["lanes"] = args.lanes
-        if args.warps:
-            table["num_warps"] = args.warps
-    x, logits, loc, log_scale = op_inputs(1 << 14, torch.device("cpu"))
-    params = (logits, loc, log_scale)
-    sass_dir = args.sass or tempfile.mkdtemp(prefix="fastflow-sass-")
-    print(f"sm_{args.arch}, K = {K_OPS}, output {OUTPUT!r}, fp32, contiguous parameters\n")
+def _table(arch, sass_dir, x, params, inverse: bool):
+    """Compile the launches of both kinds for x and params; print a row per kernel."""
     print("| kernel | kind | registers | instructions / thread | per element | MUFU / element |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind in mixture_cdf.KINDS:
@@ -46,9 +35,10 @@ def main(argv=None):
         with compile_check.recording(specs):
             mixture_cdf.mixture_cdf_fwd(x, *params, kind, OUTPUT)
             mixture_cdf.mixture_cdf_bwd(x, x, x, *params, kind, OUTPUT)
-            mixture_inverse.mixture_cdf_inverse_fwd(x, *params, kind, OUTPUT, 44)
+            if inverse:
+                mixture_inverse.mixture_cdf_inverse_fwd(x, *params, kind, OUTPUT, 44)
         for spec in specs:
-            r = compile_check.compile_spec(spec, args.arch, sass_dir)
+            r = compile_check.compile_spec(spec, arch, sass_dir)
             if not r["ok"]:
                 raise SystemExit(f"{spec.name()} did not compile:\n{r['error']}")
             threads = 32 * dict(spec.options)["num_warps"]
@@ -56,6 +46,32 @@ def main(argv=None):
             mufu = r["ops"].get("MUFU", 0)
             print(f"| {spec.kernel} | {kind} | {r['registers']} | {r['instructions']} | "
                   f"{r['instructions'] * per:.0f} | {mufu * per:.0f} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--lanes", type=int, default=None, help="override LAUNCH['lanes']")
+    parser.add_argument("--warps", type=int, default=None, help="override LAUNCH['num_warps']")
+    parser.add_argument("--sass", default=None, help="keep the SASS files in this folder")
+    parser.add_argument("--flows", action="store_true",
+                        help="also the flows' parameter slices (general path, K = 10)")
+    args = parser.parse_args(argv)
+    for table in (mixture_cdf.LAUNCH, mixture_inverse.LAUNCH):
+        if args.lanes:
+            table["lanes"] = args.lanes
+        if args.warps:
+            table["num_warps"] = args.warps
+    x, logits, loc, log_scale = op_inputs(1 << 14, torch.device("cpu"))
+    sass_dir = args.sass or tempfile.mkdtemp(prefix="fastflow-sass-")
+    print(f"sm_{args.arch}, K = {K_OPS}, output {OUTPUT!r}, fp32, contiguous parameters\n")
+    _table(args.arch, sass_dir, x, (logits, loc, log_scale), inverse=True)
+    if args.flows:
+        out = torch.randn(64, 784, 30)
+        slices = (out[..., :10], out[..., 10:20], out[..., 20:])
+        print(f"\nsm_{args.arch}, K = 10, output {OUTPUT!r}, fp32, slices of a (64, 784, 30) "
+              "MADE output\n")
+        _table(args.arch, sass_dir, torch.randn(64, 784), slices, inverse=False)
     print(f"\nSASS in {sass_dir}")
 
 
