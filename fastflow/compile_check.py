@@ -140,9 +140,10 @@ def _cdf_launches(record):
     from .kernels import mixture_cdf as m
     from .kernels import mixture_inverse as inv
 
-    for kind, output, dtype in itertools.product(m.KINDS, m.OUTPUTS, FLOAT_DTYPES):
-        x, params = _mixture(dtype)
-        label = f"{kind}/{output}/{dtype}"
+    # K = 3 takes the kernels' general path, K = 4 (contiguous, a power of two) DENSE
+    for kind, output, dtype, K in itertools.product(m.KINDS, m.OUTPUTS, FLOAT_DTYPES, (3, 4)):
+        x, params = _mixture(dtype, K)
+        label = f"{kind}/{output}/{dtype}/K={K}"
         with record(f"mixture_cdf {label}"):
             m.mixture_cdf_fwd(x, *params, kind, output)
             m.mixture_cdf_bwd(x, x, x, *params, kind, output)
@@ -150,7 +151,7 @@ def _cdf_launches(record):
             continue
         with record(f"inverse {label}"):
             inv.mixture_cdf_inverse_fwd(x, *params, kind, output, MAX_STEPS)
-            steps = torch.zeros(inv.num_programs(x.numel(), 3), dtype=torch.int32)
+            steps = torch.zeros(inv.num_programs(x.numel(), K), dtype=torch.int32)
             inv.mixture_cdf_inverse_fwd(x, *params, kind, output, MAX_STEPS, steps_out=steps)
             inv.mixture_cdf_inverse_bwd(x, x, x, *params, kind, output)
 
