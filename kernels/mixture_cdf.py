@@ -370,12 +370,15 @@ def tile(views, launch: dict) -> tuple[int, int, bool]:
     """(BLOCK_N, BLOCK_K, DENSE) of a launch with ``launch``'s lanes and warps. Off the DENSE
     path a thread holds whole elements (``_load_rows``), so a tile has at least one element
     per thread: fewer would split an element's components over warps."""
-    K = views[0].shape[-1]
-    block_n, block_k = block_sizes(K, launch["lanes"])
+    block_k = block_sizes(views[0].shape[-1], launch["lanes"])[1]
     is_dense = dense(views, block_k)
-    if not is_dense:
-        block_n = max(block_n, 32 * launch["num_warps"])
-    return block_n, block_k, is_dense
+    return tile_rows(views[0].shape[-1], launch, is_dense), block_k, is_dense
+
+
+def tile_rows(K: int, launch: dict, is_dense: bool) -> int:
+    """BLOCK_N of a launch (see :func:`tile`)."""
+    block_n = block_sizes(K, launch["lanes"])[0]
+    return block_n if is_dense else max(block_n, 32 * launch["num_warps"])
 
 
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):

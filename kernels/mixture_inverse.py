@@ -32,6 +32,7 @@ from .mixture_cdf import (
     flat,
     param_views,
     tile,
+    tile_rows,
 )
 
 # Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
@@ -290,10 +291,8 @@ def mixture_cdf_inverse_fwd(
 def num_programs(n: int, K: int, dense: bool = True) -> int:
     """Programs (tiles) the inverse launches for n elements with K components, on the DENSE
     path (contiguous parameters, K a power of two) or off it."""
-    block_n, block_k = block_sizes(K, LAUNCH["lanes"])
-    if not (dense and block_k == K):
-        block_n = max(block_n, 32 * LAUNCH["num_warps"])
-    return triton.cdiv(n, block_n)
+    is_dense = dense and block_sizes(K, LAUNCH["lanes"])[1] == K
+    return triton.cdiv(n, tile_rows(K, LAUNCH, is_dense))
 
 
 def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
