@@ -174,11 +174,13 @@ def main(argv=None) -> int:
               ("log_prob", log_prob), device, max(2, args.repeat // 2), out, max_err)
 
     if "W4" in only:
-        routes = [{"linear": "dense", "head": "dense"}, {"linear": "kernel", "head": "dense"},
-                  {"linear": "dense", "head": "kernel"}, {"linear": "kernel", "head": "kernel"}]
+        routes = [{"linear": "dense", "head": "dense"}, {"linear": "blocks", "head": "blocks"},
+                  {"linear": "dense", "head": "blocks"}, {"linear": "blocks", "head": "dense"},
+                  {"linear": "kernel", "head": "dense"}, {"linear": "dense", "head": "kernel"}]
+        table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
 
         sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",
-              made_nn.GPU_ROUTE, routes, lambda: log_prob, ("reference", eager), device,
+              table, routes, lambda: log_prob, ("reference", eager), device,
               args.repeat, out, max_err)
         D4, hidden4, K4, batch4, _ = benchmark.FLOW_SIZES[args.size]
         model4 = benchmark.flow_model(D4, hidden4, K4, device)
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
         train_ref = benchmark._train_step(lambda: -model4r.log_prob(x4).mean(),
                                           model4r.parameters())
         sweep(f"W4 training step by MADE route, batch {batch4} (baseline: the reference)",
-              made_nn.GPU_ROUTE, routes, step4, ("reference", eager4), device, args.repeat, out)
+              table, routes, step4, ("reference", eager4), device, args.repeat, out)
     if "W4tiles" in only:
         configs = [{"linear_blocks": (64, 64, 64), "linear_warps": 4},
                    {"linear_blocks": (128, 64, 32), "linear_warps": 4},

@@ -11,49 +11,94 @@ kept sorted by degree, which makes every mask block-triangular.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from .._registry import backend_for
 from ..functional import masked_linear
 from ..reference import made as reference_made
+from ._blocked import PrefixLinear, plan_blocks, prefix_limits
 
-# How MADE's products run on a CUDA device. "dense": cuBLAS with the masked weight (twice the
-# multiply-adds of the mask's nonzeros, on the library's fastest path); "kernel": fastflow's
+# How MADE's products run: "dense", one library GEMM with the masked weight (twice the
+# multiply-adds of the mask's nonzeros); "blocks", a few library GEMMs over row blocks of the
+# degree-sorted masks, each reading only the columns its rows can see (fastflow/nn/_blocked.py;
+# dense where a mask is not of that form, e.g. a random input order); "kernel", fastflow's
 # masked-linear and fused-head kernels, which skip the mask's zero tiles but whose fp32 tl.dot
 # runs on CUDA cores (IEEE fp32; tensor cores only with TF32 allowed or in half precision).
-# Measured on an H200 (bench/TUNING.md): the fused head made the density 3x slower than the
-# dense reference at D = 784, K = 10, batch 4096, so "dense" is the default for both.
+# "linear" is the hidden layers, "head" the output layer (with "kernel", fused with the
+# mixture CDF). Measured on an H200 (bench/TUNING.md): the fused head made the density 3x
+# slower than the dense route at D = 784, K = 10, batch 4096, so a GPU takes "dense" for both
+# until "blocks" is measured there; on a CPU "blocks" is measured faster (bench/TUNING.md).
+# FASTFLOW_BACKEND=reference always takes "dense": the plain model, the tests' oracle.
 GPU_ROUTE = {"linear": "dense", "head": "dense"}
+CPU_ROUTE = {"linear": "blocks", "head": "blocks"}
 
 
-def dense_on_gpu(x: torch.Tensor, part: str) -> bool:
-    """Whether MADE's ``part`` ("linear" or "head") takes the cuBLAS route for x."""
-    return x.is_cuda and GPU_ROUTE[part] == "dense"
+def route(x: torch.Tensor, part: str) -> str:
+    """How MADE's ``part`` ("linear" or "head") runs for x: "dense", "blocks" or "kernel"."""
+    backend = backend_for(x)  # validates FASTFLOW_BACKEND
+    if os.environ.get("FASTFLOW_BACKEND", "auto").lower() == "reference":
+        return "dense"
+    if x.is_cuda:
+        return GPU_ROUTE[part]
+    return "kernel" if backend == "triton" else CPU_ROUTE[part]
 
 
 class MaskedLinear(nn.Linear):
     """``y = x @ (W * mask).T + b`` with a fixed 0/1 mask of shape (out_features, in_features).
 
-    Runs :func:`fastflow.masked_linear` (the mask applied in-kernel, all-zero mask tiles
-    skipped), except on a CUDA device while ``GPU_ROUTE["linear"]`` is "dense": there the
-    product is one cuBLAS call with the masked weight.
+    Runs as :func:`route` says for its ``role`` ("linear" or "head"): one library GEMM with
+    the masked weight ("dense"), a few over row blocks of a prefix mask ("blocks": see
+    ``fastflow/nn/_blocked.py``; dense for any other mask), or :func:`fastflow.masked_linear`
+    ("kernel": the mask applied in-kernel, all-zero mask tiles skipped).
     """
 
-    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True,
+                 role: str = "linear"):
         super().__init__(in_features, out_features, bias=bias)
         if mask.shape != (out_features, in_features):
             raise ValueError(
                 f"mask must have shape (out_features, in_features) = "
                 f"{(out_features, in_features)}, got {tuple(mask.shape)}"
             )
+        if role not in GPU_ROUTE:
+            raise ValueError(f"role must be one of {tuple(GPU_ROUTE)}, got {role!r}")
+        self.role = role
         self.register_buffer("mask", mask.to(self.weight.dtype))
+        self._plan = None  # (the mask's identity, its row blocks or None)
+
+    def blocks(self) -> tuple[tuple[int, int, int], ...] | None:
+        """The row blocks (first row, end row, columns read) of the current mask, None if it
+        is not a sorted prefix mask; planned again whenever the mask is replaced, moved or
+        written to."""
+        m = self.mask
+        key = (m.data_ptr(), m._version, m.device, m.shape)
+        if self._plan is None or self._plan[0] != key:
+            limits = prefix_limits(m)
+            self._plan = (key, None if limits is None else plan_blocks(limits, m.shape[1]))
+        return self._plan[1]
 
     def forward(self, x: torch.Tensor, activation: str = "identity") -> torch.Tensor:
-        if dense_on_gpu(x, "linear"):
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return reference_made.masked_linear_fwd(x, self.weight.to(x.dtype),
-                                                    self.mask.to(x.dtype), bias, activation)
-        return masked_linear(x, self.weight, self.mask, self.bias, activation=activation)
+        how = route(x, self.role)
+        if how == "kernel":
+            return masked_linear(x, self.weight, self.mask, self.bias, activation=activation)
+        if activation not in ("identity", "relu"):
+            raise ValueError(f"activation must be 'identity' or 'relu', got {activation!r}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
+        weight = self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        mask = self.mask.to(x.dtype)
+        # Under torch.compile the plan's Python bookkeeping is not traceable: dense there.
+        blocks = (self.blocks() if how == "blocks" and not torch.compiler.is_compiling()
+                  else None)
+        if blocks is None:
+            return reference_made.masked_linear_fwd(x, weight, mask, bias, activation)
+        flat = x.reshape(-1, self.in_features)
+        y = PrefixLinear.apply(flat, weight, mask, bias, blocks, activation == "relu")
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def _input_degrees(features: int, order, generator) -> torch.Tensor:
@@ -138,7 +183,7 @@ class MADE(nn.Module):
                              (degrees[-1][None, :] < d_in[:, None]).sum(1).to(torch.int32))
         d_out = d_in.repeat_interleave(out_multiplier)
         self.output = MaskedLinear(hidden[-1], features * out_multiplier,
-                                   d_out[:, None] > degrees[-1][None, :])
+                                   d_out[:, None] > degrees[-1][None, :], role="head")
         self.context = None
         if context_features is not None:
             # Every hidden layer and the output layer: the first dimension in the order sees no

@@ -21,7 +21,7 @@ from ..functional import (
     mixture_cdf_inverse,
 )
 from ..reference.autoregressive import autoregressive_solve as reference_solve
-from .made import MADE, check_context, dense_on_gpu
+from .made import MADE, check_context, route
 
 
 class Transform(nn.Module):
@@ -154,7 +154,7 @@ class AutoregressiveMixtureFlow(Transform):
 
     def _one_pass(self, inputs, values, context, invert: bool):
         if (not invert and context is None and backend_for(values) == "triton"
-                and not dense_on_gpu(values, "head")):
+                and route(values, "head") == "kernel"):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         if invert:

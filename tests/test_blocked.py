@@ -1,0 +1,168 @@
+"""MADE's "blocks" route: prefix masks as a few dense products (fastflow/nn/_blocked.py),
+against the dense masked product and autograd, and how MADE picks and refreshes its blocks."""
+
+import pytest
+import torch
+
+from fastflow.nn import MADE, AutoregressiveMixtureFlow
+from fastflow.nn import _blocked as blocked
+from fastflow.nn import made as made_nn
+
+
+def _prefix_mask(limits, k):
+    return (torch.arange(k)[None, :] < torch.as_tensor(limits)[:, None]).double()
+
+
+def _dense(x, weight, mask, bias, relu):
+    y = torch.nn.functional.linear(x, weight * mask, bias)
+    return torch.relu(y) if relu else y
+
+
+LIMIT_CASES = {
+    # rows x columns, with the first rows seeing nothing (a MADE head's first dimension)
+    "ramp-with-empty-rows": ([0] * 5 + list(range(1, 38)) + [37] * 3, 40),
+    "steps": ([3] * 9 + [17] * 20 + [33] * 11, 33),
+    "full": ([24] * 30, 24),
+    "one-row": ([5], 7),
+}
+
+
+@pytest.mark.parametrize("counts", [(1,), (2,), (4,), (16,)], ids=lambda c: f"G{c[0]}")
+@pytest.mark.parametrize("case", list(LIMIT_CASES))
+@pytest.mark.parametrize("relu", [False, True], ids=["identity", "relu"])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
+def test_prefix_linear_matches_the_dense_product_and_its_gradients(case, counts, relu, has_bias,
+                                                                   monkeypatch):
+    monkeypatch.setattr(blocked, "BLOCK_COUNTS", counts)
+    limits, k = LIMIT_CASES[case]
+    mask = _prefix_mask(limits, k)
+    n = mask.shape[0]
+    x = torch.randn(11, k, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n, dtype=torch.float64, requires_grad=True) if has_bias else None
+    blocks = blocked.plan_blocks(blocked.prefix_limits(mask), k)
+    assert len(blocks) <= counts[0]
+    assert (len(blocks) > 1) == (counts[0] > 1 and n >= 2 * blocked.ALIGN)
+    y = blocked.PrefixLinear.apply(x, weight, mask, bias, blocks, relu)
+    y_ref = _dense(x, weight, mask, bias, relu)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    got = torch.autograd.grad(y, leaves, g)
+    want = torch.autograd.grad(y_ref, leaves, g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert (got[1][mask == 0] == 0).all()  # no gradient leaks onto masked weights
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["identity", "relu"])
+def test_prefix_linear_gradients_match_finite_differences(relu, monkeypatch):
+    monkeypatch.setattr(blocked, "BLOCK_COUNTS", (4,))
+    limits = [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7]
+    mask = _prefix_mask(limits, 7)
+    blocks = blocked.plan_blocks(blocked.prefix_limits(mask), 7)
+    assert len(blocks) == 3
+    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+            for s in ((4, 7), (24, 7), (24,))]
+    torch.autograd.gradcheck(
+        lambda x, w, b: blocked.PrefixLinear.apply(x, w, mask, b, blocks, relu), args)
+
+
+def test_prefix_limits_accepts_only_sorted_prefix_masks():
+    mask = _prefix_mask([0, 2, 2, 5], 6)
+    assert blocked.prefix_limits(mask).tolist() == [0, 2, 2, 5]
+    assert blocked.prefix_limits(mask.flip(0)) is None        # limits decrease
+    assert blocked.prefix_limits(mask.flip(1)) is None        # suffix, not prefix
+    holed = mask.clone()
+    holed[3, 1] = 0
+    assert blocked.prefix_limits(holed) is None
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (40, 40), (1000, 300), (23520, 1024)])
+def test_plan_blocks_cover_every_row_with_enough_columns(n, k):
+    limits = torch.linspace(0, k, n).floor().long().clamp(max=k)
+    blocks = blocked.plan_blocks(limits, k)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    for (r0, r1, L), nxt in zip(blocks, blocks[1:] + ((n, n, k),), strict=True):
+        assert r0 < r1 == nxt[0]
+        assert int(limits[r0:r1].max()) <= L <= k
+    work = sum((r1 - r0) * L for r0, r1, L in blocks)
+    assert work <= n * k
+    if n * k >= 1000 * 300:  # a large ramp is cut: about half the dense product's work
+        assert work < 0.7 * n * k
+
+
+def _made_cases():
+    return {
+        "natural": dict(order="natural"),
+        "random-degrees": dict(hidden_degrees="random", seed=4),
+        "random-order": dict(order="random", seed=3),      # first layer and head: dense
+        "residual": dict(residual=True),
+        "context": dict(context_features=2),
+    }
+
+
+@pytest.mark.parametrize("case", list(_made_cases()))
+def test_made_blocks_route_matches_the_dense_route(case, monkeypatch):
+    made = MADE(9, [24, 24], out_multiplier=6, **_made_cases()[case]).double()
+    x = torch.randn(13, 9, dtype=torch.float64, requires_grad=True)
+    ctx = torch.randn(13, 2, dtype=torch.float64) if case == "context" else None
+
+    def run(how):
+        monkeypatch.setitem(made_nn.CPU_ROUTE, "linear", how)
+        monkeypatch.setitem(made_nn.CPU_ROUTE, "head", how)
+        out = made(x, ctx)
+        g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return out, torch.autograd.grad(out, [x, *made.parameters()], g)
+
+    out_b, grads_b = run("blocks")
+    out_d, grads_d = run("dense")
+    torch.testing.assert_close(out_b, out_d)
+    for a, b in zip(grads_b, grads_d, strict=True):
+        torch.testing.assert_close(a, b)
+    layers = [*made.layers, made.output]
+    blocked_layers = [layer.blocks() is not None for layer in layers]
+    if case == "random-order":
+        assert blocked_layers == [False, True, False]
+    else:
+        assert all(blocked_layers)
+
+
+def test_made_replans_when_its_masks_change():
+    """Blocks come from the mask in the module now: loading another model's masks (other
+    hidden degrees) must not reuse the blocks planned for the old ones."""
+    a = MADE(8, [32], out_multiplier=3, hidden_degrees="random", seed=1)
+    b = MADE(8, [32], out_multiplier=3, hidden_degrees="random", seed=2)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        b(x)
+        before = [layer.blocks() for layer in (*b.layers, b.output)]
+        b.load_state_dict(a.state_dict())
+        assert [layer.blocks() for layer in (*b.layers, b.output)] != before
+        torch.testing.assert_close(b(x), a(x))
+
+
+def test_reference_backend_and_compile_take_the_dense_route(monkeypatch):
+    """FASTFLOW_BACKEND=reference is the plain model (the oracle, the benchmarks' eager
+    baseline); torch.compile traces the dense route without a graph break."""
+    x = torch.randn(4, 3)
+    assert made_nn.route(x, "linear") == made_nn.CPU_ROUTE["linear"]
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    assert made_nn.route(x, "linear") == made_nn.route(x, "head") == "dense"
+    monkeypatch.delenv("FASTFLOW_BACKEND")
+    flow = AutoregressiveMixtureFlow(6, 3, [16, 16], output="logit", seed=0)
+    x = torch.randn(10, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: flow(v)[1], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), flow(x)[1])
+
+
+def test_masked_linear_role_and_input_are_checked():
+    mask = _prefix_mask([1, 2], 3)
+    with pytest.raises(ValueError, match="role must be one of"):
+        made_nn.MaskedLinear(3, 2, mask, role="output")
+    layer = made_nn.MaskedLinear(3, 2, mask)
+    with pytest.raises(ValueError, match="x must end in 3 features"):
+        layer(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="activation must be"):
+        layer(torch.randn(4, 3), activation="tanh")
