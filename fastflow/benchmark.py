@@ -352,6 +352,8 @@ def w5(size, device, skipped: list[str]) -> list[Variant]:
         return run
 
     out = [Variant("fastflow-log_prob", no_grad(lambda: model.log_prob(x))),
+           Variant("torch-eager-log_prob", no_grad(lambda: model.log_prob(x)),
+                   backend="reference", note="the same model in plain PyTorch"),
            Variant("fastflow-sample", no_grad(lambda: model.sample(batch)),
                    note="one pass (one kernel launch on a GPU)"),
            Variant("fastflow-sample-d-pass", no_grad(lambda: d_pass.sample(batch)), slow=True,
@@ -444,6 +446,8 @@ def ratios(results: list[Result]) -> list[tuple[str, str, float]]:
     if ("W1", "fastflow") in g and ("W1", "copy") in g:
         out.append(("W1", "bandwidth / copy bandwidth", g[("W1", "fastflow")] / g[("W1", "copy")]))
     add("W3", "inverse time / W1 time", ("W3", "fastflow"), ("W1", "fastflow"))
+    add("W5", "log_prob speedup vs torch eager", ("W5", "torch-eager-log_prob"),
+        ("W5", "fastflow-log_prob"))
     add("W5", "fastflow sample / log_prob (lower is better)", ("W5", "fastflow-sample"),
         ("W5", "fastflow-log_prob"))
     add("W5", "sample speedup vs D-pass sampling", ("W5", "fastflow-sample-d-pass"),

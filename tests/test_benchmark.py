@@ -15,6 +15,7 @@ def test_ratios_from_one_run():
            Result("W1", "copy", "tiny", 1.0, 1.0, gbps=100.0),
            Result("W3", "fastflow", "tiny", 5.0, 5.0),
            Result("W5", "fastflow-log_prob", "tiny", 4.0, 4.0),
+           Result("W5", "torch-eager-log_prob", "tiny", 6.0, 6.0),
            Result("W5", "fastflow-sample", "tiny", 10.0, 10.0),
            Result("W5", "zuko-maf-sample", "tiny", 300.0, 300.0)]
     got = {(w, c): r for w, c, r in ratios(res)}
@@ -22,6 +23,7 @@ def test_ratios_from_one_run():
     assert got[("W1", "bandwidth / copy bandwidth")] == pytest.approx(0.5)
     assert got[("W3", "inverse time / W1 time")] == pytest.approx(2.5)
     assert got[("W5", "fastflow sample / log_prob (lower is better)")] == pytest.approx(2.5)
+    assert got[("W5", "log_prob speedup vs torch eager")] == pytest.approx(1.5)
     assert got[("W5", "sample speedup vs zuko-maf sampling")] == pytest.approx(30.0)
     assert ("W1", "speedup vs torch.compile") not in got  # not measured: not invented
 
@@ -36,7 +38,8 @@ def test_tiny_run_writes_csv_markdown_and_plot(tmp_path, capsys):
     variants = {(r["workload"], r["variant"]) for r in rows}
     for want in [("W1", "fastflow"), ("W1", "torch-compile"), ("W1", "copy"),
                  ("W3", "torch-eager"), ("W4", "torch-compile"), ("W5", "fastflow-sample"),
-                 ("W5", "fastflow-sample-d-pass"), ("W4", "zuko-maf"), ("W4", "nflows-maf"),
+                 ("W5", "torch-eager-log_prob"), ("W5", "fastflow-sample-d-pass"),
+                 ("W4", "zuko-maf"), ("W4", "nflows-maf"),
                  ("W5", "zuko-maf-sample"), ("W5", "nflows-maf-sample")]:
         assert want in variants
     assert all(float(r["min_ms"]) > 0 for r in rows)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import torch
 
-# Block counts tried for a layer, and the cost of one more product, as a fraction of the dense
-# product's multiply-adds (a launch and a smaller GEMM's lower efficiency; bench/TUNING.md).
+# Block counts tried for a layer, and what the plan's cost model charges: one more product
+# costs BLOCK_OVERHEAD of the dense product's multiply-adds, and a block reading fewer than
+# MIN_COLUMNS columns costs as much as one reading that many (narrow GEMMs run below the
+# library's rate). Fitted to CPU timings of MADE layers (bench/TUNING.md).
 BLOCK_COUNTS = (1, 2, 4, 8, 16)
-BLOCK_OVERHEAD = 0.01
+BLOCK_OVERHEAD = 0.03
+MIN_COLUMNS = 64
 # Rows and columns of a block are cut at multiples of this (vector-friendly leading sizes).
 ALIGN = 8
 
@@ -39,21 +42,24 @@ def _align_up(n: int, cap: int) -> int:
     return min(cap, -(-n // ALIGN) * ALIGN)
 
 
-def plan_blocks(limits: torch.Tensor, in_features: int) -> tuple[tuple[int, int, int], ...]:
+def plan_blocks(limits: torch.Tensor, in_features: int) -> tuple[tuple[int, int, int], ...] | None:
     """Row blocks (r0, r1, L) covering every row, each reading columns [0, L): the candidate
-    split (equal rows, cut at multiples of ALIGN) with the least modelled cost."""
+    split (equal rows, cut at multiples of ALIGN) with the least modelled cost; None when that
+    is the dense product itself (one block reading every column)."""
     n, k = limits.numel(), in_features
+    floor = min(k, MIN_COLUMNS)
     best, best_cost = None, float("inf")
     for g in BLOCK_COUNTS:
         cuts = sorted({min(n, (round(i * n / g) // ALIGN) * ALIGN) for i in range(1, g)})
         bounds = [0, *(c for c in cuts if 0 < c < n), n]
         blocks = tuple((r0, r1, _align_up(int(limits[r1 - 1]), k))
                        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=False))
-        products = sum(1 for b in blocks if b[2] > 0)
-        cost = sum((r1 - r0) * L for r0, r1, L in blocks) + BLOCK_OVERHEAD * products * n * k
+        products = [b for b in blocks if b[2] > 0]
+        cost = (sum((r1 - r0) * max(L, floor) for r0, r1, L in products)
+                + BLOCK_OVERHEAD * len(products) * n * k)
         if cost < best_cost:
             best, best_cost = blocks, cost
-    return best
+    return None if best == ((0, n, k),) else best
 
 
 class PrefixLinear(torch.autograd.Function):
