@@ -22,6 +22,7 @@ from fastflow.kernels import mixture_inverse as k_inv
 
 import fastflow
 from fastflow import _registry, benchmark
+from fastflow.nn import _blocked as blocked
 from fastflow.nn import made as made_nn
 
 
@@ -94,12 +95,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="W1,W3,W5,W4", help="comma-separated tables to run")
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     args = p.parse_args(argv)
-    if args.size == "full" and not torch.cuda.is_available():
-        print("tune_gpu.py --size full needs a CUDA device", file=sys.stderr)
+    only = set(args.only.split(","))
+    if args.size == "full" and not torch.cuda.is_available() and only != {"W4"}:
+        # The MADE route tables (W4) also mean something on a CPU; the kernel sweeps do not.
+        print("tune_gpu.py --size full needs a CUDA device (or --only W4)", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fastflow.set_validate_args(False)
-    only = set(args.only.split(","))
     out = open(args.out, "w") if args.out else None
     env = benchmark.environment(device)
     emit([f"# Launch-parameter sweep, {env['date']}", "",
@@ -178,6 +180,8 @@ def main(argv=None) -> int:
                   {"linear": "dense", "head": "blocks"}, {"linear": "blocks", "head": "dense"},
                   {"linear": "kernel", "head": "dense"}, {"linear": "dense", "head": "kernel"}]
         table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
+        if device.type != "cuda":  # no kernel route for CPU tensors
+            routes = [r for r in routes if "kernel" not in r.values()]
 
         sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",
               table, routes, lambda: log_prob, ("reference", eager), device,
@@ -199,6 +203,15 @@ def main(argv=None) -> int:
                                           model4r.parameters())
         sweep(f"W4 training step by MADE route, batch {batch4} (baseline: the reference)",
               table, routes, step4, ("reference", eager4), device, args.repeat, out)
+        # The blocks route's plan: the default cost model, then fixed block counts.
+        plans = [{"counts": (g,), "overhead": 0.0, "min_columns": 0} for g in (2, 4, 8, 16)]
+        with patched(table, linear="blocks", head="blocks"):
+            sweep("W5's log_prob on the blocks route, by plan (baseline: the reference)",
+                  blocked.PLAN, plans, lambda: log_prob, ("reference", eager), device,
+                  args.repeat, out, max_err)
+            sweep(f"W4 training step on the blocks route, by plan, batch {batch4} (baseline: "
+                  "the reference)", blocked.PLAN, plans, step4, ("reference", eager4), device,
+                  args.repeat, out)
     if "W4tiles" in only:
         configs = [{"linear_blocks": (64, 64, 64), "linear_warps": 4},
                    {"linear_blocks": (128, 64, 32), "linear_warps": 4},

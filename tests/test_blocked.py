@@ -15,10 +15,10 @@ def _prefix_mask(limits, k):
 
 def _free_blocks(monkeypatch, counts=None):
     """Blocks cost nothing but their multiply-adds: the plan takes the most blocks offered."""
-    monkeypatch.setattr(blocked, "BLOCK_OVERHEAD", 0.0)
-    monkeypatch.setattr(blocked, "MIN_COLUMNS", 0)
+    monkeypatch.setitem(blocked.PLAN, "overhead", 0.0)
+    monkeypatch.setitem(blocked.PLAN, "min_columns", 0)
     if counts is not None:
-        monkeypatch.setattr(blocked, "BLOCK_COUNTS", counts)
+        monkeypatch.setitem(blocked.PLAN, "counts", counts)
 
 
 def _dense(x, weight, mask, bias, relu):
@@ -153,6 +153,9 @@ def test_made_replans_when_its_masks_change(monkeypatch):
         b.load_state_dict(a.state_dict())
         assert [layer.blocks() for layer in (*b.layers, b.output)] != before
         torch.testing.assert_close(b(x), a(x))
+        planned = b.output.blocks()
+        monkeypatch.setitem(blocked.PLAN, "counts", (2,))
+        assert b.output.blocks() != planned and len(b.output.blocks()) == 2
 
 
 def test_reference_backend_and_compile_take_the_dense_route(monkeypatch):

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import torch
 
-# Block counts tried for a layer, and what the plan's cost model charges: one more product
-# costs BLOCK_OVERHEAD of the dense product's multiply-adds, and a block reading fewer than
-# MIN_COLUMNS columns costs as much as one reading that many (narrow GEMMs run below the
-# library's rate). Fitted to CPU timings of MADE layers (bench/TUNING.md).
-BLOCK_COUNTS = (1, 2, 4, 8, 16)
-BLOCK_OVERHEAD = 0.03
-MIN_COLUMNS = 64
+# The plan's choices and cost model: the block counts tried; one more product costs
+# "overhead" of the dense product's multiply-adds; a block reading fewer than "min_columns"
+# columns costs as much as one reading that many (narrow GEMMs run below the library's rate).
+# Fitted to CPU timings of MADE layers (bench/TUNING.md); bench/tune_gpu.py sweeps it on a GPU.
+PLAN = {"counts": (1, 2, 4, 8, 16), "overhead": 0.03, "min_columns": 64}
 # Rows and columns of a block are cut at multiples of this (vector-friendly leading sizes).
 ALIGN = 8
 
@@ -47,16 +45,16 @@ def plan_blocks(limits: torch.Tensor, in_features: int) -> tuple[tuple[int, int,
     split (equal rows, cut at multiples of ALIGN) with the least modelled cost; None when that
     is the dense product itself (one block reading every column)."""
     n, k = limits.numel(), in_features
-    floor = min(k, MIN_COLUMNS)
+    floor = min(k, PLAN["min_columns"])
     best, best_cost = None, float("inf")
-    for g in BLOCK_COUNTS:
+    for g in PLAN["counts"]:
         cuts = sorted({min(n, (round(i * n / g) // ALIGN) * ALIGN) for i in range(1, g)})
         bounds = [0, *(c for c in cuts if 0 < c < n), n]
         blocks = tuple((r0, r1, _align_up(int(limits[r1 - 1]), k))
                        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=False))
         products = [b for b in blocks if b[2] > 0]
         cost = (sum((r1 - r0) * max(L, floor) for r0, r1, L in products)
-                + BLOCK_OVERHEAD * len(products) * n * k)
+                + PLAN["overhead"] * len(products) * n * k)
         if cost < best_cost:
             best, best_cost = blocks, cost
     return None if best == ((0, n, k),) else best

@@ -19,6 +19,7 @@ from torch import nn
 from .._registry import backend_for
 from ..functional import masked_linear
 from ..reference import made as reference_made
+from . import _blocked as blocked
 from ._blocked import PrefixLinear, plan_blocks, prefix_limits
 
 # How MADE's products run: "dense", one library GEMM with the masked weight (twice the
@@ -70,11 +71,11 @@ class MaskedLinear(nn.Linear):
         self._plan = None  # (the mask's identity, its row blocks or None)
 
     def blocks(self) -> tuple[tuple[int, int, int], ...] | None:
-        """The row blocks (first row, end row, columns read) of the current mask, None if it
-        is not a sorted prefix mask; planned again whenever the mask is replaced, moved or
-        written to."""
+        """The row blocks (first row, end row, columns read) of the current mask; None for the
+        dense product (not a sorted prefix mask, or no cut pays). Planned again whenever the
+        mask is replaced, moved or written to, or ``_blocked.PLAN`` changes."""
         m = self.mask
-        key = (m.data_ptr(), m._version, m.device, m.shape)
+        key = (m.data_ptr(), m._version, m.device, m.shape, tuple(blocked.PLAN.values()))
         if self._plan is None or self._plan[0] != key:
             limits = prefix_limits(m)
             self._plan = (key, None if limits is None else plan_blocks(limits, m.shape[1]))
