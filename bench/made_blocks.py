@@ -36,7 +36,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
-    table.update(linear="blocks", head="blocks")
+    saved = dict(table), dict(blocked.PLAN)
+    try:
+        table.update(linear="blocks", head="blocks")
+        _run(args, device)
+    finally:
+        table.update(saved[0])
+        blocked.PLAN.update(saved[1])
+
+
+def _run(args, device):
     made = MADE(args.features, args.hidden, 3 * args.components, seed=0).to(device)
     layers = [*made.layers, made.output]
     picked = [layer.blocks() for layer in layers]

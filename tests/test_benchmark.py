@@ -84,3 +84,24 @@ def test_inverse_steps_script_counts_tiles():
     assert steps.numel() == 2048 // (LAUNCH["lanes"] // 8)  # the GPU's tiles, K = 8
     assert (steps >= 1).all() and (steps <= 8).all()
     assert err < 1e-5
+
+
+def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
+    """bench/made_blocks.py (TUNING's per-layer table) runs, prints a row per layer and
+    batch, and leaves the route and plan settings as it found them."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastflow.nn import _blocked as blocked
+    from fastflow.nn import made as made_nn
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "made_blocks.py"
+    spec = importlib.util.spec_from_file_location("made_blocks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)
+    module.main(["--features", "6", "--hidden", "16", "16", "--components", "2",
+                 "--batch", "3", "--repeat", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["6 -> 16", "16 -> 16", "16 -> 36"]
+    assert (dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)) == before
