@@ -5,6 +5,8 @@ tl.math.log1p, tl.math.tanh and libdevice) and on Triton 3.6+ GPUs alike. They c
 the dtype of their argument (float32 or float64).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -12,6 +14,69 @@ import triton.language as tl
 # Python floats (a `: tl.constexpr` annotation does not help), and the interpreter does not
 # check. log 2 = 0.6931471805599453, log(2 pi) / 2 = 0.9189385332046727,
 # 1 / sqrt 2 = 0.7071067811865476.
+
+# Whether the kernels are compiled (a GPU) rather than interpreted. Triton decides the same way,
+# from TRITON_INTERPRET when the kernels are defined. Module-level constexprs are allowed.
+COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# Interpreted with FASTFLOW_APPROX_ERRORS=1: fast_exp and sum_log add errors of the size the
+# compiled kernels' hardware approximations are documented to have (and flush as they do), so
+# the accuracy tests check the contract against them on a CPU (tests/test_approx.py).
+EMULATE = tl.constexpr(not COMPILED and os.environ.get("FASTFLOW_APPROX_ERRORS") == "1")
+
+
+@triton.jit
+def _error_sign(v):
+    """+-1, a deterministic pattern over the values: errors that do not cancel on average."""
+    bit = (tl.abs(v) * 8388608.0).to(tl.int64) % 2
+    return tl.where(bit == 0, 1.0, -1.0)
+
+
+@triton.jit
+def fast_exp(d, FAST: tl.constexpr):
+    """exp d where a subnormal result may flush to 0 and a few ulps do not matter: the
+    logsumexps' terms (d <= 0 against a largest term of 1), the responsibilities, exp(-|u|)
+    (which only ever meets 1 + e or a hazard that vanishes with it). Not 1/scale: an error
+    there moves u, and the Gaussian's gradients amplify it past the kernel-vs-reference
+    tolerance (seen with FASTFLOW_APPROX_ERRORS). Compiled float32: one ex2.approx.ftz after
+    the scaling by log2 e (relative error about 2^-22), without tl.exp's steps for subnormal
+    results; elsewhere tl.exp."""
+    if COMPILED and FAST:
+        if d.dtype == tl.float32:
+            r = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
+                                          [d * 1.4426950408889634], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            r = tl.exp(d)
+    else:
+        r = tl.exp(d)
+        if EMULATE and FAST:
+            if d.dtype == tl.float32:
+                # 2^-22 relative, and results below 2^-126 flushed
+                r = tl.where(d < -87.33654475, 0.0, r * (1.0 + 2.384185791015625e-07
+                                                           * _error_sign(d)))
+    return r
+
+
+@triton.jit
+def sum_log(s, FAST: tl.constexpr):
+    """log s for the sums of the logsumexps: s in [1/4, K] (the largest term is at least 1/4),
+    0 for an all -inf row, or NaN. Compiled float32: the hardware's lg2.approx (absolute error
+    below 2^-22 of log2, about 1e-7 here) instead of tl.log's 27-instruction polynomial, which
+    is about a fifth of the forward kernel's instructions; elsewhere tl.log. Not for logarithms
+    whose relative error matters near 1 (log1p, the Gaussian tail)."""
+    if COMPILED and FAST:
+        if s.dtype == tl.float32:
+            r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [s],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            r = r * 0.6931471805599453
+        else:
+            r = tl.log(s)
+    else:
+        r = tl.log(s)
+        if EMULATE and FAST:
+            if s.dtype == tl.float32:
+                r = r + 1.1920928955078125e-07 * _error_sign(s)  # 2^-22 x log 2, and more
+    return r
 
 
 @triton.jit
@@ -107,7 +172,7 @@ def gauss_log_hazard(v):
 
 
 @triton.jit
-def lse_parts(v):
+def lse_parts(v, FAST: tl.constexpr):
     """Row-wise logsumexp of a [BLOCK_N, BLOCK_K] tile as (max, log-sum): lse = m + s.
 
     Kept apart so responsibilities (v - m) - s do not lose digits when m is large.
@@ -115,15 +180,15 @@ def lse_parts(v):
     """
     m = tl.max(v, axis=1)
     m = tl.where(m == -float("inf"), 0.0, m)
-    s = tl.log(tl.sum(tl.exp(v - m[:, None]), axis=1))
+    s = sum_log(tl.sum(fast_exp(v - m[:, None], FAST), axis=1), FAST)
     return m, s
 
 
 @triton.jit
-def weighted_lse_parts(v, w):
+def weighted_lse_parts(v, w, FAST: tl.constexpr):
     """lse_parts of v + log w, for weights w in [1/4, 1] (or the scalar 1.0): the weights
     multiply the exponentials, so no logarithm of them is taken."""
     m = tl.max(v, axis=1)
     m = tl.where(m == -float("inf"), 0.0, m)
-    s = tl.log(tl.sum(tl.exp(v - m[:, None]) * w, axis=1))
+    s = sum_log(tl.sum(fast_exp(v - m[:, None], FAST) * w, axis=1), FAST)
     return m, s

@@ -87,14 +87,14 @@ def _autoregressive_solve_kernel(
         lim = tl.load(table_ptr + L * T1 + t + 1)
         log_pi, loc, log_scale, mask = _head_params(
             scr_ptr + last, s_sb, 1, wo_ptr, H_last, 1, bo_ptr, s_ob, offs_b, mask_b, col, lim,
-            K, CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K,
+            K, CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K, True,
         )
         v = tl.load(v_ptr + offs_b * s_vb + col * s_vd, mask=mask_b, other=0.5).to(CDT)
         if INVERT:
             r, lad, _ = _solve(_target_logit(v, OUTPUT), log_pi, loc, log_scale, mask, mask_b,
-                               KIND, OUTPUT, MAX_STEPS)
+                               KIND, OUTPUT, MAX_STEPS, True)
         else:
-            r, lad = _forward_eval(v, log_pi, loc, log_scale, KIND, OUTPUT)
+            r, lad = _forward_eval(v, log_pi, loc, log_scale, KIND, OUTPUT, True)
         tl.store(scr_ptr + offs_b * s_sb + t, r, mask=mask_b)
         tl.store(r_ptr + offs_b * D + col, r, mask=mask_b)
         tl.store(lad_ptr + offs_b * D + col, lad, mask=mask_b)

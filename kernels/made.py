@@ -123,7 +123,7 @@ def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
 def _head_params(
     h_ptr, s_hb, s_hh, w_ptr, s_wo, s_wh, b_ptr, s_bb, offs_b, mask_b, d, lim, K,
     CDT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
 ):
     """Dimension d's mixture (log pi, loc, log_scale, lane mask), [BLOCK_B, BLOCK_K] tiles,
     from the first ``lim`` hidden units of rows offs_b. Bias row stride s_bb (0: shared)."""
@@ -160,7 +160,7 @@ def _head_params(
     log_scale = acc_s + tl.load(b_rows + (row_l + 2 * K)[None, :], mask=bmask,
                                 other=0.0).to(CDT)
     logit = tl.where(mask_k[None, :], logit, -float("inf"))
-    m, s = lse_parts(logit)
+    m, s = lse_parts(logit, FAST)
     log_pi = (logit - m[:, None]) - s[:, None]
     return log_pi, loc, log_scale, mask_b[:, None] & mask_k[None, :]
 
@@ -185,10 +185,10 @@ def _made_head_fwd_kernel(
     lim = tl.load(lim_ptr + d)
     log_pi, loc, log_scale, mask = _head_params(
         h_ptr, s_hb, s_hh, w_ptr, s_wo, s_wh, b_ptr, 0, offs_b, mask_b, d, lim, K,
-        CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K,
+        CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K, True,
     )
     x = tl.load(x_ptr + offs_b * s_xb + d * s_xd, mask=mask_b, other=0.0).to(CDT)
-    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
+    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, True)
     tl.store(y_ptr + offs_b * D + d, y, mask=mask_b)
     tl.store(lad_ptr + offs_b * D + d, lad, mask=mask_b)
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import gauss_log_hazard, log_ndtr, lse_parts, weighted_lse_parts
+from ._math import fast_exp, gauss_log_hazard, log_ndtr, lse_parts, weighted_lse_parts
 
 KINDS = {"logistic": 0, "gaussian": 1}
 OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
@@ -42,7 +42,7 @@ def _load_mixture(
     logit_ptr, loc_ptr, log_scale_ptr,
     s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
     offs_n, mask_n, C, K,
-    BLOCK_K: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_K: tl.constexpr, CDT: tl.constexpr, DENSE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Load a [BLOCK_N, BLOCK_K] tile of (log pi, loc, log_scale); padded lanes get pi = 0.
 
@@ -72,13 +72,13 @@ def _load_mixture(
         loc = _load_rows(loc_ptr + off_m, mask).to(CDT)
         log_scale = _load_rows(log_scale_ptr + off_s, mask).to(CDT)
     logit = tl.where(mask_k[None, :], logit, -float("inf"))
-    m, s = lse_parts(logit)
+    m, s = lse_parts(logit, FAST)
     log_pi = (logit - m[:, None]) - s[:, None]
     return log_pi, loc, log_scale, mask
 
 
 @triton.jit
-def _component_parts(u, KIND: tl.constexpr):
+def _component_parts(u, KIND: tl.constexpr, FAST: tl.constexpr):
     """log C, log(1-C) and log c of the standard component at u as log-free parts and a
     weight w: log C = c_part + log w, log(1-C) = s_part + log w, log c = d_part + 2 log w.
 
@@ -87,7 +87,7 @@ def _component_parts(u, KIND: tl.constexpr):
     a component needs no logarithm. Gaussian: the logarithms themselves and w = 1.
     """
     if KIND == 0:
-        w = 1.0 / (1.0 + tl.exp(-tl.abs(u)))
+        w = 1.0 / (1.0 + fast_exp(-tl.abs(u), FAST))
         c_part = tl.minimum(u, 0.0)
         s_part = -tl.maximum(u, 0.0)
         d_part = c_part + s_part
@@ -100,11 +100,11 @@ def _component_parts(u, KIND: tl.constexpr):
 
 
 @triton.jit
-def _hazards(u, w, KIND: tl.constexpr):
+def _hazards(u, w, KIND: tl.constexpr, FAST: tl.constexpr):
     """c/(1-C), c/C and d log c/du of the standard component at u (w from
     :func:`_component_parts`). Logistic: C, 1-C and (1-C) - C, straight from exp(-|u|) and w."""
     if KIND == 0:
-        e = tl.exp(-tl.abs(u))
+        e = fast_exp(-tl.abs(u), FAST)
         h_sf = tl.where(u >= 0.0, 1.0, e) * w
         h_cdf = tl.where(u >= 0.0, e, 1.0) * w
         dlog_pdf = h_cdf - h_sf
@@ -116,22 +116,23 @@ def _hazards(u, w, KIND: tl.constexpr):
 
 
 @triton.jit
-def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
+def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr,
+                  FAST: tl.constexpr):
     """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well.
 
     Every logsumexp takes the components' log-free parts with their weights
     (:func:`_component_parts`); for the logistic the weights are w or w^2.
     """
     u = (x[:, None] - loc) * tl.exp(-log_scale)
-    c_part, s_part, d_part, w = _component_parts(u, KIND)
-    m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w)
+    c_part, s_part, d_part, w = _component_parts(u, KIND, FAST)
+    m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w, FAST)
     lad = m_f + s_f
     y = lad
     if OUTPUT != 2:
         v_cdf = log_pi + c_part
         v_sf = log_pi + s_part
-        m_c, s_c = weighted_lse_parts(v_cdf, w)
-        m_s, s_s = weighted_lse_parts(v_sf, w)
+        m_c, s_c = weighted_lse_parts(v_cdf, w, FAST)
+        m_s, s_s = weighted_lse_parts(v_sf, w, FAST)
         log_F = m_c + s_c
         log_S = m_s + s_s
         if OUTPUT == 0:
@@ -154,13 +155,14 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
                 log_h = tl.where(side, c_part, s_part)
             else:
                 log_h = tl.where(side, gauss_log_hazard(u), gauss_log_hazard(-u))
-            m_h, s_h = weighted_lse_parts(resp + log_h - log_scale, w * w)
+            m_h, s_h = weighted_lse_parts(resp + log_h - log_scale, w * w, FAST)
             lad = (m_h + s_h) - tl.where(upper, log_F, log_S)
     return y, lad
 
 
 @triton.jit
-def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
+def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr,
+               FAST: tl.constexpr):
     """Per-component pieces of the forward's vector-Jacobian product at x.
 
     Returns (u, 1/s, resp_F, resp_S, resp_f, dlogF/du, dlogS/du negated, dlogf/du, log F,
@@ -168,17 +170,17 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
     """
     inv_s = tl.exp(-log_scale)
     u = (x[:, None] - loc) * inv_s
-    c_part, s_part, d_part, w = _component_parts(u, KIND)
+    c_part, s_part, d_part, w = _component_parts(u, KIND, FAST)
     v_f = log_pi + d_part - log_scale
-    m_f, s_f = weighted_lse_parts(v_f, w * w)
-    resp_f = tl.exp((v_f - m_f[:, None]) - s_f[:, None]) * (w * w)
+    m_f, s_f = weighted_lse_parts(v_f, w * w, FAST)
+    resp_f = fast_exp((v_f - m_f[:, None]) - s_f[:, None], FAST) * (w * w)
     if OUTPUT != 2:
         v_cdf = log_pi + c_part
         v_sf = log_pi + s_part
-        m_c, s_c = weighted_lse_parts(v_cdf, w)
-        m_s, s_s = weighted_lse_parts(v_sf, w)
-        resp_cdf = tl.exp((v_cdf - m_c[:, None]) - s_c[:, None]) * w
-        resp_sf = tl.exp((v_sf - m_s[:, None]) - s_s[:, None]) * w
+        m_c, s_c = weighted_lse_parts(v_cdf, w, FAST)
+        m_s, s_s = weighted_lse_parts(v_sf, w, FAST)
+        resp_cdf = fast_exp((v_cdf - m_c[:, None]) - s_c[:, None], FAST) * w
+        resp_sf = fast_exp((v_sf - m_s[:, None]) - s_s[:, None], FAST) * w
         log_F = m_c + s_c
         log_S = m_s + s_s
     else:
@@ -186,7 +188,7 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
         resp_sf = resp_f * 0.0
         log_F = m_f * 0.0
         log_S = m_f * 0.0
-    h_sf, h_cdf, dlog_pdf = _hazards(u, w, KIND)
+    h_sf, h_cdf, dlog_pdf = _hazards(u, w, KIND, FAST)
     du_cdf = resp_cdf * h_cdf
     du_sf = resp_sf * h_sf
     du_pdf = resp_f * dlog_pdf
@@ -263,9 +265,9 @@ def _mixture_cdf_fwd_kernel(
     x = tl.load(x_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
     log_pi, loc, log_scale, _ = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, True,
     )
-    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
+    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, True)
     if OUTPUT != 2:
         tl.store(y_ptr + offs_n, y, mask=mask_n)
     tl.store(lad_ptr + offs_n, lad, mask=mask_n)
@@ -294,10 +296,10 @@ def _mixture_cdf_bwd_kernel(
         gy = gl * 0.0
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, True,
     )
     u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = _vjp_terms(
-        x, log_pi, loc, log_scale, KIND, OUTPUT
+        x, log_pi, loc, log_scale, KIND, OUTPUT, True
     )
     c_cdf, c_sf, c_pdf = _output_coefs(gy, gl, log_F, log_S, OUTPUT)
     g_x, g_logit, g_loc, g_log_scale = _vjp_assemble(

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import log1p, softplus, weighted_lse_parts
+from ._math import fast_exp, log1p, softplus, sum_log, weighted_lse_parts
 from .mixture_cdf import (
     KINDS,
     OUTPUTS,
@@ -55,7 +55,7 @@ def _component_quantile(t, KIND: tl.constexpr):
 
 
 @triton.jit
-def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
+def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.constexpr):
     """logit F(x), the log of its slope g' = f / (F (1 - F)) and g''/g', for Halley's step.
 
     The slope as log f - log F - log(1 - F): in a far tail that difference cancels to an
@@ -67,20 +67,20 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr):
     """
     inv_s = tl.exp(-log_scale)
     u = (x[:, None] - loc) * inv_s
-    c_part, s_part, d_part, w = _component_parts(u, KIND)
-    m_c, s_c = weighted_lse_parts(log_pi + c_part, w)
-    m_s, s_s = weighted_lse_parts(log_pi + s_part, w)
+    c_part, s_part, d_part, w = _component_parts(u, KIND, FAST)
+    m_c, s_c = weighted_lse_parts(log_pi + c_part, w, FAST)
+    m_s, s_s = weighted_lse_parts(log_pi + s_part, w, FAST)
     log_F = m_c + s_c
     log_S = m_s + s_s
     # log f and f'/f from the same exponentials
     v_f = log_pi + d_part - log_scale
     m_f = tl.max(v_f, axis=1)
     m_f = tl.where(m_f == -float("inf"), 0.0, m_f)
-    terms = tl.exp(v_f - m_f[:, None]) * (w * w)
+    terms = fast_exp(v_f - m_f[:, None], FAST) * (w * w)
     total = tl.sum(terms, axis=1)
-    _, _, dlog_c = _hazards(u, w, KIND)
+    _, _, dlog_c = _hazards(u, w, KIND, FAST)
     df_f = tl.sum(terms * dlog_c * inv_s, axis=1) / total
-    log_f = m_f + tl.log(total)
+    log_f = m_f + sum_log(total, FAST)
     curv = df_f - tl.exp(log_f - log_F) + tl.exp(log_f - log_S)
     return log_F - log_S, log_f - log_F - log_S, curv
 
@@ -97,7 +97,7 @@ def _target_logit(y, OUTPUT: tl.constexpr):
 
 @triton.jit
 def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT: tl.constexpr,
-           MAX_STEPS: tl.constexpr):
+           MAX_STEPS: tl.constexpr, FAST: tl.constexpr):
     """(x, lad, steps) with logit F(x) = t for a [BLOCK_N] target and [BLOCK_N, BLOCK_K]
     mixtures (lad = log|dx/dy| for the output kind; steps = the loop iterations the tile ran);
     shared by the inverse and autoregressive kernels. Rows off ``row_mask`` are not solved.
@@ -153,7 +153,7 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     steps = tl.max(tl.where(active, 1, 0), axis=0) * 0
     pending = tl.max(tl.where(active, 1, 0), axis=0)
     while pending > 0:
-        g, g_lad, curv = _logit_slope_eval(x, log_pi, loc, log_scale, KIND)
+        g, g_lad, curv = _logit_slope_eval(x, log_pi, loc, log_scale, KIND, FAST)
         h = g - t_s
         lo = tl.where(active & (h < 0.0), x, lo)
         hi = tl.where(active & (h > 0.0), x, hi)
@@ -178,7 +178,7 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         steps += 1
         pending = tl.max(tl.where(active, 1, 0), axis=0)
         pending = tl.where(steps < MAX_STEPS, pending, 0)
-    _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
+    _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
     lad = -lad
     # Boundary targets map to +-inf with logabsdet +inf; NaN targets stay NaN.
     infinite = tl.abs(t) == float("inf")
@@ -207,9 +207,10 @@ def _mixture_cdf_inverse_fwd_kernel(
     t = _target_logit(tl.load(y_ptr + offs_n, mask=mask_n, other=0.5).to(CDT), OUTPUT)
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, True,
     )
-    x, lad, steps = _solve(t, log_pi, loc, log_scale, mask, mask_n, KIND, OUTPUT, MAX_STEPS)
+    x, lad, steps = _solve(t, log_pi, loc, log_scale, mask, mask_n, KIND, OUTPUT, MAX_STEPS,
+                           True)
     tl.store(x_ptr + offs_n, x, mask=mask_n)
     tl.store(lad_ptr + offs_n, lad, mask=mask_n)
     if COUNT:
@@ -238,11 +239,11 @@ def _mixture_cdf_inverse_bwd_kernel(
     cl = tl.where(finite, tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0).to(CDT), 0.0)
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
-        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE,
+        offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, False,
     )
-    _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT)
+    _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, False)
     u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = _vjp_terms(
-        x, log_pi, loc, log_scale, KIND, OUTPUT
+        x, log_pi, loc, log_scale, KIND, OUTPUT, False
     )
     # d lad / dx of the forward: its VJP with cotangents (0, 1).
     c_cdf, c_sf, c_pdf = _output_coefs(cx * 0.0, cx * 0.0 + 1.0, log_F, log_S, OUTPUT)
