@@ -5,7 +5,10 @@ W1's inputs (K = 8, logit output, fp32, the GPU's tile size) and prints how many
 tiles took, and the round trip's error. The counts do not depend on the device, so on a CPU
 the kernel runs under the Triton interpreter (slow: keep ``--n`` at a few 10^4).
 
-    python bench/inverse_steps.py [--n 16384] [--kind logistic|gaussian]
+    python bench/inverse_steps.py [--n 16384] [--kind logistic|gaussian] [--lanes 512]
+
+``--lanes`` overrides the inverse's tile lanes (``LAUNCH["lanes"]``): a tile of fewer
+elements waits for fewer slow ones.
 """
 
 import argparse
@@ -22,8 +25,18 @@ from fastflow import benchmark  # noqa: E402
 from fastflow._registry import MAX_STEPS  # noqa: E402
 
 
-def tile_steps(n: int, kind: str):
+def tile_steps(n: int, kind: str, lanes: int | None = None):
     """(iterations per tile, max relative round-trip error) on n of W1's elements."""
+    saved_launch = dict(mixture_inverse.LAUNCH)
+    if lanes is not None:
+        mixture_inverse.LAUNCH["lanes"] = lanes
+    try:
+        return _tile_steps(n, kind)
+    finally:
+        mixture_inverse.LAUNCH.update(saved_launch)
+
+
+def _tile_steps(n: int, kind: str):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, logits, loc, log_scale = benchmark.op_inputs(n, device)
     params = (logits, loc, log_scale)
@@ -49,8 +62,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1 << 14)
     parser.add_argument("--kind", choices=list(mixture_cdf.KINDS), default=benchmark.KIND)
+    parser.add_argument("--lanes", type=int, default=None, help="override LAUNCH['lanes']")
     args = parser.parse_args(argv)
-    steps, err = tile_steps(args.n, args.kind)
+    steps, err = tile_steps(args.n, args.kind, args.lanes)
     hist = torch.bincount(steps.long()).tolist()
     print(f"{args.kind}, n = {args.n}, {steps.numel()} tiles of "
           f"{args.n // steps.numel() if steps.numel() else 0} elements: iterations mean "

@@ -58,6 +58,25 @@ def fast_exp(d, FAST: tl.constexpr):
 
 
 @triton.jit
+def fast_rcp(x, FAST: tl.constexpr):
+    """1 / x for normal x whose reciprocal is normal (1 + e in [1, 2], sums in [1e-30, K]).
+    Compiled float32: one rcp.approx.ftz (relative error about 2^-23), without the division's
+    range checks; elsewhere 1 / x."""
+    if COMPILED and FAST:
+        if x.dtype == tl.float32:
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            r = 1.0 / x
+    else:
+        r = 1.0 / x
+        if EMULATE and FAST:
+            if x.dtype == tl.float32:
+                r = r * (1.0 + 1.1920928955078125e-07 * _error_sign(x))
+    return r
+
+
+@triton.jit
 def sum_log(s, FAST: tl.constexpr):
     """log s for the sums of the logsumexps: s in [1/4, K] (the largest term is at least 1/4),
     0 for an all -inf row, or NaN. Compiled float32: the hardware's lg2.approx (absolute error

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import fast_exp, gauss_log_hazard, log_ndtr, lse_parts, weighted_lse_parts
+from ._math import fast_exp, fast_rcp, gauss_log_hazard, log_ndtr, lse_parts, weighted_lse_parts
 
 KINDS = {"logistic": 0, "gaussian": 1}
 OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
@@ -46,10 +46,13 @@ def _load_mixture(
 ):
     """Load a [BLOCK_N, BLOCK_K] tile of (log pi, loc, log_scale); padded lanes get pi = 0.
 
-    DENSE: every parameter is a contiguous (N, K) array and K == BLOCK_K, so element n's
-    components start at n * BLOCK_K. The compiler then knows the rows are aligned and loads
-    them as vectors, with several components per thread: fewer threads share a row, and the
-    per-element work after each reduction is repeated on fewer of them.
+    DENSE (1 or 2): every parameter is a contiguous (N, K) array and K == BLOCK_K, so element
+    n's components start at n * BLOCK_K. With 1 the compiler knows the rows are aligned and
+    loads them as vectors, several components per thread: fewer threads share a row, and the
+    per-element work after each reduction is repeated on fewer of them. With 2 the same
+    addresses go through :func:`_load_rows`, so each thread holds whole rows and nothing per
+    row is repeated: for kernels whose per-row work outweighs the wider loads (the inverse's
+    iterations).
     """
     offs_k = tl.arange(0, BLOCK_K)
     if DENSE:
@@ -57,11 +60,16 @@ def _load_mixture(
     else:
         mask_k = offs_k < K
     mask = mask_n[:, None] & mask_k[None, :]
-    if DENSE:
+    if DENSE == 1:
         off = offs_n[:, None] * BLOCK_K + offs_k[None, :]
         logit = tl.load(logit_ptr + off, mask=mask, other=0.0).to(CDT)
         loc = tl.load(loc_ptr + off, mask=mask, other=0.0).to(CDT)
         log_scale = tl.load(log_scale_ptr + off, mask=mask, other=0.0).to(CDT)
+    elif DENSE == 2:
+        off = offs_n[:, None] * BLOCK_K + offs_k[None, :]
+        logit = _load_rows(logit_ptr + off, mask).to(CDT)
+        loc = _load_rows(loc_ptr + off, mask).to(CDT)
+        log_scale = _load_rows(log_scale_ptr + off, mask).to(CDT)
     else:
         row = offs_n // C
         col = offs_n - row * C
@@ -87,7 +95,7 @@ def _component_parts(u, KIND: tl.constexpr, FAST: tl.constexpr):
     a component needs no logarithm. Gaussian: the logarithms themselves and w = 1.
     """
     if KIND == 0:
-        w = 1.0 / (1.0 + fast_exp(-tl.abs(u), FAST))
+        w = fast_rcp(1.0 + fast_exp(-tl.abs(u), FAST), FAST)
         c_part = tl.minimum(u, 0.0)
         s_part = -tl.maximum(u, 0.0)
         d_part = c_part + s_part
@@ -368,19 +376,20 @@ def dense(views, block_k: int) -> bool:
     return views[0].shape[-1] == block_k and all(v.is_contiguous() for v in views)
 
 
-def tile(views, launch: dict) -> tuple[int, int, bool]:
-    """(BLOCK_N, BLOCK_K, DENSE) of a launch with ``launch``'s lanes and warps. Off the DENSE
-    path a thread holds whole elements (``_load_rows``), so a tile has at least one element
-    per thread: fewer would split an element's components over warps."""
+def tile(views, launch: dict, whole_rows: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, DENSE) of a launch with ``launch``'s lanes and warps: DENSE 1 (vector
+    loads, a row shared by threads) where :func:`dense` allows, or 2 with ``whole_rows``;
+    else 0. Where a thread holds whole elements (DENSE 0 or 2, ``_load_rows``) a tile has at
+    least one element per thread: fewer would split an element's components over warps."""
     block_k = block_sizes(views[0].shape[-1], launch["lanes"])[1]
-    is_dense = dense(views, block_k)
-    return tile_rows(views[0].shape[-1], launch, is_dense), block_k, is_dense
+    mode = (2 if whole_rows else 1) if dense(views, block_k) else 0
+    return tile_rows(views[0].shape[-1], launch, mode == 1), block_k, mode
 
 
-def tile_rows(K: int, launch: dict, is_dense: bool) -> int:
-    """BLOCK_N of a launch (see :func:`tile`)."""
+def tile_rows(K: int, launch: dict, shared_rows: bool) -> int:
+    """BLOCK_N of a launch (see :func:`tile`); ``shared_rows``: on DENSE 1."""
     block_n = block_sizes(K, launch["lanes"])[0]
-    return block_n if is_dense else max(block_n, 32 * launch["num_warps"])
+    return block_n if shared_rows else max(block_n, 32 * launch["num_warps"])
 
 
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
@@ -392,12 +401,12 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     if N == 0:
         return y, lad
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    block_n, block_k, is_dense = tile(views, LAUNCH)
+    block_n, block_k, mode = tile(views, LAUNCH)
     _mixture_cdf_fwd_kernel[(triton.cdiv(N, block_n),)](
         x_flat, *views, lad if y is None else y, lad,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        DENSE=is_dense,
+        DENSE=mode,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return y, lad
@@ -420,12 +429,12 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
     gl = flat(grad_lad)
     gy = gl if grad_y is None else flat(grad_y)
-    block_n, block_k, is_dense = tile(views, LAUNCH)
+    block_n, block_k, mode = tile(views, LAUNCH)
     _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
         gy, gl, x_flat, *views, g_x, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        DENSE=is_dense,
+        DENSE=mode,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_x, *g_params]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import fast_exp, log1p, softplus, sum_log, weighted_lse_parts
+from ._math import fast_exp, fast_rcp, log1p, softplus, sum_log, weighted_lse_parts
 from .mixture_cdf import (
     KINDS,
     OUTPUTS,
@@ -28,7 +28,6 @@ from .mixture_cdf import (
     _vjp_assemble,
     _vjp_terms,
     alloc_grads,
-    block_sizes,
     flat,
     param_views,
     tile,
@@ -36,7 +35,7 @@ from .mixture_cdf import (
 )
 
 # Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
-LAUNCH = {"lanes": 512, "num_warps": 4}
+LAUNCH = {"lanes": 512, "num_warps": 2}
 
 
 
@@ -86,6 +85,42 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
 
 
 @triton.jit
+def _logistic_prob_eval(x, pi, pi_s, loc, inv_s, tiny, FAST: tl.constexpr):
+    """A logistic mixture's logit F(x), the inverse slope 1/g' = F (1 - F) / f of g = logit F,
+    and g''/g', in probability space, with whether that is exact enough: False for a lane
+    whose F, 1 - F or f is below ``tiny`` (far enough down that a term which underflowed
+    could matter), which then needs :func:`_logit_slope_eval`'s log space.
+
+    C, 1 - C and c of each component come from e = exp(-|u|) and w = 1/(1 + e) (w or e w,
+    e w^2), each without cancellation; pi and pi/s are the loop's invariants. One logarithm
+    per element (logit F = log(F / (1 - F))) instead of the log space's logsumexps.
+    """
+    u = (x[:, None] - loc) * inv_s
+    e = fast_exp(-tl.abs(u), FAST)
+    w = fast_rcp(1.0 + e, FAST)
+    ew = e * w
+    upper = u >= 0.0
+    cdf = tl.where(upper, w, ew)
+    sf = tl.where(upper, ew, w)
+    dens = pi_s * (ew * w)
+    big_f = tl.sum(pi * cdf, axis=1)
+    big_s = tl.sum(pi * sf, axis=1)
+    f = tl.sum(dens, axis=1)
+    # f' = sum pi c' / s^2 with c' / c = (1 - C) - C for the logistic
+    df = tl.sum(dens * (sf - cdf) * inv_s, axis=1)
+    need = (big_f < tiny) | (big_s < tiny) | (f < tiny)
+    big_f = tl.where(need, 1.0, big_f)
+    big_s = tl.where(need, 1.0, big_s)
+    f = tl.where(need, 1.0, f)
+    r_f = fast_rcp(f, FAST)
+    r_s = fast_rcp(big_s, FAST)
+    g = tl.log(big_f * r_s)
+    inv_slope = big_f * big_s * r_f
+    curv = df * r_f - f * fast_rcp(big_f, FAST) + f * r_s
+    return g, inv_slope, curv, need, f
+
+
+@triton.jit
 def _target_logit(y, OUTPUT: tl.constexpr):
     """The target in logit space: y itself, or log z - log(1 - z) for unit targets."""
     if OUTPUT == 1:
@@ -122,10 +157,12 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         eps = 2.220446049250313e-16
         sqrt_eps = 1.4901161193847656e-08
         cbrt_eps = 6.055454452393343e-06
+        tiny = 1e-280
     else:
         eps = 1.1920928955078125e-07
         sqrt_eps = 0.00034526698300124393
         cbrt_eps = 0.004921566601151848
+        tiny = 1e-30
     # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step.
     active = row_mask & (tl.abs(t) < float("inf"))
     t_s = tl.where(active, t, 0.0)
@@ -140,27 +177,42 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     tol_halley = 0.25 * cbrt_eps * s_min
     tol_newton = 0.25 * sqrt_eps * s_min
     # Start from the pi-weighted mean of the components' inverses, clamped into the bracket.
-    lp = tl.where(mask, log_pi, -float("inf"))
-    m_pi = tl.max(lp, axis=1)
-    m_pi = tl.where(m_pi > -float("inf"), m_pi, 0.0)
-    w = tl.where(mask, tl.exp(lp - m_pi[:, None]), 0.0)
-    w_sum = tl.sum(w, axis=1)
-    x = tl.sum(w * (loc + scale * u_t), axis=1) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    pi = tl.where(mask, fast_exp(log_pi, FAST), 0.0)
+    pi_sum = tl.sum(pi, axis=1)
+    x = tl.sum(pi * (loc + scale * u_t), axis=1) / tl.where(pi_sum > 0.0, pi_sum, 1.0)
     x = tl.minimum(tl.maximum(x, lo), hi)
     x = tl.where(active, x, 0.0)
     dx_old = hi - lo
     dx = dx_old
+    if KIND == 0:
+        # loop invariants of the probability-space evaluation
+        inv_s = tl.exp(-log_scale)
+        pi_s = pi * inv_s
     steps = tl.max(tl.where(active, 1, 0), axis=0) * 0
     pending = tl.max(tl.where(active, 1, 0), axis=0)
     while pending > 0:
-        g, g_lad, curv = _logit_slope_eval(x, log_pi, loc, log_scale, KIND, FAST)
+        if KIND == 0:
+            # Probability space, unless some lane's sums are too small for it: then log space
+            # for the tile, taken by those lanes.
+            g, inv_slope, curv, need, _ = _logistic_prob_eval(x, pi, pi_s, loc, inv_s, tiny,
+                                                              FAST)
+            need = active & need
+            if tl.max(tl.where(need, 1, 0), axis=0) > 0:
+                g_log, g_lad, curv_log = _logit_slope_eval(x, log_pi, loc, log_scale, KIND,
+                                                           FAST)
+                g = tl.where(need, g_log, g)
+                inv_slope = tl.where(need, tl.exp(-g_lad), inv_slope)
+                curv = tl.where(need, curv_log, curv)
+        else:
+            g, g_lad, curv = _logit_slope_eval(x, log_pi, loc, log_scale, KIND, FAST)
+            inv_slope = tl.exp(-g_lad)
         h = g - t_s
         lo = tl.where(active & (h < 0.0), x, lo)
         hi = tl.where(active & (h > 0.0), x, hi)
         # Halley's step: Newton's, divided by 1 + (Newton's) g''/(2 g'); Newton's where that
         # factor is outside [1/2, 2] (the safeguards below still apply). Convergence is
         # judged by Newton's step, the first-order distance to the root, whichever is taken.
-        step_n = -h * tl.exp(-g_lad)
+        step_n = -h * inv_slope
         denom = 1.0 + 0.5 * step_n * curv
         halley = (denom >= 0.5) & (denom <= 2.0)
         newton = x + tl.where(halley, step_n / denom, step_n)
@@ -178,8 +230,22 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         steps += 1
         pending = tl.max(tl.where(active, 1, 0), axis=0)
         pending = tl.where(steps < MAX_STEPS, pending, 0)
-    _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
-    lad = -lad
+    if KIND == 0:
+        # lad = -log g'(x) = log(F (1 - F) / f) (logit) or -log f (unit), from probability-
+        # space sums without cancellation (each C, 1 - C, c is a product); log space's hazard
+        # form (_forward_eval) for lanes whose sums are too small for that.
+        _, inv_slope, _, need, f = _logistic_prob_eval(x, pi, pi_s, loc, inv_s, tiny, FAST)
+        if OUTPUT == 1:
+            lad = tl.log(inv_slope)
+        else:
+            lad = -tl.log(f)
+        need = row_mask & need
+        if tl.max(tl.where(need, 1, 0), axis=0) > 0:
+            _, lad_log = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
+            lad = tl.where(need, -lad_log, lad)
+    else:
+        _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
+        lad = -lad
     # Boundary targets map to +-inf with logabsdet +inf; NaN targets stay NaN.
     infinite = tl.abs(t) == float("inf")
     x = tl.where(infinite, t, x)
@@ -274,7 +340,7 @@ def mixture_cdf_inverse_fwd(
     if N == 0:
         return x, lad
     y_flat, _, cols, views, strides = param_views(y, logits, loc, log_scale)
-    block_n, block_k, is_dense = tile(views, LAUNCH)
+    block_n, block_k, mode = tile(views, LAUNCH, whole_rows=True)
     grid = triton.cdiv(N, block_n)
     if steps_out is not None and steps_out.numel() < grid:
         raise ValueError(f"steps_out needs {grid} entries, has {steps_out.numel()}")
@@ -282,7 +348,7 @@ def mixture_cdf_inverse_fwd(
         y_flat, *views, x, lad, x if steps_out is None else steps_out,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(y.dtype),
-        DENSE=is_dense,
+        DENSE=mode,
         MAX_STEPS=max_steps, COUNT=steps_out is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
@@ -290,10 +356,11 @@ def mixture_cdf_inverse_fwd(
 
 
 def num_programs(n: int, K: int, dense: bool = True) -> int:
-    """Programs (tiles) the inverse launches for n elements with K components, on the DENSE
-    path (contiguous parameters, K a power of two) or off it."""
-    is_dense = dense and block_sizes(K, LAUNCH["lanes"])[1] == K
-    return triton.cdiv(n, tile_rows(K, LAUNCH, is_dense))
+    """Programs (tiles) the inverse launches for n elements with K components. Its threads
+    hold whole elements on either path (DENSE 2 or 0), so ``dense`` does not change the
+    count; it stays for callers that state the layout."""
+    del dense
+    return triton.cdiv(n, tile_rows(K, LAUNCH, False))
 
 
 def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
@@ -304,12 +371,12 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     if N == 0:
         return [g_y, *g_params]
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    block_n, block_k, is_dense = tile(views, LAUNCH)
+    block_n, block_k, mode = tile(views, LAUNCH)
     _mixture_cdf_inverse_bwd_kernel[(triton.cdiv(N, block_n),)](
         flat(grad_x), flat(grad_lad), x_flat, *views, g_y, *g_params,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
-        DENSE=is_dense,
+        DENSE=mode,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )
     return [g_y, *g_params]

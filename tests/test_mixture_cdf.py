@@ -280,3 +280,12 @@ def test_dense_loads_only_for_contiguous_power_of_two_components():
     assert not dense(views(x, p4[0], strided, p4[2]), 4)
     transposed = torch.zeros(5, 3, 4).transpose(0, 1)
     assert not dense(views(x, transposed, p4[1], p4[2]), 4)
+    # DENSE 1 shares a row among threads; DENSE 2 (the inverse) and 0 keep rows whole, so
+    # their tiles hold at least one row per thread
+    from fastflow.kernels.mixture_cdf import tile
+
+    launch = {"lanes": 512, "num_warps": 4}
+    assert tile(views(x, *p4), launch)[2] == 1
+    block_n, _, mode = tile(views(x, *p4), launch, whole_rows=True)
+    assert mode == 2 and block_n >= 32 * launch["num_warps"]
+    assert tile(views(x, transposed, p4[1], p4[2]), launch, whole_rows=True)[2] == 0
