@@ -127,9 +127,10 @@ def main(argv=None) -> int:
         variants, _ = benchmark.w3(n, device, False)
         variants = {v.name: v for v in variants}
         w1f = {v.name: v for v in benchmark.w1(n, device, False)}["fastflow"].fn
-        configs = [{"lanes": 2048, "num_warps": 4}, {"lanes": 1024, "num_warps": 4},
-                   {"lanes": 512, "num_warps": 4}, {"lanes": 1024, "num_warps": 8},
-                   {"lanes": 4096, "num_warps": 8}]
+        # The inverse's threads hold whole elements: BLOCK_N = max(lanes / 8, 32 * warps).
+        configs = [{"lanes": 256, "num_warps": 1}, {"lanes": 512, "num_warps": 2},
+                   {"lanes": 512, "num_warps": 4}, {"lanes": 1024, "num_warps": 4},
+                   {"lanes": 2048, "num_warps": 8}]
         sweep("W3 inverse, K = 8 (baseline: W1's forward)", k_inv.LAUNCH, configs,
               lambda: variants["fastflow"].fn, ("W1-fastflow", w1f), device, args.repeat, out,
               max_err)
