@@ -1,8 +1,10 @@
 """@triton.jit device helpers: stable log-space special functions.
 
 Written from exp/log/where only, so they run under TRITON_INTERPRET=1 (which lacks
-tl.math.log1p, tl.math.tanh and libdevice) and on Triton 3.6+ GPUs alike. They compute in
-the dtype of their argument (float32 or float64).
+tl.math.log1p, tl.math.tanh and libdevice) and on Triton 3.6+ GPUs alike; the one exception
+is the compiled path of ``fast_exp``, ``fast_rcp`` and ``sum_log`` (inline PTX approximations,
+emulated on the CPU by FASTFLOW_APPROX_ERRORS). They compute in the dtype of their argument
+(float32 or float64).
 """
 
 import os
@@ -18,9 +20,10 @@ import triton.language as tl
 # Whether the kernels are compiled (a GPU) rather than interpreted. Triton decides the same way,
 # from TRITON_INTERPRET when the kernels are defined. Module-level constexprs are allowed.
 COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
-# Interpreted with FASTFLOW_APPROX_ERRORS=1: fast_exp and sum_log add errors of the size the
-# compiled kernels' hardware approximations are documented to have (and flush as they do), so
-# the accuracy tests check the contract against them on a CPU (tests/test_approx.py).
+# Interpreted with FASTFLOW_APPROX_ERRORS=1: fast_exp, fast_rcp and sum_log add errors of the
+# size the compiled kernels' hardware approximations are documented to have (and flush as
+# they do), so the accuracy tests check the contract against them on a CPU
+# (tests/test_approx.py).
 EMULATE = tl.constexpr(not COMPILED and os.environ.get("FASTFLOW_APPROX_ERRORS") == "1")
 
 
@@ -94,7 +97,8 @@ def sum_log(s, FAST: tl.constexpr):
         r = tl.log(s)
         if EMULATE and FAST:
             if s.dtype == tl.float32:
-                r = r + 1.1920928955078125e-07 * _error_sign(s)  # 2^-22 x log 2, and more
+                # lg2.approx's 2^-22.6 absolute in log2 is 1.1e-7 in log; rounded up
+                r = r + 1.1920928955078125e-07 * _error_sign(s)
     return r
 
 
