@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import fast_exp, fast_rcp, gauss_log_hazard, log_ndtr, lse_parts, weighted_lse_parts
+from ._math import (
+    fast_exp,
+    fast_rcp,
+    gauss_log_hazard,
+    log_ndtr,
+    lse_parts,
+    sum_log,
+    weighted_lse_parts,
+)
 
 KINDS = {"logistic": 0, "gaussian": 1}
 OUTPUTS = {"unit": 0, "logit": 1, "density": 2}
@@ -124,9 +132,75 @@ def _hazards(u, w, KIND: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _logistic_sums(x, pi, loc, inv_s, FAST: tl.constexpr):
+    """F, 1 - F, f and f' of a logistic mixture at x [BLOCK_N], in probability space.
+
+    With e = exp(-|u|) and w = 1/(1 + e) each component's C, 1 - C and c are w or e w, and
+    e w^2: products, none formed by a subtraction, so the sums carry a few ulps of relative
+    error whatever their size, down to where terms underflow (the callers check that the
+    sums are not that small). f' uses c'/c = (1 - C) - C.
+    """
+    u = (x[:, None] - loc) * inv_s
+    e = fast_exp(-tl.abs(u), FAST)
+    w = fast_rcp(1.0 + e, FAST)
+    ew = e * w
+    upper = u >= 0.0
+    cdf = tl.where(upper, w, ew)
+    sf = tl.where(upper, ew, w)
+    dens = pi * inv_s * (ew * w)
+    big_f = tl.sum(pi * cdf, axis=1)
+    big_s = tl.sum(pi * sf, axis=1)
+    f = tl.sum(dens, axis=1)
+    df = tl.sum(dens * (sf - cdf) * inv_s, axis=1)
+    return big_f, big_s, f, df
+
+
+@triton.jit
 def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr,
                   FAST: tl.constexpr):
     """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well.
+
+    Logistic with FAST: from :func:`_logistic_sums` (y = log(F / (1 - F)) and
+    lad = log(f / (F (1 - F))) for "logit": a ratio of sums, so nothing cancels in the tails
+    either), and in log space (:func:`_forward_eval_log`) for a tile with a row whose F,
+    1 - F or f is below 1e-30 (1e-280 in float64), taken by those rows.
+    """
+    if KIND == 0 and FAST:
+        if x.dtype == tl.float64:
+            tiny = 1e-280
+        else:
+            tiny = 1e-30
+        inv_s = tl.exp(-log_scale)
+        pi = fast_exp(log_pi, FAST)
+        big_f, big_s, f, _ = _logistic_sums(x, pi, loc, inv_s, FAST)
+        if OUTPUT == 2:
+            need = f < tiny
+        else:
+            need = (f < tiny) | (big_f < tiny) | (big_s < tiny)
+        big_f = tl.where(need, 1.0, big_f)
+        big_s = tl.where(need, 1.0, big_s)
+        f = tl.where(need, 1.0, f)
+        lad = sum_log(f, FAST)
+        y = lad
+        if OUTPUT == 0:
+            # F from whichever of F, 1-F is below one half: both stay exact in the tails.
+            y = tl.where(big_f < 0.5, big_f, 1.0 - big_s)
+        if OUTPUT == 1:
+            y = sum_log(big_f * fast_rcp(big_s, FAST), FAST)
+            lad = sum_log(f * fast_rcp(big_f * big_s, FAST), FAST)
+        if tl.max(tl.where(need, 1, 0), axis=0) > 0:
+            y_log, lad_log = _forward_eval_log(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
+            y = tl.where(need, y_log, y)
+            lad = tl.where(need, lad_log, lad)
+    else:
+        y, lad = _forward_eval_log(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
+    return y, lad
+
+
+@triton.jit
+def _forward_eval_log(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr,
+                      FAST: tl.constexpr):
+    """:func:`_forward_eval` in log space.
 
     Every logsumexp takes the components' log-free parts with their weights
     (:func:`_component_parts`); for the logistic the weights are w or w^2.

@@ -22,6 +22,7 @@ from .mixture_cdf import (
     _forward_eval,
     _hazards,
     _load_mixture,
+    _logistic_sums,
     _output_coefs,
     _store_param_grads,
     _tl_dtype,
@@ -85,29 +86,15 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
 
 
 @triton.jit
-def _logistic_prob_eval(x, pi, pi_s, loc, inv_s, tiny, FAST: tl.constexpr):
+def _logistic_prob_eval(x, pi, loc, inv_s, tiny, FAST: tl.constexpr):
     """A logistic mixture's logit F(x), the inverse slope 1/g' = F (1 - F) / f of g = logit F,
-    and g''/g', in probability space, with whether that is exact enough: False for a lane
-    whose F, 1 - F or f is below ``tiny`` (far enough down that a term which underflowed
-    could matter), which then needs :func:`_logit_slope_eval`'s log space.
-
-    C, 1 - C and c of each component come from e = exp(-|u|) and w = 1/(1 + e) (w or e w,
-    e w^2), each without cancellation; pi and pi/s are the loop's invariants. One logarithm
-    per element (logit F = log(F / (1 - F))) instead of the log space's logsumexps.
+    and g''/g' = f'/f - f/F + f/(1 - F), from :func:`_logistic_sums`, with whether that is
+    exact enough: False for a lane whose F, 1 - F or f is below ``tiny`` (far enough down
+    that a term which underflowed could matter), which then needs
+    :func:`_logit_slope_eval`'s log space. One logarithm per element instead of the log
+    space's logsumexps; also returns f.
     """
-    u = (x[:, None] - loc) * inv_s
-    e = fast_exp(-tl.abs(u), FAST)
-    w = fast_rcp(1.0 + e, FAST)
-    ew = e * w
-    upper = u >= 0.0
-    cdf = tl.where(upper, w, ew)
-    sf = tl.where(upper, ew, w)
-    dens = pi_s * (ew * w)
-    big_f = tl.sum(pi * cdf, axis=1)
-    big_s = tl.sum(pi * sf, axis=1)
-    f = tl.sum(dens, axis=1)
-    # f' = sum pi c' / s^2 with c' / c = (1 - C) - C for the logistic
-    df = tl.sum(dens * (sf - cdf) * inv_s, axis=1)
+    big_f, big_s, f, df = _logistic_sums(x, pi, loc, inv_s, FAST)
     need = (big_f < tiny) | (big_s < tiny) | (f < tiny)
     big_f = tl.where(need, 1.0, big_f)
     big_s = tl.where(need, 1.0, big_s)
@@ -185,17 +172,14 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     dx_old = hi - lo
     dx = dx_old
     if KIND == 0:
-        # loop invariants of the probability-space evaluation
-        inv_s = tl.exp(-log_scale)
-        pi_s = pi * inv_s
+        inv_s = tl.exp(-log_scale)  # a loop invariant of the probability-space evaluation
     steps = tl.max(tl.where(active, 1, 0), axis=0) * 0
     pending = tl.max(tl.where(active, 1, 0), axis=0)
     while pending > 0:
         if KIND == 0:
             # Probability space, unless some lane's sums are too small for it: then log space
             # for the tile, taken by those lanes.
-            g, inv_slope, curv, need, _ = _logistic_prob_eval(x, pi, pi_s, loc, inv_s, tiny,
-                                                              FAST)
+            g, inv_slope, curv, need, _ = _logistic_prob_eval(x, pi, loc, inv_s, tiny, FAST)
             need = active & need
             if tl.max(tl.where(need, 1, 0), axis=0) > 0:
                 g_log, g_lad, curv_log = _logit_slope_eval(x, log_pi, loc, log_scale, KIND,
@@ -234,7 +218,7 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         # lad = -log g'(x) = log(F (1 - F) / f) (logit) or -log f (unit), from probability-
         # space sums without cancellation (each C, 1 - C, c is a product); log space's hazard
         # form (_forward_eval) for lanes whose sums are too small for that.
-        _, inv_slope, _, need, f = _logistic_prob_eval(x, pi, pi_s, loc, inv_s, tiny, FAST)
+        _, inv_slope, _, need, f = _logistic_prob_eval(x, pi, loc, inv_s, tiny, FAST)
         if OUTPUT == 1:
             lad = tl.log(inv_slope)
         else:

@@ -1,11 +1,11 @@
 """The compiled kernels' hardware approximations, checked on a CPU.
 
-Compiled for a GPU, the float32 logsumexps take their exponentials, reciprocals and
-logarithms from ex2.approx.ftz, rcp.approx.ftz and lg2.approx.ftz (``fast_exp``, ``fast_rcp``
-and ``sum_log`` in kernels/_math.py), which the interpreter cannot run. With FASTFLOW_APPROX_ERRORS=1 the interpreted helpers add errors of
-the approximations' documented size instead, so the float32 kernel tests below check the
-accuracy contract and the kernel-vs-reference bounds against them. A GPU run of the suite
-checks the real instructions.
+Compiled for a GPU, the float32 kernels take exponentials, reciprocals and logarithms from
+ex2.approx.ftz, rcp.approx.ftz and lg2.approx.ftz (``fast_exp``, ``fast_rcp`` and ``sum_log``
+in kernels/_math.py), which the interpreter cannot run. With FASTFLOW_APPROX_ERRORS=1 the
+interpreted helpers add errors of the approximations' documented size instead, so the
+float32 kernel tests below check the accuracy contract and the kernel-vs-reference bounds
+against them. A GPU run of the suite checks the real instructions.
 """
 
 import os
