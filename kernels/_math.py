@@ -81,11 +81,12 @@ def fast_rcp(x, FAST: tl.constexpr):
 
 @triton.jit
 def sum_log(s, FAST: tl.constexpr):
-    """log s for the sums of the logsumexps: s in [1/4, K] (the largest term is at least 1/4),
-    0 for an all -inf row, or NaN. Compiled float32: the hardware's lg2.approx (absolute error
-    below 2^-22 of log2, about 1e-7 here) instead of tl.log's 27-instruction polynomial, which
-    is about a fifth of the forward kernel's instructions; elsewhere tl.log. Not for logarithms
-    whose relative error matters near 1 (log1p, the Gaussian tail)."""
+    """log s where an absolute error of about 1e-7 is fine: the logsumexps' sums (in [1/4, K],
+    0 for an all -inf row, or NaN) and the probability-space outputs log(F / (1 - F)),
+    log(f / (F (1 - F))) and log f (s positive and normal). Compiled float32: the hardware's
+    lg2.approx (absolute error below 2^-22 in log2 over the normal range) instead of tl.log's
+    27-instruction polynomial; elsewhere tl.log. Not for logarithms whose relative error
+    matters near 1 (log1p, the Gaussian tail)."""
     if COMPILED and FAST:
         if s.dtype == tl.float32:
             r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [s],
