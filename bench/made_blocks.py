@@ -38,7 +38,8 @@ def main(argv=None):
     table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
     saved = dict(table), dict(blocked.PLAN)
     try:
-        table.update(linear="blocks", head="blocks")
+        table.update(linear="blocks", head="blocks", linear_inference="blocks",
+                     head_inference="blocks")
         _run(args, device)
     finally:
         table.update(saved[0])

@@ -177,14 +177,16 @@ def main(argv=None) -> int:
               ("log_prob", log_prob), device, max(2, args.repeat // 2), out, max_err)
 
     if "W4" in only:
-        routes = [{"linear": "dense", "head": "dense"}, {"linear": "blocks", "head": "blocks"},
-                  {"linear": "dense", "head": "blocks"}, {"linear": "blocks", "head": "dense"}]
+        pairs = [("dense", "dense"), ("blocks", "blocks"), ("dense", "blocks"),
+                 ("blocks", "dense")]
+        routes = [{"linear": a, "head": b} for a, b in pairs]  # autograd records: training
+        routes_inf = [{"linear_inference": a, "head_inference": b} for a, b in pairs]
         # The "kernel" routes lost to dense by 2x (linear) and 5x (head) on the first GPU runs
         # (TUNING.md); --only W4tiles still times the masked-linear kernel.
         table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
 
         sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",
-              table, routes, lambda: log_prob, ("reference", eager), device,
+              table, routes_inf, lambda: log_prob, ("reference", eager), device,
               args.repeat, out, max_err)
         D4, hidden4, K4, batch4, _ = benchmark.FLOW_SIZES[args.size]
         model4 = benchmark.flow_model(D4, hidden4, K4, device)
@@ -205,7 +207,8 @@ def main(argv=None) -> int:
               table, routes, step4, ("reference", eager4), device, args.repeat, out)
         # The blocks route's plan: the default cost model, then fixed block counts.
         plans = [{"counts": (g,), "overhead": 0.0, "min_columns": 0} for g in (2, 4, 8, 16)]
-        with patched(table, linear="blocks", head="blocks"):
+        with patched(table, linear="blocks", head="blocks", linear_inference="blocks",
+                     head_inference="blocks"):
             sweep("W5's log_prob on the blocks route, by plan (baseline: the reference)",
                   blocked.PLAN, plans, lambda: log_prob, ("reference", eager), device,
                   args.repeat, out, max_err)
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
                    {"linear_blocks": (128, 64, 32), "linear_warps": 4},
                    {"linear_blocks": (128, 128, 32), "linear_warps": 8},
                    {"linear_blocks": (64, 128, 32), "linear_warps": 4}]
-        with patched(made_nn.GPU_ROUTE, linear="kernel"):
+        with patched(made_nn.GPU_ROUTE, linear_inference="kernel"):
             sweep("log_prob with the masked-linear kernel, by tile (baseline: the reference)",
                   k_made.LAUNCH, configs, lambda: log_prob, ("reference", eager), device,
                   args.repeat, out, max_err)

@@ -122,7 +122,12 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise DemoError(f"--device cuda under {world} processes needs one GPU per local "
+                            f"rank: local rank {local}, {gpus} GPU(s) visible (use --device "
+                            "cpu, or fewer processes per node)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -405,8 +405,10 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 # Tile lanes (BLOCK_N * BLOCK_K) and warps per program of the elementwise kernels on a GPU
-# (bench/tune_gpu.py sweeps them).
-LAUNCH = {"lanes": 1024, "num_warps": 4}
+# (bench/tune_gpu.py sweeps them). On an H100 (bench/results/tune-2026-11-26-h100.md) W1's
+# forward is at the copy's time for every tile up to 2048 lanes; 2 warps took W2's forward +
+# backward from 2.10 to 1.99 ms.
+LAUNCH = {"lanes": 1024, "num_warps": 2}
 
 
 def block_sizes(K: int, lanes: int | None = None) -> tuple[int, int]:

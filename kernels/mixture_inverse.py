@@ -35,8 +35,10 @@ from .mixture_cdf import (
     tile_rows,
 )
 
-# Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py).
-LAUNCH = {"lanes": 512, "num_warps": 2}
+# Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py). On an
+# H100 (bench/results/tune-2026-11-26-h100.md) one warp of 32 whole elements per program took
+# W3 from 1.01 ms (64 rows, 2 warps) to 0.88 ms.
+LAUNCH = {"lanes": 256, "num_warps": 1}
 
 
 

@@ -158,6 +158,26 @@ def test_made_replans_when_its_masks_change(monkeypatch):
         assert b.output.blocks() != planned and len(b.output.blocks()) == 2
 
 
+def test_route_reads_the_inference_entries_when_autograd_records_nothing(monkeypatch):
+    """Training (autograd records the product) and inference read separate route entries:
+    the blocks route's backward can cost more than its forward saves."""
+    monkeypatch.setitem(made_nn.CPU_ROUTE, "head", "dense")
+    monkeypatch.setitem(made_nn.CPU_ROUTE, "head_inference", "blocks")
+    layer = MADE(6, [16], 9, seed=0).output
+    x = torch.randn(5, 16)
+    assert made_nn.route(x, "head") == "dense"
+    with torch.no_grad():
+        assert made_nn.route(x, "head") == "blocks"
+    seen = []
+    monkeypatch.setattr(made_nn, "route", lambda x, part, grad: seen.append(grad) or "dense")
+    layer(x)  # parameters require grad: recorded
+    with torch.no_grad():
+        layer(x)
+    layer.requires_grad_(False)
+    layer(x)  # nothing requires grad: not recorded
+    assert seen == [True, False, False]
+
+
 def test_reference_backend_and_compile_take_the_dense_route(monkeypatch):
     """FASTFLOW_BACKEND=reference is the plain model (the oracle, the benchmarks' eager
     baseline); torch.compile traces the dense route without a graph break."""

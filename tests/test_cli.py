@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from fastflow.cli import main
 from fastflow.data import smiley
 from fastflow.demo import (
+    DemoError,
     NLLLoss,
     TrainOptions,
     build_flow,
@@ -360,7 +361,7 @@ def _ddp_train_worker(rank, world, port, out_dir):
     with contextlib.redirect_stdout(printed):
         code = main(["train", "--data", "two_moons", "--out", str(Path(out_dir) / "run"),
                      "--steps", "2", "--batch-size", "16", "--hidden", "8", "--components",
-                     "2", "--no-progress"])
+                     "2", "--device", "cpu", "--no-progress"])
     Path(out_dir, f"rank{rank}.txt").write_text(f"{code}\n{printed.getvalue()}")
     assert not dist.is_initialized()
 
@@ -373,3 +374,11 @@ def test_train_under_two_processes_reports_and_writes_on_rank_0_only(tmp_path):
     nlls(rank0)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt",
                                                                       "two_moons.png"]
+
+
+def test_more_cuda_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DemoError, match="local rank 1, 1 GPU"):
+        init_distributed(torch.device("cuda"))

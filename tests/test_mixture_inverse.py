@@ -63,6 +63,25 @@ def _inverse_with_grads(backend, monkeypatch, y, params, kind, output):
     return x, lad, grads
 
 
+def _assert_solves_as_well(got, want, y, params, kind, output, tol=5e-5):
+    (xg, lg), (xw, lw) = (_np(t) for t in got[:2]), (_np(t) for t in want[:2])
+    same = np.isclose(xg, xw, rtol=tol, atol=tol)
+    yn = _np(y)
+    (yg, fg), (yw, _) = (oracle_forward(t, *params, kind, output) for t in (got[0], want[0]))
+    eps = np.finfo(np.float32).eps
+    solved = np.abs(yg - yn) <= 2 * np.abs(yw - yn) + 4 * eps * np.maximum(1.0, np.abs(yn))
+    bad = ~(same | solved)
+    assert not bad.any(), (f"{bad.sum()} solutions differ from the reference's and solve worse: "
+                           f"y={yn[bad][:3]}, x={xg[bad][:3]}, reference x={xw[bad][:3]}")
+    lad_ok = np.isclose(lg, lw, rtol=tol, atol=tol) | np.isclose(lg, -fg, rtol=tol, atol=tol)
+    assert lad_ok.all(), (f"logabsdet {lg[~lad_ok][:3]}, reference {lw[~lad_ok][:3]}, "
+                          f"float64 map at x {-fg[~lad_ok][:3]}")
+
+
+def _np(t):
+    return t.detach().double().cpu().numpy()
+
+
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape,K,shared", [
@@ -86,11 +105,12 @@ def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, ou
         torch.testing.assert_close(got[1], want[1], **tol)
         assert_close_grads(got[2], want[2], **tol, names=("y", "logits", "loc", "log_scale"))
         return
-    # float32: the two solutions may differ by rounding, and dx/dz = 1/f amplifies that in
-    # the tails; so compare the solutions, then both backward ops at one common solution,
-    # each judged against the float64 reference there.
-    torch.testing.assert_close(got[0], want[0], rtol=5e-5, atol=5e-5)
-    torch.testing.assert_close(got[1], want[1], rtol=5e-5, atol=5e-5)
+    # float32: the two solutions may differ by rounding, and dx/dz = 1/f amplifies that where
+    # the density is low (between narrow components, in the tails). Where they differ, the
+    # kernel's x must solve the equation as well as the reference's (float64 residuals) and
+    # its logabsdet match the float64 map at its own x. Then both backward ops at one common
+    # solution, each judged against the float64 reference there.
+    _assert_solves_as_well(got, want, y, params, kind, output)
     x = want[0]
     full = (*shape, K)
     expanded = [p.expand(full) for p in params]

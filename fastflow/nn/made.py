@@ -29,22 +29,32 @@ from ._blocked import PrefixLinear, plan_blocks, prefix_limits
 # masked-linear and fused-head kernels, which skip the mask's zero tiles but whose fp32 tl.dot
 # runs on CUDA cores (IEEE fp32; tensor cores only with TF32 allowed or in half precision).
 # "linear" is the hidden layers, "head" the output layer (with "kernel", fused with the
-# mixture CDF). Measured on an H200 (bench/TUNING.md): the fused head made the density 3x
-# slower than the dense route at D = 784, K = 10, batch 4096, so a GPU takes "dense" for both
-# until "blocks" is measured there; on a CPU "blocks" is measured faster (bench/TUNING.md).
-# FASTFLOW_BACKEND=reference always takes "dense": the plain model, the tests' oracle.
-GPU_ROUTE = {"linear": "dense", "head": "dense"}
-CPU_ROUTE = {"linear": "blocks", "head": "blocks"}
+# mixture CDF). A product whose result autograd records (training) reads "linear"/"head";
+# one that it does not (log_prob or sampling under no_grad) reads "linear_inference"/
+# "head_inference", since "blocks" costs its backward more than its forward saves at small
+# batches. Measured on an H100 (bench/results/tune-2026-11-26-h100.md, tune_gpu.py --only W4):
+# the training step at W4's sizes was fastest all dense (blocks: 1.2-1.6x slower), the density
+# at W5's sizes fastest with a blocks head (12% under all dense); the fused head made the
+# density 3x slower than dense on an H200, the masked-linear kernel 2x. On a CPU "blocks" is
+# measured faster (bench/TUNING.md). FASTFLOW_BACKEND=reference always takes "dense": the
+# plain model, the tests' oracle.
+GPU_ROUTE = {"linear": "dense", "head": "dense",
+             "linear_inference": "dense", "head_inference": "blocks"}
+CPU_ROUTE = {"linear": "blocks", "head": "blocks",
+             "linear_inference": "blocks", "head_inference": "blocks"}
+ROLES = ("linear", "head")
 
 
-def route(x: torch.Tensor, part: str) -> str:
-    """How MADE's ``part`` ("linear" or "head") runs for x: "dense", "blocks" or "kernel"."""
+def route(x: torch.Tensor, part: str, grad: bool | None = None) -> str:
+    """How MADE's ``part`` ("linear" or "head") runs for x: "dense", "blocks" or "kernel".
+    ``grad``: whether autograd records the product (default: ``torch.is_grad_enabled()``)."""
     backend = backend_for(x)  # validates FASTFLOW_BACKEND
     if os.environ.get("FASTFLOW_BACKEND", "auto").lower() == "reference":
         return "dense"
+    key = part if (torch.is_grad_enabled() if grad is None else grad) else part + "_inference"
     if x.is_cuda:
-        return GPU_ROUTE[part]
-    return "kernel" if backend == "triton" else CPU_ROUTE[part]
+        return GPU_ROUTE[key]
+    return "kernel" if backend == "triton" else CPU_ROUTE[key]
 
 
 class MaskedLinear(nn.Linear):
@@ -64,8 +74,8 @@ class MaskedLinear(nn.Linear):
                 f"mask must have shape (out_features, in_features) = "
                 f"{(out_features, in_features)}, got {tuple(mask.shape)}"
             )
-        if role not in GPU_ROUTE:
-            raise ValueError(f"role must be one of {tuple(GPU_ROUTE)}, got {role!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
         self.register_buffer("mask", mask.to(self.weight.dtype))
         self._plan = None  # (the mask's identity, its row blocks or None)
@@ -82,7 +92,9 @@ class MaskedLinear(nn.Linear):
         return self._plan[1]
 
     def forward(self, x: torch.Tensor, activation: str = "identity") -> torch.Tensor:
-        how = route(x, self.role)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+        how = route(x, self.role, grad)
         if how == "kernel":
             return masked_linear(x, self.weight, self.mask, self.bias, activation=activation)
         if activation not in ("identity", "relu"):

@@ -1,0 +1,77 @@
+"""Where a workload's time goes: torch.profiler over a few calls of benchmark variants.
+
+    python bench/profile_gpu.py [--workloads W2,W4] [--variants fastflow,zuko-maf] [--calls 5]
+
+For each variant: wall time per call, the device's busy time per call (the sum of its
+kernels' times; far below the wall time means the host's launches set the pace), and the
+kernels that take the most device time. Runs on a CPU too (then only host times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastflow import benchmark
+
+
+def profile_variant(v, device, calls: int, rows: int) -> None:
+    run = benchmark._backend_bound(v)
+    for _ in range(3):
+        run()
+    benchmark._sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        benchmark._sync(device)
+        wall = (time.perf_counter() - t0) / calls
+    events = prof.key_averages()
+    attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
+    kernels = [e for e in events if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA") and getattr(e, attr, 0) > 0]
+    busy = sum(getattr(e, attr) for e in kernels) / calls / 1e3
+    if device.type == "cuda" and not kernels:  # an event layout this filter does not know
+        print(events.table(sort_by="self_" + attr, row_limit=rows))
+    print(f"## {v.name}: wall {wall * 1e3:.3f} ms per call, device busy {busy:.3f} ms, "
+          f"{sum(e.count for e in kernels) / calls:.0f} kernels per call")
+    print()
+    print("| kernel | calls per call | ms per call | share of busy |")
+    print("| --- | --- | --- | --- |")
+    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:rows]:
+        ms = getattr(e, attr) / calls / 1e3
+        print(f"| {e.key[:90]} | {e.count / calls:.0f} | {ms:.4f} | "
+              f"{ms / busy if busy else 0:.2f} |")
+    print()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default="W2,W4")
+    p.add_argument("--variants", default="fastflow,zuko-maf,torch-compile")
+    p.add_argument("--size", choices=("tiny", "cpu", "full"), default=None)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--rows", type=int, default=12)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = args.size or ("full" if device.type == "cuda" else "tiny")
+    wanted = set(args.variants.split(","))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# Profile, {name}, torch {torch.__version__}, size {size}")
+    print()
+    for name in args.workloads.split(","):
+        wl = benchmark.build(name, size, device, "torch-compile" in wanted)
+        for v in wl.variants:
+            if v.name in wanted:
+                print(f"# {name}")
+                profile_variant(v, device, args.calls, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
