@@ -34,7 +34,8 @@ def profile_variant(v, device, calls: int, rows: int) -> None:
     events = prof.key_averages()
     attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
     kernels = [e for e in events if getattr(e, "device_type", None) is not None
-               and str(e.device_type).endswith("CUDA") and getattr(e, attr, 0) > 0]
+               and str(e.device_type).endswith("CUDA") and getattr(e, attr, 0) > 0
+               and "#" not in e.key]  # record_function ranges such as "Optimizer.step#SGD.step"
     busy = sum(getattr(e, attr) for e in kernels) / calls / 1e3
     if device.type == "cuda" and not kernels:  # an event layout this filter does not know
         print(events.table(sort_by="self_" + attr, row_limit=rows))
