@@ -2,6 +2,8 @@
 arithmetic is checked on made-up times. Nothing here is timed for its own sake."""
 
 import csv
+import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -71,13 +73,7 @@ def test_cli_bench_runs_the_runner(capsys):
 def test_inverse_steps_script_counts_tiles():
     """bench/inverse_steps.py (the iteration counts README and TUNING quote) runs, counts
     every tile of the GPU's size and round-trips W1's inputs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "inverse_steps.py"
-    spec = importlib.util.spec_from_file_location("inverse_steps", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("inverse_steps")
     steps, err = module.main(["--n", "2048"])
     from fastflow.kernels.mixture_inverse import LAUNCH
 
@@ -89,19 +85,33 @@ def test_inverse_steps_script_counts_tiles():
 def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
     """bench/made_blocks.py (TUNING's per-layer table) runs, prints a row per layer and
     batch, and leaves the route and plan settings as it found them."""
-    import importlib.util
-    from pathlib import Path
-
     from fastflow.nn import _blocked as blocked
     from fastflow.nn import made as made_nn
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "made_blocks.py"
-    spec = importlib.util.spec_from_file_location("made_blocks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("made_blocks")
     before = dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)
     module.main(["--features", "6", "--hidden", "16", "16", "--components", "2",
                  "--batch", "3", "--repeat", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |")]
     assert [r.split(" | ")[1] for r in rows] == ["6 -> 16", "16 -> 16", "16 -> 36"]
     assert (dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)) == before
+
+
+def test_profile_script_reports_each_chosen_variant(capsys):
+    """bench/profile_gpu.py (the profile under bench/results) runs and reports each variant
+    asked for, workload by workload."""
+    module = _script("profile_gpu")
+    assert module.main(["--workloads", "W2,W1", "--variants", "fastflow,copy", "--size", "tiny",
+                        "--calls", "1"]) == 0
+    heads = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("## ")]
+    assert heads == ["## fastflow", "## fastflow", "## copy"]
+
+
+def _script(name: str):
+    """A script under bench/ as a module."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
