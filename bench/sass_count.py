@@ -52,7 +52,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--lanes", type=int, default=None, help="override LAUNCH['lanes']")
-    parser.add_argument("--warps", type=int, default=None, help="override LAUNCH['num_warps']")
+    parser.add_argument("--warps", type=int, default=None,
+                        help="override every kernel's warps (LAUNCH's num_warps, bwd_warps)")
     parser.add_argument("--sass", default=None, help="keep the SASS files in this folder")
     parser.add_argument("--flows", action="store_true",
                         help="also the flows' parameter slices (general path, K = 10)")
@@ -61,7 +62,7 @@ def main(argv=None):
         if args.lanes:
             table["lanes"] = args.lanes
         if args.warps:
-            table["num_warps"] = args.warps
+            table.update({k: args.warps for k in table if k.endswith("warps")})
     x, logits, loc, log_scale = op_inputs(1 << 14, torch.device("cpu"))
     sass_dir = args.sass or tempfile.mkdtemp(prefix="fastflow-sass-")
     print(f"sm_{args.arch}, K = {K_OPS}, output {OUTPUT!r}, fp32, contiguous parameters\n")

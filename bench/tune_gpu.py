@@ -119,8 +119,11 @@ def main(argv=None) -> int:
         sweep("W1 forward (mixture_cdf), K = 8", k_cdf.LAUNCH, configs,
               lambda: variants["fastflow"].fn, copy, device, args.repeat, out, max_err)
         w2 = {v.name: v for v in benchmark.w2(n, device, False)}
+        configs2 = [{"lanes": 1024, "bwd_warps": 4}, {"lanes": 2048, "bwd_warps": 4},
+                    {"lanes": 2048, "bwd_warps": 2}, {"lanes": 512, "bwd_warps": 1},
+                    {"lanes": 1024, "bwd_warps": 1}, {"lanes": 4096, "bwd_warps": 8}]
         sweep("W2 forward + backward, K = 8 (baseline: autograd through the "
-              "reference)", k_cdf.LAUNCH, configs, lambda: w2["fastflow"].fn,
+              "reference)", k_cdf.LAUNCH, configs2, lambda: w2["fastflow"].fn,
               ("torch-eager", w2["torch-eager"].fn), device, args.repeat, out)
 
     if "W3" in only:

@@ -360,8 +360,9 @@ def _mixture_cdf_bwd_kernel(
     # pointers: cotangents, input, parameters, gradient outputs
     gy_ptr, gl_ptr, x_ptr, logit_ptr, loc_ptr, log_scale_ptr,
     g_x_ptr, g_logit_ptr, g_loc_ptr, g_log_scale_ptr,
-    # strides of each parameter's (row, col, component) view
-    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+    # element strides of the cotangents (1, or 0 for one value broadcast), then of each
+    # parameter's (row, col, component) view
+    s_gy, s_gl, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
     # sizes: elements, columns (last dim of x), components
     N, C, K,
     # flags and block sizes
@@ -371,9 +372,9 @@ def _mixture_cdf_bwd_kernel(
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x = tl.load(x_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
-    gl = tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
+    gl = tl.load(gl_ptr + offs_n * s_gl, mask=mask_n, other=0.0).to(CDT)
     if OUTPUT != 2:
-        gy = tl.load(gy_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
+        gy = tl.load(gy_ptr + offs_n * s_gy, mask=mask_n, other=0.0).to(CDT)
     else:
         gy = gl * 0.0
     log_pi, loc, log_scale, mask = _load_mixture(
@@ -405,10 +406,13 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 # Tile lanes (BLOCK_N * BLOCK_K) and warps per program of the elementwise kernels on a GPU
-# (bench/tune_gpu.py sweeps them). On an H100 (bench/results/tune-2026-11-26-h100.md) W1's
-# forward is at the copy's time for every tile up to 2048 lanes; 2 warps took W2's forward +
-# backward from 2.10 to 1.99 ms.
-LAUNCH = {"lanes": 1024, "num_warps": 2}
+# (bench/tune_gpu.py sweeps them): "num_warps" for the forward, "bwd_warps" for the backward.
+# On an H100 (bench/results/tune-2026-11-26-h100.md) W1's forward runs at the copy's time
+# with any tile up to 2048 lanes; 2 warps for both kernels took W2's forward + backward from
+# 2.10 to 1.99 ms. In the SASS 2 warps cut the backward from 824 to 788 instructions per
+# element but raise the forward's from 664 to 888 (`python bench/sass_count.py --warps N`),
+# so the forward keeps 4 for the places where it is not memory-bound.
+LAUNCH = {"lanes": 1024, "num_warps": 4, "bwd_warps": 2}
 
 
 def block_sizes(K: int, lanes: int | None = None) -> tuple[int, int]:
@@ -425,6 +429,16 @@ def block_sizes(K: int, lanes: int | None = None) -> tuple[int, int]:
 def flat(t: torch.Tensor) -> torch.Tensor:
     """A contiguous 1-D view (or copy) of t: the kernels index elements with unit stride."""
     return t.reshape(-1).contiguous()
+
+
+def cotangent(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A 1-D view of a cotangent and its element stride for the kernels: 0 where one stored
+    value stands for every element (autograd expands the gradient of a sum so), which the
+    kernels then read in place of a copy; else a contiguous view (or copy) and 1."""
+    v = t.reshape(-1)
+    if v.numel() > 1 and v.stride(0) == 0:
+        return v, 0
+    return v.contiguous(), 1
 
 
 def param_views(x: torch.Tensor, *params: torch.Tensor):
@@ -503,14 +517,14 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     if N == 0:
         return [g_x, *g_params]
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
-    gl = flat(grad_lad)
-    gy = gl if grad_y is None else flat(grad_y)
+    gl, s_gl = cotangent(grad_lad)
+    gy, s_gy = (gl, s_gl) if grad_y is None else cotangent(grad_y)
     block_n, block_k, mode = tile(views, LAUNCH)
     _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
         gy, gl, x_flat, *views, g_x, *g_params,
-        *strides, N, cols, K,
+        s_gy, s_gl, *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
         DENSE=mode,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["bwd_warps"],
     )
     return [g_x, *g_params]

@@ -29,7 +29,7 @@ from .mixture_cdf import (
     _vjp_assemble,
     _vjp_terms,
     alloc_grads,
-    flat,
+    cotangent,
     param_views,
     tile,
     tile_rows,
@@ -274,8 +274,9 @@ def _mixture_cdf_inverse_bwd_kernel(
     # pointers: cotangents, the inverse's solution, parameters, gradient outputs
     gx_ptr, gl_ptr, x_ptr, logit_ptr, loc_ptr, log_scale_ptr,
     g_y_ptr, g_logit_ptr, g_loc_ptr, g_log_scale_ptr,
-    # strides of each parameter's (row, col, component) view
-    s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
+    # element strides of the cotangents (1, or 0 for one value broadcast), then of each
+    # parameter's (row, col, component) view
+    s_gx, s_gl, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
     # sizes: elements, columns (last dim of x), components
     N, C, K,
     # flags and block sizes
@@ -287,8 +288,8 @@ def _mixture_cdf_inverse_bwd_kernel(
     x = tl.load(x_ptr + offs_n, mask=mask_n, other=0.0).to(CDT)
     finite = tl.abs(x) < float("inf")
     x = tl.where(finite, x, 0.0)
-    cx = tl.where(finite, tl.load(gx_ptr + offs_n, mask=mask_n, other=0.0).to(CDT), 0.0)
-    cl = tl.where(finite, tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0).to(CDT), 0.0)
+    cx = tl.where(finite, tl.load(gx_ptr + offs_n * s_gx, mask=mask_n, other=0.0).to(CDT), 0.0)
+    cl = tl.where(finite, tl.load(gl_ptr + offs_n * s_gl, mask=mask_n, other=0.0).to(CDT), 0.0)
     log_pi, loc, log_scale, mask = _load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
         offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, False,
@@ -357,10 +358,11 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     if N == 0:
         return [g_y, *g_params]
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
+    (gx, s_gx), (gl, s_gl) = cotangent(grad_x), cotangent(grad_lad)
     block_n, block_k, mode = tile(views, LAUNCH)
     _mixture_cdf_inverse_bwd_kernel[(triton.cdiv(N, block_n),)](
-        flat(grad_x), flat(grad_lad), x_flat, *views, g_y, *g_params,
-        *strides, N, cols, K,
+        gx, gl, x_flat, *views, g_y, *g_params,
+        s_gx, s_gl, *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
         DENSE=mode,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],

@@ -194,6 +194,31 @@ def test_broadcast_parameter_grads_are_reduced(backend, output):
         torch.testing.assert_close(s.grad, e.grad.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["mixture_cdf_bwd", "mixture_cdf_inverse_bwd"])
+def test_broadcast_cotangents_give_the_materialised_gradients(op, monkeypatch):
+    """The gradient of a sum reaches the backward ops as one value expanded over x's shape,
+    which the kernels read in place (stride 0) rather than copied; a partly expanded one is
+    copied. Either way the gradients are those of the same values stored in full."""
+    from fastflow.kernels.mixture_cdf import cotangent
+
+    shape, K = (6, 40), 4
+    params = [p.expand(*shape, K) for p in random_mixture(shape, K, device=DEVICE)]
+    x = sample_x(*params, shape, 4.0)
+    one = torch.tensor(0.75, device=DEVICE).expand(shape)
+    rows = torch.randn(6, 1, device=DEVICE).expand(shape)
+    assert cotangent(one)[1] == 0 and cotangent(rows)[1] == 1
+    fn = getattr(torch.ops.fastflow, op)
+    for a, b in ((one, rows), (rows, one), (one, one)):
+        monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+        got = fn(a, b, x, *params, "logistic", "logit")
+        want = fn(a.contiguous(), b.contiguous(), x, *params, "logistic", "logit")
+        monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+        ref = fn(a, b, x, *params, "logistic", "logit")
+        for g, w, r in zip(got, want, ref, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("output", [*OUTPUTS, "density"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_finite_over_full_ranges(backend, kind, output):
