@@ -1,0 +1,32 @@
+#!/bin/bash
+# The checks a GPU machine runs, in order of value, each under its own time limit so that a
+# slow step cannot take the later ones with it:
+#
+#     bash bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS]
+#
+# 1. the whole suite on the compiled kernels (pytest-xdist workers; each worker's CPU threads
+#    limited, since several tests also run float64 references on the CPU),
+# 2. `fastflow bench` on every workload (markdown + CSV under OUTDIR/bench),
+# 3. the launch and route sweeps (OUTDIR/tune.md) and the W2/W4 profile (OUTDIR/profile.md).
+# Logs: OUTDIR/pytest.log, OUTDIR/run.log. Needs pytest-xdist and pytest-timeout.
+set -u
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS]}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+T0=$(date +%s)
+stamp() { echo "$1 rc $2 at $(( $(date +%s) - T0 )) s"; }
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__,
+'triton', triton.__version__)"; } > "$OUT/pytest.log" 2>&1
+WORKERS=$(( $(nproc) > 16 ? 14 : $(nproc) - 2 ))
+timeout "${2:-300}" python3 -m pytest -n "$WORKERS" -q -p no:cacheprovider --timeout 240 -ra \
+  tests >> "$OUT/pytest.log" 2>&1
+stamp pytest $? >> "$OUT/pytest.log"
+timeout "${3:-240}" python3 -m fastflow.cli bench --repeat 5 --no-sweep --out "$OUT/bench" \
+  > "$OUT/run.log" 2>&1
+stamp bench $? >> "$OUT/run.log"
+timeout "${4:-150}" python3 bench/tune_gpu.py --only W1,W3,W4 --out "$OUT/tune.md" \
+  >> "$OUT/run.log" 2>&1
+stamp tune $? >> "$OUT/run.log"
+timeout 60 python3 bench/profile_gpu.py --workloads W2,W4 > "$OUT/profile.md" 2>&1
+stamp profile $? >> "$OUT/run.log"
