@@ -148,9 +148,10 @@ class AutoregressiveMixtureFlow(Transform):
                          context_features=context_features, seed=seed)
 
     def _params(self, inputs, context):
-        out = self.made(inputs, context)
-        K = self.components
-        return out[..., :K], out[..., K:2 * K], out[..., 2 * K:]
+        # One split rather than three slices: autograd then joins the three gradients with
+        # one cat, where slices would each scatter theirs into a zeroed (..., 3K) tensor and
+        # sum the three.
+        return self.made(inputs, context).split(self.components, dim=-1)
 
     def _one_pass(self, inputs, values, context, invert: bool):
         if (not invert and context is None and backend_for(values) == "triton"
