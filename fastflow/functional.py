@@ -49,6 +49,14 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _broadcasts_to(shape, full) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``full`` (plain Python: torch.broadcast_shapes
+    cost more host time than the rest of an op's checks)."""
+    if len(shape) > len(full):
+        return False
+    return all(s == f or s == 1 for s, f in zip(reversed(shape), reversed(full), strict=False))
+
+
 def _prepare(x_name: str, x, logits, loc, log_scale, kind, output):
     """Check types, devices, shapes and choices; promote to one floating dtype."""
     _check_choice("kind", kind, KINDS)
@@ -76,11 +84,7 @@ def _prepare(x_name: str, x, logits, loc, log_scale, kind, output):
                 f"{name} has {p.shape[-1]} components but logits has {K}: all parameters "
                 "must share the trailing dimension K"
             )
-        try:
-            ok = torch.broadcast_shapes(p.shape, full) == torch.Size(full)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(p.shape, full):
             raise ValueError(
                 f"{name} of shape {tuple(p.shape)} does not broadcast to "
                 f"{x_name}.shape + (K,) = {full}"

@@ -37,6 +37,23 @@ def test_parameter_shape_that_does_not_broadcast_names_it(func):
     _raises(func, "log_scale", x, logits, loc, torch.zeros(2, 4, 5, 3))
 
 
+def test_broadcast_rule_agrees_with_torch():
+    """The plain-Python broadcast check against torch.broadcast_shapes on random shapes."""
+    from fastflow.functional import _broadcasts_to
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        full = tuple(torch.randint(1, 4, (int(torch.randint(0, 4, (), generator=gen)),),
+                                   generator=gen).tolist())
+        shape = tuple(torch.randint(1, 4, (int(torch.randint(0, 5, (), generator=gen)),),
+                                    generator=gen).tolist())
+        try:
+            want = torch.broadcast_shapes(shape, full) == torch.Size(full)
+        except RuntimeError:
+            want = False
+        assert _broadcasts_to(shape, full) == want, (shape, full)
+
+
 def test_parameters_with_different_K_name_the_argument(func):
     x, (logits, loc, log_scale) = _good()
     _raises(func, "log_scale has 2 components", x, logits, loc, log_scale[..., :2])

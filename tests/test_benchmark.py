@@ -115,3 +115,14 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_host_overhead_script_times_both_and_restores_the_kernels():
+    """bench/host_overhead.py (the op layer's host time in TUNING) runs both timings and puts
+    the real implementations back."""
+    from fastflow import _registry
+
+    before = _registry._impl
+    best = _script("host_overhead").main(["--calls", "3"])
+    assert set(best) == {"fastflow op layer", "plain autograd"} and min(best.values()) > 0
+    assert _registry._impl is before
