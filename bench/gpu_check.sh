@@ -25,7 +25,7 @@ stamp pytest $? >> "$OUT/pytest.log"
 timeout "${3:-240}" python3 -m fastflow.cli bench --repeat 5 --no-sweep --out "$OUT/bench" \
   > "$OUT/run.log" 2>&1
 stamp bench $? >> "$OUT/run.log"
-timeout "${4:-150}" python3 bench/tune_gpu.py --only W1,W3,W4 --out "$OUT/tune.md" \
+timeout "${4:-150}" python3 bench/tune_gpu.py --only W1,W3,W4,W5diag --out "$OUT/tune.md" \
   >> "$OUT/run.log" 2>&1
 stamp tune $? >> "$OUT/run.log"
 timeout 60 python3 bench/profile_gpu.py --workloads W2,W4 > "$OUT/profile.md" 2>&1

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         _registry.MAX_STEPS = _registry.BISECT_STEPS + _registry.NEWTON_STEPS
         emit([""], out)
 
-    if only & {"W5", "W4", "W4tiles"}:
+    if only & {"W5", "W5diag", "W4", "W4tiles"}:
         D, hidden, K, _, batch = benchmark.FLOW_SIZES[args.size]
         model = benchmark.flow_model(D, hidden, K, device)
         x = torch.randn(batch, D, device=device)
@@ -178,6 +178,33 @@ def main(argv=None) -> int:
                    {"block_b": 16, "block_n": 16, "block_h": 32, "num_warps": 2}]
         sweep("W5 one-pass sample (baseline: log_prob)", k_ar.LAUNCH, configs, lambda: sample,
               ("log_prob", log_prob), device, max(2, args.repeat // 2), out, max_err)
+
+    if "W5diag" in only:
+        # Where the one-pass sampler's time goes: the same kernel and plan in the forward
+        # direction (no Newton solve), and the inverse with its per-step iterations capped
+        # (truncated, so wrong values: timing only).
+        layer = model.transforms[0]
+        z = torch.randn(batch, D, device=device)
+
+        def solve(invert):
+            def run():
+                with torch.no_grad():
+                    return layer._solve_one_pass(z, None, invert)
+            return run
+
+        t = benchmark.measure_interleaved(
+            {"inverse": solve(True), "forward": solve(False), "log_prob": log_prob}, device,
+            max(2, args.repeat // 2))
+        lines = ["### W5's one-pass solve by direction (min ms)", "",
+                 f"- inverse (sampling) {t['inverse'][0]:.4g}, forward direction "
+                 f"{t['forward'][0]:.4g}, log_prob {t['log_prob'][0]:.4g}"]
+        for cap in (8, 3):
+            _registry.MAX_STEPS = cap
+            tc = benchmark.measure_interleaved({"inverse": solve(True)}, device, 2)
+            lines.append(f"- inverse with at most {cap} iterations per step: "
+                         f"{tc['inverse'][0]:.4g}")
+        _registry.MAX_STEPS = _registry.BISECT_STEPS + _registry.NEWTON_STEPS
+        emit(lines + [""], out)
 
     if "W4" in only:
         pairs = [("dense", "dense"), ("blocks", "blocks"), ("dense", "blocks"),
