@@ -126,3 +126,24 @@ def test_host_overhead_script_times_both_and_restores_the_kernels():
     best = _script("host_overhead").main(["--calls", "3"])
     assert set(best) == {"fastflow op layer", "plain autograd"} and min(best.values()) > 0
     assert _registry._impl is before
+
+
+def test_tune_script_runs_every_table_at_tiny_size_and_restores_the_settings(capsys):
+    """bench/tune_gpu.py (the sweeps under bench/results) at tiny sizes on this device: every
+    table prints, and the launch, route, plan and iteration-cap settings are put back."""
+    from fastflow.kernels import made as k_made
+    from fastflow.kernels import mixture_cdf as k_cdf
+    from fastflow.kernels import mixture_inverse as k_inv
+
+    from fastflow import _registry
+    from fastflow.nn import _blocked as blocked
+    from fastflow.nn import made as made_nn
+
+    tables = (k_cdf.LAUNCH, k_inv.LAUNCH, k_made.LAUNCH, made_nn.GPU_ROUTE, made_nn.CPU_ROUTE,
+              blocked.PLAN)
+    before = [dict(t) for t in tables], _registry.MAX_STEPS
+    assert _script("tune_gpu").main(["--only", "W1,W3,W5,W5diag,W4,W4tiles", "--size", "tiny",
+                                     "--repeat", "1"]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
+    assert len(heads) == 10, heads
+    assert ([dict(t) for t in tables], _registry.MAX_STEPS) == before
