@@ -144,9 +144,14 @@ def _cdf_launches(record):
     for kind, output, dtype, K in itertools.product(m.KINDS, m.OUTPUTS, FLOAT_DTYPES, (3, 4)):
         x, params = _mixture(dtype, K)
         label = f"{kind}/{output}/{dtype}/K={K}"
+        # A cotangent of one value expanded over x (the gradient of a sum) is read with
+        # stride 0, its own specialisation; its code does not depend on the dtype.
+        one = torch.ones((), dtype=dtype).expand(x.shape) if dtype == torch.float32 else None
         with record(f"mixture_cdf {label}"):
             m.mixture_cdf_fwd(x, *params, kind, output)
             m.mixture_cdf_bwd(x, x, x, *params, kind, output)
+            if one is not None:
+                m.mixture_cdf_bwd(one, one, x, *params, kind, output)
         if output == "density":
             continue
         with record(f"inverse {label}"):
@@ -154,6 +159,8 @@ def _cdf_launches(record):
             steps = torch.zeros(inv.num_programs(x.numel(), K), dtype=torch.int32)
             inv.mixture_cdf_inverse_fwd(x, *params, kind, output, MAX_STEPS, steps_out=steps)
             inv.mixture_cdf_inverse_bwd(x, x, x, *params, kind, output)
+            if one is not None:
+                inv.mixture_cdf_inverse_bwd(one, one, x, *params, kind, output)
 
 
 def _made_launches(record):

@@ -466,20 +466,22 @@ def dense(views, block_k: int) -> bool:
     return views[0].shape[-1] == block_k and all(v.is_contiguous() for v in views)
 
 
-def tile(views, launch: dict, whole_rows: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, DENSE) of a launch with ``launch``'s lanes and warps: DENSE 1 (vector
-    loads, a row shared by threads) where :func:`dense` allows, or 2 with ``whole_rows``;
-    else 0. Where a thread holds whole elements (DENSE 0 or 2, ``_load_rows``) a tile has at
-    least one element per thread: fewer would split an element's components over warps."""
+def tile(views, launch: dict, whole_rows: bool = False,
+         warps: str = "num_warps") -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, DENSE) of a launch with ``launch``'s lanes and ``launch[warps]``
+    warps: DENSE 1 (vector loads, a row shared by threads) where :func:`dense` allows, or 2
+    with ``whole_rows``; else 0. Where a thread holds whole elements (DENSE 0 or 2,
+    ``_load_rows``) a tile has at least one element per thread: fewer would split an
+    element's components over warps."""
     block_k = block_sizes(views[0].shape[-1], launch["lanes"])[1]
     mode = (2 if whole_rows else 1) if dense(views, block_k) else 0
-    return tile_rows(views[0].shape[-1], launch, mode == 1), block_k, mode
+    return tile_rows(views[0].shape[-1], launch, mode == 1, warps), block_k, mode
 
 
-def tile_rows(K: int, launch: dict, shared_rows: bool) -> int:
+def tile_rows(K: int, launch: dict, shared_rows: bool, warps: str = "num_warps") -> int:
     """BLOCK_N of a launch (see :func:`tile`); ``shared_rows``: on DENSE 1."""
     block_n = block_sizes(K, launch["lanes"])[0]
-    return block_n if shared_rows else max(block_n, 32 * launch["num_warps"])
+    return block_n if shared_rows else max(block_n, 32 * launch[warps])
 
 
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
@@ -519,7 +521,7 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
     gl, s_gl = cotangent(grad_lad)
     gy, s_gy = (gl, s_gl) if grad_y is None else cotangent(grad_y)
-    block_n, block_k, mode = tile(views, LAUNCH)
+    block_n, block_k, mode = tile(views, LAUNCH, warps="bwd_warps")
     _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
         gy, gl, x_flat, *views, g_x, *g_params,
         s_gy, s_gl, *strides, N, cols, K,
