@@ -17,6 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import fastflow
 from fastflow import benchmark
 
 
@@ -73,6 +74,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("full" if device.type == "cuda" else "tiny")
     wanted = set(args.variants.split(","))
+    validate = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)  # as `fastflow bench` times them: no input checks
+    try:
+        _profile(args, device, size, wanted)
+    finally:
+        fastflow.set_validate_args(validate)
+    return 0
+
+
+def _profile(args, device, size, wanted) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# Profile, {name}, torch {torch.__version__}, size {size}")
     print()
@@ -82,7 +93,6 @@ def main(argv=None) -> int:
             if v.name in wanted:
                 print(f"# {name}")
                 profile_variant(v, device, args.calls, args.rows)
-    return 0
 
 
 if __name__ == "__main__":

@@ -101,8 +101,20 @@ def main(argv=None) -> int:
         print("tune_gpu.py --size full needs a CUDA device (or --only W4)", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    validate, max_steps = fastflow.get_validate_args(), _registry.MAX_STEPS
     fastflow.set_validate_args(False)
     out = open(args.out, "w") if args.out else None
+    try:
+        _tables(args, argv, only, device, out)
+    finally:  # the settings the sweeps patch, as they were
+        fastflow.set_validate_args(validate)
+        _registry.MAX_STEPS = max_steps
+        if out is not None:
+            out.close()
+    return 0
+
+
+def _tables(args, argv, only, device, out) -> None:
     env = benchmark.environment(device)
     emit([f"# Launch-parameter sweep, {env['date']}", "",
           f"device {env['device']}; torch {torch.__version__}; "
@@ -254,9 +266,6 @@ def main(argv=None) -> int:
             sweep("log_prob with the masked-linear kernel, by tile (baseline: the reference)",
                   k_made.LAUNCH, configs, lambda: log_prob, ("reference", eager), device,
                   args.repeat, out, max_err)
-    if out is not None:
-        out.close()
-    return 0
 
 
 if __name__ == "__main__":

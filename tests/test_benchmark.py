@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import fastflow
 from fastflow import benchmark
 from fastflow.benchmark import Result, ratios
 
@@ -141,9 +142,11 @@ def test_tune_script_runs_every_table_at_tiny_size_and_restores_the_settings(cap
 
     tables = (k_cdf.LAUNCH, k_inv.LAUNCH, k_made.LAUNCH, made_nn.GPU_ROUTE, made_nn.CPU_ROUTE,
               blocked.PLAN)
+    fastflow.set_validate_args(True)
     before = [dict(t) for t in tables], _registry.MAX_STEPS
     assert _script("tune_gpu").main(["--only", "W1,W3,W5,W5diag,W4,W4tiles", "--size", "tiny",
                                      "--repeat", "1"]) == 0
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
     assert len(heads) == 10, heads
     assert ([dict(t) for t in tables], _registry.MAX_STEPS) == before
+    assert fastflow.get_validate_args()
