@@ -153,9 +153,14 @@ class AutoregressiveMixtureFlow(Transform):
         # sum the three.
         return self.made(inputs, context).split(self.components, dim=-1)
 
+    def _recorded(self, *tensors) -> bool:
+        """Whether autograd records MADE's output for these inputs (the route's mode)."""
+        return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                            or any(p.requires_grad for p in self.parameters()))
+
     def _one_pass(self, inputs, values, context, invert: bool):
         if (not invert and context is None and backend_for(values) == "triton"
-                and route(values, "head") == "kernel"):
+                and route(values, "head", self._recorded(inputs, values)) == "kernel"):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         if invert:
@@ -181,9 +186,7 @@ class AutoregressiveMixtureFlow(Transform):
         Without gradients, one pass (each hidden unit computed once; a single Triton kernel
         on a GPU). With gradients, D network passes, so that autograd sees every dependence.
         """
-        tracked = torch.is_grad_enabled() and (
-            values.requires_grad or (context is not None and context.requires_grad)
-            or any(p.requires_grad for p in self.parameters()))
+        tracked = self._recorded(values, *(() if context is None else (context,)))
         if self.one_pass and not tracked:
             return self._solve_one_pass(values, context, invert)
         side = torch.zeros_like(values)
