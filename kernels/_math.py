@@ -45,9 +45,7 @@ def fast_exp(d, FAST: tl.constexpr):
     results; elsewhere tl.exp."""
     if COMPILED and FAST:
         if d.dtype == tl.float32:
-            r = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
-                                          [d * 1.4426950408889634], dtype=tl.float32,
-                                          is_pure=True, pack=1)
+            r = _ptx_f32(d * 1.4426950408889634, "ex2.approx.ftz.f32 $0, $1;")
         else:
             r = tl.exp(d)
     else:
@@ -61,14 +59,19 @@ def fast_exp(d, FAST: tl.constexpr):
 
 
 @triton.jit
+def _ptx_f32(x, ASM: tl.constexpr):
+    """One float32 PTX instruction ``ASM`` ("op $0, $1;"), elementwise."""
+    return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def fast_rcp(x, FAST: tl.constexpr):
     """1 / x for normal x whose reciprocal is normal (1 + e in [1, 2], sums in [1e-30, K]).
     Compiled float32: one rcp.approx.ftz (relative error about 2^-23), without the division's
     range checks; elsewhere 1 / x."""
     if COMPILED and FAST:
         if x.dtype == tl.float32:
-            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
-                                          dtype=tl.float32, is_pure=True, pack=1)
+            r = _ptx_f32(x, "rcp.approx.ftz.f32 $0, $1;")
         else:
             r = 1.0 / x
     else:
@@ -89,9 +92,7 @@ def sum_log(s, FAST: tl.constexpr):
     matters near 1 (log1p, the Gaussian tail)."""
     if COMPILED and FAST:
         if s.dtype == tl.float32:
-            r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [s],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-            r = r * 0.6931471805599453
+            r = _ptx_f32(s, "lg2.approx.ftz.f32 $0, $1;") * 0.6931471805599453
         else:
             r = tl.log(s)
     else:
