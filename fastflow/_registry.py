@@ -61,6 +61,49 @@ def _impl(t: torch.Tensor):
     return reference, reference
 
 
+# The Python body of each op, by name, for :func:`call`.
+BODIES: dict = {}
+
+
+def _op(name: str):
+    """Register the decorated function as the custom op ``fastflow::name`` (no mutation) and
+    keep its plain body in BODIES."""
+    def register(fn):
+        BODIES[name] = fn
+        return torch.library.custom_op(f"fastflow::{name}", mutates_args=())(fn)
+
+    return register
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether nothing but the op's own body needs to see this call: eager mode without
+    gradient recording, no compiler, tracer, profiler, functorch transform or Python mode
+    active, and only plain tensors (no fake, functional or other subclass)."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()
+            or torch._C._get_tracing_state() is not None):
+        return False
+    for a in args:
+        for t in a if isinstance(a, list | tuple) else (a,):
+            if isinstance(t, torch.Tensor) and type(t) not in _PLAIN_TYPES:
+                return False
+    return True
+
+
+def call(name: str, *args):
+    """Run op ``name``: its body directly where :func:`_plain_eager` allows (the custom-op
+    dispatch costs more host time than an elementwise kernel's launch; bench/host_overhead.py),
+    else through ``torch.ops.fastflow`` so that compilers, tracers, fake tensors, modes and the
+    profiler see the op."""
+    if _plain_eager(args):
+        return BODIES[name](*args)
+    return getattr(torch.ops.fastflow, name)(*args)
+
+
 def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Outputs are contiguous whatever the layout of the inputs, as the fake impls say."""
     return tuple(t.contiguous() for t in tensors)
@@ -83,7 +126,7 @@ def _fake_param_grads(x: torch.Tensor, logits: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 # mixture_cdf: forward map (y, logabsdet) and its VJP
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastflow::mixture_cdf_fwd", mutates_args=())
+@_op("mixture_cdf_fwd")
 def mixture_cdf_fwd(
     x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
     kind: str, output: str,
@@ -97,7 +140,7 @@ def _(x, logits, loc, log_scale, kind, output):
     return _empty_contiguous(x), _empty_contiguous(x)
 
 
-@torch.library.custom_op("fastflow::mixture_cdf_bwd", mutates_args=())
+@_op("mixture_cdf_bwd")
 def mixture_cdf_bwd(
     grad_y: torch.Tensor, grad_lad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
     loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
@@ -114,7 +157,7 @@ def _(grad_y, grad_lad, x, logits, loc, log_scale, kind, output):
 # --------------------------------------------------------------------------------------------
 # mixture_log_prob: the density alone (the forward kernel without the CDF)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastflow::mixture_log_prob_fwd", mutates_args=())
+@_op("mixture_log_prob_fwd")
 def mixture_log_prob_fwd(
     x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor, kind: str
 ) -> torch.Tensor:
@@ -126,7 +169,7 @@ def _(x, logits, loc, log_scale, kind):
     return _empty_contiguous(x)
 
 
-@torch.library.custom_op("fastflow::mixture_log_prob_bwd", mutates_args=())
+@_op("mixture_log_prob_bwd")
 def mixture_log_prob_bwd(
     grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor,
     log_scale: torch.Tensor, kind: str,
@@ -143,7 +186,7 @@ def _(grad, x, logits, loc, log_scale, kind):
 # --------------------------------------------------------------------------------------------
 # mixture_cdf_inverse: safeguarded Newton inverse and its implicit-differentiation VJP
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastflow::mixture_cdf_inverse_fwd", mutates_args=())
+@_op("mixture_cdf_inverse_fwd")
 def mixture_cdf_inverse_fwd(
     y: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
     kind: str, output: str,
@@ -164,7 +207,7 @@ def _(y, logits, loc, log_scale, kind, output):
     return _empty_contiguous(y), _empty_contiguous(y)
 
 
-@torch.library.custom_op("fastflow::mixture_cdf_inverse_bwd", mutates_args=())
+@_op("mixture_cdf_inverse_bwd")
 def mixture_cdf_inverse_bwd(
     grad_x: torch.Tensor, grad_lad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
     loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
@@ -183,7 +226,7 @@ def _(grad_x, grad_lad, x, logits, loc, log_scale, kind, output):
 # --------------------------------------------------------------------------------------------
 # masked_linear: y = act(x @ (W * M)^T + b), all-zero mask tiles skipped in the kernel
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastflow::masked_linear_fwd", mutates_args=())
+@_op("masked_linear_fwd")
 def masked_linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
     activation: str,
@@ -225,7 +268,7 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------------
 # made_head: the MADE output layer fused with the mixture-CDF forward
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastflow::made_head_fwd", mutates_args=())
+@_op("made_head_fwd")
 def made_head_fwd(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, limits: torch.Tensor,
     x: torch.Tensor, components: int, kind: str, output: str,
@@ -272,7 +315,7 @@ torch.library.register_autograd(
 # autoregressive_solve: a degree-sorted MADE's sequential direction in one pass (no autograd:
 # the modules take the D-pass route when gradients are needed)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastflow::autoregressive_solve", mutates_args=())
+@_op("autoregressive_solve")
 def autoregressive_solve(
     values: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
     table: torch.Tensor, order: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _registry  # noqa: F401  (registers the fastflow:: ops)
-
-ops = torch.ops.fastflow
+from . import _registry
 
 
 def _expand(x: torch.Tensor, *params: torch.Tensor):
@@ -37,7 +35,8 @@ class MixtureCDF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, logits, loc, log_scale, kind: str, output: str):
-        y, lad = ops.mixture_cdf_fwd(x, *_expand(x, logits, loc, log_scale), kind, output)
+        y, lad = _registry.call("mixture_cdf_fwd", x, *_expand(x, logits, loc, log_scale),
+                                kind, output)
         ctx.save_for_backward(x, logits, loc, log_scale)
         ctx.kind, ctx.output = kind, output
         return y, lad
@@ -45,9 +44,9 @@ class MixtureCDF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_lad):
         x, logits, loc, log_scale = ctx.saved_tensors
-        grads = ops.mixture_cdf_bwd(
-            grad_y, grad_lad, x, *_expand(x, logits, loc, log_scale), ctx.kind, ctx.output
-        )
+        grads = _registry.call(
+            "mixture_cdf_bwd", grad_y, grad_lad, x, *_expand(x, logits, loc, log_scale), ctx.kind,
+            ctx.output)
         inputs = (x, logits, loc, log_scale)
         return (*_grads_out(grads, inputs, ctx.needs_input_grad[:4]), None, None)
 
@@ -57,7 +56,8 @@ class MixtureLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, logits, loc, log_scale, kind: str):
-        log_p = ops.mixture_log_prob_fwd(x, *_expand(x, logits, loc, log_scale), kind)
+        log_p = _registry.call("mixture_log_prob_fwd", x, *_expand(x, logits, loc, log_scale),
+                               kind)
         ctx.save_for_backward(x, logits, loc, log_scale)
         ctx.kind = kind
         return log_p
@@ -65,7 +65,8 @@ class MixtureLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, logits, loc, log_scale = ctx.saved_tensors
-        grads = ops.mixture_log_prob_bwd(grad, x, *_expand(x, logits, loc, log_scale), ctx.kind)
+        grads = _registry.call("mixture_log_prob_bwd", grad, x,
+                               *_expand(x, logits, loc, log_scale), ctx.kind)
         inputs = (x, logits, loc, log_scale)
         return (*_grads_out(grads, inputs, ctx.needs_input_grad[:4]), None)
 
@@ -78,7 +79,8 @@ class MixtureCDFInverse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, logits, loc, log_scale, kind: str, output: str):
-        x, lad = ops.mixture_cdf_inverse_fwd(y, *_expand(y, logits, loc, log_scale), kind, output)
+        x, lad = _registry.call("mixture_cdf_inverse_fwd", y,
+                                *_expand(y, logits, loc, log_scale), kind, output)
         ctx.save_for_backward(x, y, logits, loc, log_scale)
         ctx.kind, ctx.output = kind, output
         return x, lad
@@ -86,9 +88,9 @@ class MixtureCDFInverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x, grad_lad):
         x, y, logits, loc, log_scale = ctx.saved_tensors
-        grads = ops.mixture_cdf_inverse_bwd(
-            grad_x, grad_lad, x, *_expand(x, logits, loc, log_scale), ctx.kind, ctx.output
-        )
+        grads = _registry.call(
+            "mixture_cdf_inverse_bwd", grad_x, grad_lad, x, *_expand(x, logits, loc, log_scale),
+            ctx.kind, ctx.output)
         inputs = (y, logits, loc, log_scale)
         return (*_grads_out(grads, inputs, ctx.needs_input_grad[:4]), None, None)
 
@@ -103,12 +105,13 @@ def _setup_saving_inputs(ctx, inputs, output):
 
 
 def _cdf_fwd_backward(ctx, grad_y, grad_lad):
-    grads = ops.mixture_cdf_bwd(grad_y, grad_lad, *ctx.saved_tensors, ctx.kind, ctx.output)
+    grads = _registry.call("mixture_cdf_bwd", grad_y, grad_lad, *ctx.saved_tensors, ctx.kind,
+                           ctx.output)
     return (*_grads_out(grads, ctx.saved_tensors, (True,) * 4), None, None)
 
 
 def _log_prob_fwd_backward(ctx, grad):
-    grads = ops.mixture_log_prob_bwd(grad, *ctx.saved_tensors, ctx.kind)
+    grads = _registry.call("mixture_log_prob_bwd", grad, *ctx.saved_tensors, ctx.kind)
     return (*_grads_out(grads, ctx.saved_tensors, (True,) * 4), None)
 
 
@@ -120,7 +123,8 @@ def _inverse_setup(ctx, inputs, output):
 
 def _inverse_fwd_backward(ctx, grad_x, grad_lad):
     x, y, *params = ctx.saved_tensors
-    grads = ops.mixture_cdf_inverse_bwd(grad_x, grad_lad, x, *params, ctx.kind, ctx.output)
+    grads = _registry.call("mixture_cdf_inverse_bwd", grad_x, grad_lad, x, *params, ctx.kind,
+                           ctx.output)
     return (*_grads_out(grads, (y, *params), (True,) * 4), None, None)
 
 

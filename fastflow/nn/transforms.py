@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _registry
 from .._registry import backend_for
 from ..functional import (
     _should_validate,
@@ -175,9 +176,9 @@ class AutoregressiveMixtureFlow(Transform):
         lead = values.shape[:-1]
         h = self.made.hidden(inputs).reshape(-1, self.made.output.in_features)
         out = self.made.output
-        y, lad = torch.ops.fastflow.made_head_fwd(
-            h, out.weight, out.bias, self.made.head_limits, values.reshape(-1, self.features),
-            self.components, self.kind, self.output)
+        y, lad = _registry.call(
+            "made_head_fwd", h, out.weight, out.bias, self.made.head_limits,
+            values.reshape(-1, self.features), self.components, self.kind, self.output)
         return y.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def _sequential(self, values, context, invert: bool):
@@ -208,7 +209,7 @@ class AutoregressiveMixtureFlow(Transform):
                 plan["out_weight"], plan["out_bias"], self.components, self.kind, self.output,
                 invert, self.made.residual)
         if type(act) is nn.ReLU:
-            side, lad = torch.ops.fastflow.autoregressive_solve(*args, "relu")
+            side, lad = _registry.call("autoregressive_solve", *args, "relu")
         else:
             side, lad = reference_solve(*args, act)
         if _should_validate(None):
