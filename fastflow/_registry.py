@@ -31,11 +31,17 @@ MAX_STEPS = BISECT_STEPS + NEWTON_STEPS
 _BACKENDS = ("auto", "triton", "reference")
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """"triton" or "reference" for a tensor on its device, honouring FASTFLOW_BACKEND."""
+def backend_choice() -> str:
+    """FASTFLOW_BACKEND, validated: "auto", "triton" or "reference"."""
     choice = os.environ.get("FASTFLOW_BACKEND", "auto").lower()
     if choice not in _BACKENDS:
         raise ValueError(f"FASTFLOW_BACKEND must be one of {_BACKENDS}, got {choice!r}")
+    return choice
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """"triton" or "reference" for a tensor on its device, honouring FASTFLOW_BACKEND."""
+    choice = backend_choice()
     if choice == "auto":
         return "triton" if t.is_cuda else "reference"
     return choice
@@ -76,6 +82,7 @@ def _op(name: str):
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_OTHERS = (str, int, bool, float, type(None))
 
 
 def _plain_eager(args) -> bool:
@@ -88,6 +95,8 @@ def _plain_eager(args) -> bool:
             or torch._C._get_tracing_state() is not None):
         return False
     for a in args:
+        if type(a) in _PLAIN_TYPES or type(a) in _PLAIN_OTHERS:
+            continue
         for t in a if isinstance(a, list | tuple) else (a,):
             if isinstance(t, torch.Tensor) and type(t) not in _PLAIN_TYPES:
                 return False

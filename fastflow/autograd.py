@@ -23,7 +23,9 @@ def _reduce(grad: torch.Tensor | None, like: torch.Tensor, needed: bool):
     """Sum a per-element grad over broadcast dimensions (in its float32/64) and cast."""
     if grad is None or not needed:
         return None
-    return grad.sum_to_size(like.shape).to(like.dtype)
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 def _grads_out(grads, inputs, needs):

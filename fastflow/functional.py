@@ -90,9 +90,10 @@ def _prepare(x_name: str, x, logits, loc, log_scale, kind, output):
                 f"{x_name}.shape + (K,) = {full}"
             )
     dtype = x.dtype
-    for p in (logits, loc, log_scale):
-        dtype = torch.promote_types(dtype, p.dtype)
-    return [t.to(dtype) for t in (x, logits, loc, log_scale)]
+    if not (logits.dtype == loc.dtype == log_scale.dtype == dtype):
+        for p in (logits, loc, log_scale):
+            dtype = torch.promote_types(dtype, p.dtype)
+    return [t if t.dtype == dtype else t.to(dtype) for t in (x, logits, loc, log_scale)]
 
 
 def _validate_values(checks: list[tuple[str, torch.Tensor, str]]) -> None:

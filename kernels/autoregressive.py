@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .made import _head_params
-from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype
+from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype, cdiv, next_pow2
 from .mixture_inverse import _solve, _target_logit
 
 # Launch parameters on a GPU (bench/tune_gpu.py sweeps them): rows per program (at most), the
@@ -131,8 +131,8 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
     out_bias = out_bias.to(cdt)
     out_bias = out_bias[None, :] if out_bias.dim() == 1 else out_bias.contiguous()
     scratch = torch.empty((B, col), dtype=cdt, device=dev)
-    block_b = max(16, min(LAUNCH["block_b"], triton.next_power_of_2(B)))
-    _autoregressive_solve_kernel[(triton.cdiv(B, block_b),)](
+    block_b = max(16, min(LAUNCH["block_b"], next_pow2(B)))
+    _autoregressive_solve_kernel[(cdiv(B, block_b),)](
         values, result, lad, scratch, w_packed, b_packed,
         torch.tensor(meta, dtype=torch.int64, device=dev),
         table.to(device=dev, dtype=torch.int32).contiguous(),
@@ -146,6 +146,6 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
         IEEE=cdt == torch.float64 or not torch.backends.cuda.matmul.allow_tf32,
         MAX_STEPS=max_steps,
         BLOCK_B=block_b, BLOCK_N=LAUNCH["block_n"], BLOCK_H=LAUNCH["block_h"],
-        BLOCK_K=max(16, triton.next_power_of_2(components)), num_warps=LAUNCH["num_warps"],
+        BLOCK_K=max(16, next_pow2(components)), num_warps=LAUNCH["num_warps"],
     )
     return result, lad

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._math import lse_parts
-from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype
+from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype, cdiv, next_pow2
 
 ACTIVATIONS = {"identity": 0, "relu": 1}
 
@@ -67,7 +67,7 @@ def _masked_linear_fwd_kernel(
 def nonzero_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
     """int8 table (ceil(N / block_n), ceil(K / block_k)): 1 where the mask tile has a nonzero."""
     n, k = mask.shape
-    tn, tk = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    tn, tk = cdiv(n, block_n), cdiv(k, block_k)
     padded = torch.zeros(tn * block_n, tk * block_k, dtype=torch.bool, device=mask.device)
     padded[:n, :k] = mask != 0
     return padded.reshape(tn, block_n, tk, block_k).any(dim=(1, 3)).to(torch.int8)
@@ -82,7 +82,7 @@ LAUNCH = {"linear_blocks": (64, 64, 64), "linear_warps": 4,
 def block_sizes(M: int, N: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K), at least 16 (tl.dot's minimum), at most LAUNCH's."""
     def fit(n, most):
-        return max(16, min(most, triton.next_power_of_2(n)))
+        return max(16, min(most, next_pow2(n)))
 
     return tuple(fit(n, most) for n, most in zip((M, N, K), LAUNCH["linear_blocks"], strict=True))
 
@@ -101,7 +101,7 @@ def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
     block_m, block_n, block_k = block_sizes(M, N, K)
     if tiles is None:
         tiles = nonzero_tiles(mask, block_n, block_k)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (cdiv(M, block_m), cdiv(N, block_n))
     ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
     _masked_linear_fwd_kernel[grid](
         x, weight, mask, y if bias is None else bias, tiles, y,
@@ -202,11 +202,11 @@ def made_head_fwd(h, weight, bias, limits, x, components: int, kind: str, output
     if B == 0:
         return y, lad
     H = h.shape[1]
-    block_k = max(16, triton.next_power_of_2(components))
-    block_b = max(16, min(LAUNCH["head_block_b"], triton.next_power_of_2(B)))
-    block_h = max(16, min(LAUNCH["head_block_h"], triton.next_power_of_2(H)))
+    block_k = max(16, next_pow2(components))
+    block_b = max(16, min(LAUNCH["head_block_b"], next_pow2(B)))
+    block_h = max(16, min(LAUNCH["head_block_h"], next_pow2(H)))
     ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
-    _made_head_fwd_kernel[(triton.cdiv(B, block_b), D)](
+    _made_head_fwd_kernel[(cdiv(B, block_b), D)](
         h, weight, bias, limits, x, y, lad,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
         B, D, H, components,

@@ -415,11 +415,27 @@ def _tl_dtype(dtype: torch.dtype):
 LAUNCH = {"lanes": 1024, "num_warps": 4, "bwd_warps": 2}
 
 
+# Read once, as Triton decides at import whether its kernels are interpreted.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Launch arithmetic in plain Python: triton.next_power_of_2 and triton.cdiv go through
+# Triton's JIT call wrapper, microseconds of host time each on every launch.
+def next_pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a >= 0, b > 0."""
+    return -(-a // b)
+
+
 def block_sizes(K: int, lanes: int | None = None) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K): ``lanes`` (default LAUNCH's) tile lanes on a GPU, 16384 under the
     interpreter."""
-    block_k = triton.next_power_of_2(K)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    block_k = next_pow2(K)
+    if _INTERPRET:
         lanes = 16384
     elif lanes is None:
         lanes = LAUNCH["lanes"]
@@ -494,7 +510,7 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
         return y, lad
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
     block_n, block_k, mode = tile(views, LAUNCH)
-    _mixture_cdf_fwd_kernel[(triton.cdiv(N, block_n),)](
+    _mixture_cdf_fwd_kernel[(cdiv(N, block_n),)](
         x_flat, *views, lad if y is None else y, lad,
         *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
@@ -522,7 +538,7 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     gl, s_gl = cotangent(grad_lad)
     gy, s_gy = (gl, s_gl) if grad_y is None else cotangent(grad_y)
     block_n, block_k, mode = tile(views, LAUNCH, warps="bwd_warps")
-    _mixture_cdf_bwd_kernel[(triton.cdiv(N, block_n),)](
+    _mixture_cdf_bwd_kernel[(cdiv(N, block_n),)](
         gy, gl, x_flat, *views, g_x, *g_params,
         s_gy, s_gl, *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),

@@ -29,6 +29,7 @@ from .mixture_cdf import (
     _vjp_assemble,
     _vjp_terms,
     alloc_grads,
+    cdiv,
     cotangent,
     param_views,
     tile,
@@ -329,7 +330,7 @@ def mixture_cdf_inverse_fwd(
         return x, lad
     y_flat, _, cols, views, strides = param_views(y, logits, loc, log_scale)
     block_n, block_k, mode = tile(views, LAUNCH, whole_rows=True)
-    grid = triton.cdiv(N, block_n)
+    grid = cdiv(N, block_n)
     if steps_out is not None and steps_out.numel() < grid:
         raise ValueError(f"steps_out needs {grid} entries, has {steps_out.numel()}")
     _mixture_cdf_inverse_fwd_kernel[(grid,)](
@@ -348,7 +349,7 @@ def num_programs(n: int, K: int, dense: bool = True) -> int:
     hold whole elements on either path (DENSE 2 or 0), so ``dense`` does not change the
     count; it stays for callers that state the layout."""
     del dense
-    return triton.cdiv(n, tile_rows(K, LAUNCH, False))
+    return cdiv(n, tile_rows(K, LAUNCH, False))
 
 
 def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
@@ -361,7 +362,7 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     x_flat, _, cols, views, strides = param_views(x, logits, loc, log_scale)
     (gx, s_gx), (gl, s_gl) = cotangent(grad_x), cotangent(grad_lad)
     block_n, block_k, mode = tile(views, LAUNCH)
-    _mixture_cdf_inverse_bwd_kernel[(triton.cdiv(N, block_n),)](
+    _mixture_cdf_inverse_bwd_kernel[(cdiv(N, block_n),)](
         gx, gl, x_flat, *views, g_y, *g_params,
         s_gx, s_gl, *strides, N, cols, K,
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),

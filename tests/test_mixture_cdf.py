@@ -314,3 +314,16 @@ def test_dense_loads_only_for_contiguous_power_of_two_components():
     block_n, _, mode = tile(views(x, *p4), launch, whole_rows=True)
     assert mode == 2 and block_n >= 32 * launch["num_warps"]
     assert tile(views(x, transposed, p4[1], p4[2]), launch, whole_rows=True)[2] == 0
+
+
+def test_launch_arithmetic_agrees_with_triton():
+    """The launchers' plain-Python next_pow2 and cdiv (Triton's own cost host time per call)
+    give Triton's results wherever the launchers use them (n >= 1; cdiv of n >= 0)."""
+    import triton
+    from fastflow.kernels.mixture_cdf import cdiv, next_pow2
+
+    for n in range(1, 3000):
+        assert next_pow2(n) == triton.next_power_of_2(n)
+        for b in (1, 3, 16, 1024):
+            assert cdiv(n - 1, b) == triton.cdiv(n - 1, b)
+    assert next_pow2(2**40 + 1) == triton.next_power_of_2(2**40 + 1)

@@ -11,12 +11,10 @@ kept sorted by degree, which makes every mask block-triangular.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from .._registry import backend_for
+from .._registry import backend_choice
 from ..functional import masked_linear
 from ..reference import made as reference_made
 from . import _blocked as blocked
@@ -48,13 +46,13 @@ ROLES = ("linear", "head")
 def route(x: torch.Tensor, part: str, grad: bool | None = None) -> str:
     """How MADE's ``part`` ("linear" or "head") runs for x: "dense", "blocks" or "kernel".
     ``grad``: whether autograd records the product (default: ``torch.is_grad_enabled()``)."""
-    backend = backend_for(x)  # validates FASTFLOW_BACKEND
-    if os.environ.get("FASTFLOW_BACKEND", "auto").lower() == "reference":
+    choice = backend_choice()
+    if choice == "reference":
         return "dense"
     key = part if (torch.is_grad_enabled() if grad is None else grad) else part + "_inference"
     if x.is_cuda:
         return GPU_ROUTE[key]
-    return "kernel" if backend == "triton" else CPU_ROUTE[key]
+    return "kernel" if choice == "triton" else CPU_ROUTE[key]
 
 
 class MaskedLinear(nn.Linear):
@@ -92,18 +90,25 @@ class MaskedLinear(nn.Linear):
         return self._plan[1]
 
     def forward(self, x: torch.Tensor, activation: str = "identity") -> torch.Tensor:
-        grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+        # Host time counts here (a training step's layers are small kernels on a GPU): each
+        # attribute is read once and cast only when its dtype differs.
+        weight, bias, mask = self.weight, self.bias, self.mask
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         how = route(x, self.role, grad)
         if how == "kernel":
-            return masked_linear(x, self.weight, self.mask, self.bias, activation=activation)
-        if activation not in ("identity", "relu"):
+            return masked_linear(x, weight, mask, bias, activation=activation)
+        if activation != "identity" and activation != "relu":
             raise ValueError(f"activation must be 'identity' or 'relu', got {activation!r}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
-        weight = self.weight.to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        mask = self.mask.to(x.dtype)
+        dtype = x.dtype
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        if mask.dtype != dtype:
+            mask = mask.to(dtype)
         # Under torch.compile the plan's Python bookkeeping is not traceable: dense there.
         blocks = (self.blocks() if how == "blocks" and not torch.compiler.is_compiling()
                   else None)

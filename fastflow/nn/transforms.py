@@ -70,22 +70,25 @@ class Compose(Transform):
         return chain_inverse(self.transforms, z, context)
 
 
+def _chain(steps, value, context):
+    """Apply each step; logabsdets add up (the first is taken as it is: no 0 + lad kernel)."""
+    total = None
+    for step in steps:
+        value, lad = step(value, context)
+        total = lad if total is None else total + lad
+    if total is None:
+        raise ValueError("transforms must not be empty")
+    return value, total
+
+
 def chain_forward(transforms, x, context=None):
     """Apply transforms in order; logabsdets add up."""
-    total = 0.0
-    for t in transforms:
-        x, lad = t(x, context)
-        total = total + lad
-    return x, total
+    return _chain(transforms, x, context)
 
 
 def chain_inverse(transforms, z, context=None):
     """Invert transforms in reverse order; logabsdets add up."""
-    total = 0.0
-    for t in reversed(transforms):
-        z, lad = t.inverse(z, context)
-        total = total + lad
-    return z, total
+    return _chain([t.inverse for t in reversed(transforms)], z, context)
 
 
 class MixtureCDFFlow(Transform):
@@ -159,9 +162,18 @@ class AutoregressiveMixtureFlow(Transform):
         return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
                                             or any(p.requires_grad for p in self.parameters()))
 
+    def _fuses_head(self, inputs, values) -> bool:
+        """Whether the forward takes the fused head kernel (its route is "kernel"). The mode
+        (``_recorded``, a walk over the parameters) is looked up only where one mode's route
+        is the kernel."""
+        if backend_for(values) != "triton":
+            return False
+        if route(values, "head", True) != "kernel" and route(values, "head", False) != "kernel":
+            return False
+        return route(values, "head", self._recorded(inputs, values)) == "kernel"
+
     def _one_pass(self, inputs, values, context, invert: bool):
-        if (not invert and context is None and backend_for(values) == "triton"
-                and route(values, "head", self._recorded(inputs, values)) == "kernel"):
+        if not invert and context is None and self._fuses_head(inputs, values):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         if invert:
