@@ -1,41 +1,77 @@
-"""Host time of fastflow's op layer: checks, autograd Function, custom-op dispatch.
+"""Host time of fastflow's Python layers: the part of each call that a GPU does not speed up.
 
-    python bench/host_overhead.py [--calls 2000]
+    python bench/host_overhead.py [--calls 1000] [--rounds 7]
 
-Times forward + backward of ``fastflow.mixture_cdf`` on tiny CPU tensors with the kernels
-replaced by functions that only allocate their outputs, so what remains is the Python and
-dispatch work that runs on the host for every call on any device; beside it, the same
-autograd pattern through two plain PyTorch multiplies. Min of 5 rounds, microseconds.
+On tiny CPU tensors, where the arithmetic is negligible and what remains is the Python,
+autograd and dispatch work that every call costs on any device:
+
+- op: forward + backward of ``fastflow.mixture_cdf``, beside the same autograd pattern through
+  two plain multiplies;
+- W4: one training step (SGD) of W4's model at tiny sizes (D = 4, hidden [8, 8], K = 2,
+  batch 2): fastflow on its GPU code path (the GPU's MADE routes, the Triton launchers run
+  with their kernels replaced by no-ops), the same model in eager PyTorch
+  (FASTFLOW_BACKEND=reference), and zuko's and nflows' affine MAF where installed.
+
+Triton's own launch and the CUDA driver are not counted. A W4 step on a GPU is host-bound
+when its host time exceeds its kernels' time, and then these ratios are what the benchmark
+sees. Variants take turns; min over rounds, microseconds per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-import types
 from unittest import mock
 
 import torch
+from fastflow.kernels import mixture_cdf as cdf_kernels
 
 import fastflow
-from fastflow import _registry
+from fastflow import _registry, benchmark
+from fastflow.nn import made
+
+TINY = (4, [8, 8], 2, 2)  # features, hidden, components, batch
 
 
-def _allocating_impl(shape, K):
-    def fwd(*_):
-        return torch.empty(shape), torch.empty(shape)
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` does nothing."""
 
-    def bwd(*_):
-        return [torch.empty(shape), *(torch.empty(*shape, K) for _ in range(3))]
-
-    return types.SimpleNamespace(mixture_cdf_fwd=fwd, mixture_cdf_bwd=bwd)
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
-def measure(calls: int) -> dict[str, float]:
+@contextlib.contextmanager
+def gpu_code_path():
+    """fastflow's GPU route on CPU tensors: launchers and MADE routes as on a GPU, no-op
+    kernels, input checks off (as in ``fastflow bench``)."""
+    old = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)
+    try:
+        with (mock.patch.object(_registry, "_use_triton", lambda t: True),
+              mock.patch.object(cdf_kernels, "_mixture_cdf_fwd_kernel", _NoLaunch()),
+              mock.patch.object(cdf_kernels, "_mixture_cdf_bwd_kernel", _NoLaunch()),
+              mock.patch.dict(made.CPU_ROUTE, made.GPU_ROUTE)):
+            yield
+    finally:
+        fastflow.set_validate_args(old)
+
+
+@contextlib.contextmanager
+def eager_reference():
+    old = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)
+    try:
+        with benchmark._backend("reference"):
+            yield
+    finally:
+        fastflow.set_validate_args(old)
+
+
+def op_variants():
     shape, K = (4, 3), 2
     x = torch.randn(shape, requires_grad=True)
     params = [torch.randn(*shape, K, requires_grad=True) for _ in range(3)]
-    impl = _allocating_impl(shape, K)
 
     def op_layer():
         y, lad = fastflow.mixture_cdf(x, *params, kind="logistic", output="logit",
@@ -46,30 +82,71 @@ def measure(calls: int) -> dict[str, float]:
         y, lad = x * 1.0, x * 2.0
         torch.autograd.grad((y + lad).sum(), (x,))
 
+    return {"fastflow op layer": (op_layer, gpu_code_path),
+            "plain autograd": (plain, contextlib.nullcontext)}
+
+
+def w4_variants():
+    D, hidden, K, batch = TINY
+    x = torch.randn(batch, D, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, ctx in (("fastflow", gpu_code_path), ("torch-eager", eager_reference)):
+        model = benchmark.flow_model(D, hidden, K, "cpu")
+        out[name] = (benchmark._train_step(lambda m=model: -m.log_prob(x).mean(),
+                                           model.parameters()), ctx)
+    zuko = benchmark._zuko_maf(D, hidden, "cpu")
+    if zuko is not None:
+        out["zuko-maf"] = (benchmark._train_step(lambda: -zuko().log_prob(x).mean(),
+                                                 zuko.parameters()), contextlib.nullcontext)
+    nflows = benchmark._nflows_maf(D, hidden, "cpu")
+    if nflows is not None:
+        out["nflows-maf"] = (benchmark._train_step(lambda: -nflows.log_prob(x).mean(),
+                                                   nflows.parameters()), contextlib.nullcontext)
+    return out
+
+
+def measure(variants: dict, calls: int, rounds: int) -> dict[str, float]:
+    """{name: min over rounds of microseconds per call}; the variants take turns."""
     best = {}
-    with mock.patch.object(_registry, "_impl", lambda t: (impl, impl)):
-        for _ in range(5):
-            for name, fn in (("fastflow op layer", op_layer), ("plain autograd", plain)):
-                for _ in range(20):
+    for _ in range(rounds):
+        for name, (fn, ctx) in variants.items():
+            with ctx():
+                for _ in range(max(1, calls // 20)):
                     fn()
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
                 us = (time.perf_counter() - t0) / calls * 1e6
-                best[name] = min(best.get(name, us), us)
+            best[name] = min(best.get(name, us), us)
     return best
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
-    best = measure(args.calls)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward + backward, "
-          "us per call (min of 5 rounds)")
-    for name, us in best.items():
-        print(f"{name}: {us:.1f}")
-    return best
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: intra-op threads would only add noise
+    try:
+        return _report(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report(args) -> dict[str, dict[str, float]]:
+    print(f"torch {torch.__version__}, 1 thread; us per call "
+          f"(min of {args.rounds} rounds of {args.calls})")
+    results = {}
+    for title, variants, ref in (("op: forward + backward", op_variants(), "fastflow op layer"),
+                                 ("W4: training step at tiny sizes", w4_variants(), "fastflow")):
+        best = measure(variants, args.calls, args.rounds)
+        print(f"\n{title}\n")
+        print("| variant | us per call | / fastflow |\n| --- | --- | --- |")
+        for name, us in best.items():
+            print(f"| {name} | {us:.1f} | {us / best[ref]:.2f} |")
+        results[title.split(":")[0]] = best
+    return results
 
 
 if __name__ == "__main__":

@@ -118,15 +118,28 @@ def _script(name: str):
     return module
 
 
-def test_host_overhead_script_times_both_and_restores_the_kernels():
-    """bench/host_overhead.py (the op layer's host time in TUNING) runs both timings and puts
-    the real implementations back."""
-    from fastflow import _registry
+def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
+    """bench/host_overhead.py (the host times in TUNING) times the op and the W4 step, and puts
+    back the backend switch, the kernels, the routes, the input checks and the threads."""
+    import torch
+    from fastflow.kernels import mixture_cdf as cdf_kernels
 
-    before = _registry._impl
-    best = _script("host_overhead").main(["--calls", "3"])
-    assert set(best) == {"fastflow op layer", "plain autograd"} and min(best.values()) > 0
-    assert _registry._impl is before
+    import fastflow
+    from fastflow import _registry
+    from fastflow.nn import made
+
+    before = (_registry._use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
+              cdf_kernels._mixture_cdf_bwd_kernel, dict(made.CPU_ROUTE),
+              fastflow.get_validate_args(), torch.get_num_threads())
+    best = _script("host_overhead").main(["--calls", "2", "--rounds", "1"])
+    assert set(best) == {"op", "W4"}
+    assert set(best["op"]) == {"fastflow op layer", "plain autograd"}
+    assert {"fastflow", "torch-eager"} <= set(best["W4"])
+    assert min(v for b in best.values() for v in b.values()) > 0
+    after = (_registry._use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
+             cdf_kernels._mixture_cdf_bwd_kernel, dict(made.CPU_ROUTE),
+             fastflow.get_validate_args(), torch.get_num_threads())
+    assert after == before
 
 
 def test_tune_script_runs_every_table_at_tiny_size_and_restores_the_settings(capsys):
