@@ -7,7 +7,8 @@
 # 1. the whole suite on the compiled kernels (pytest-xdist workers; each worker's CPU threads
 #    limited, since several tests also run float64 references on the CPU),
 # 2. `fastflow bench` on every workload (markdown + CSV under OUTDIR/bench),
-# 3. the launch and route sweeps (OUTDIR/tune.md) and the W2/W4 profile (OUTDIR/profile.md).
+# 3. the launch and route sweeps (OUTDIR/tune.md), the W2/W4 profile and the host times of
+#    the op layer and of W4's step on this machine's CPU (OUTDIR/profile.md).
 # Logs: OUTDIR/pytest.log, OUTDIR/run.log.
 set -u
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS]}
@@ -36,3 +37,5 @@ timeout "${4:-150}" python3 bench/tune_gpu.py --only W1,W3,W4,W5diag --out "$OUT
 stamp tune $? >> "$OUT/run.log"
 timeout 60 python3 bench/profile_gpu.py --workloads W2,W4 > "$OUT/profile.md" 2>&1
 stamp profile $? >> "$OUT/run.log"
+timeout 90 python3 bench/host_overhead.py >> "$OUT/profile.md" 2>&1
+stamp host $? >> "$OUT/run.log"

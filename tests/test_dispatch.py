@@ -121,4 +121,5 @@ def test_tensor_subclasses_and_lists_are_checked():
         sub = t.as_subclass(Sub)
         assert not _registry._plain_eager((t, sub))
         assert not _registry._plain_eager((t, [t, sub]))
+        assert not _registry._plain_eager((t, torch.zeros(2, device="meta")))
     assert not _registry._plain_eager((t,))  # grad mode on
