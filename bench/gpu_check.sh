@@ -35,7 +35,8 @@ stamp bench $? >> "$OUT/run.log"
 timeout "${4:-150}" python3 bench/tune_gpu.py --only W1,W3,W4,W5diag --out "$OUT/tune.md" \
   >> "$OUT/run.log" 2>&1
 stamp tune $? >> "$OUT/run.log"
-timeout 60 python3 bench/profile_gpu.py --workloads W2,W4 > "$OUT/profile.md" 2>&1
+timeout 120 python3 bench/profile_gpu.py --workloads W2,W4 \
+  --variants fastflow,torch-eager,zuko-maf --routes "head=blocks" > "$OUT/profile.md" 2>&1
 stamp profile $? >> "$OUT/run.log"
 timeout 90 python3 bench/host_overhead.py >> "$OUT/profile.md" 2>&1
 stamp host $? >> "$OUT/run.log"

@@ -1,27 +1,31 @@
 """Where a workload's time goes: torch.profiler over a few calls of benchmark variants.
 
     python bench/profile_gpu.py [--workloads W2,W4] [--variants fastflow,zuko-maf] [--calls 5]
+        [--routes "head=blocks;linear=blocks,head=blocks"]
 
 For each variant: wall time per call, the host's time to issue one (the calls' Python,
 dispatch and launches, without waiting for the device), the device's busy time per call (the
 sum of its kernels' times; far below the wall time, with the issue time near it, means the
-host sets the pace), and the kernels that take the most device time. Runs on a CPU too
-(then only host times).
+host sets the pace), and the kernels that take the most device time. ``--routes`` profiles
+the fastflow variants again under each listed change of MADE's routes (``;`` between
+alternatives; see fastflow/nn/made.py). Runs on a CPU too (then only host times).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastflow
 from fastflow import benchmark
+from fastflow.nn import made
 
 
-def profile_variant(v, device, calls: int, rows: int) -> None:
+def profile_variant(v, device, calls: int, rows: int, label: str = "") -> None:
     run = benchmark._backend_bound(v)
     for _ in range(3):
         run()
@@ -50,8 +54,8 @@ def profile_variant(v, device, calls: int, rows: int) -> None:
     busy = sum(getattr(e, attr) for e in kernels) / calls / 1e3
     if device.type == "cuda" and not kernels:  # an event layout this filter does not know
         print(events.table(sort_by="self_" + attr, row_limit=rows))
-    print(f"## {v.name}: wall {wall_plain * 1e3:.3f} ms per call ({wall * 1e3:.3f} under the "
-          f"profiler), host issue {issue * 1e3:.3f} ms, device busy {busy:.3f} ms, "
+    print(f"## {v.name}{label}: wall {wall_plain * 1e3:.3f} ms per call ({wall * 1e3:.3f} under "
+          f"the profiler), host issue {issue * 1e3:.3f} ms, device busy {busy:.3f} ms, "
           f"{sum(e.count for e in kernels) / calls:.0f} kernels per call")
     print()
     print("| kernel | calls per call | ms per call | share of busy |")
@@ -70,7 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=("tiny", "cpu", "full"), default=None)
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--routes", default="", help="MADE route changes to profile fastflow under")
     args = p.parse_args(argv)
+    args.routes = parse_routes(args.routes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("full" if device.type == "cuda" else "tiny")
     wanted = set(args.variants.split(","))
@@ -83,16 +89,36 @@ def main(argv=None) -> int:
     return 0
 
 
+def parse_routes(text: str) -> list[dict[str, str]]:
+    """"head=blocks;linear=blocks,head=blocks" -> [{"head": "blocks"}, {...}]."""
+    out = []
+    for alt in filter(None, text.split(";")):
+        change = {}
+        for item in alt.split(","):
+            key, _, value = item.partition("=")
+            if key not in made.GPU_ROUTE or value not in ("dense", "blocks", "kernel"):
+                raise ValueError(f"--routes: {item!r} is not KEY=dense|blocks|kernel with KEY "
+                                 f"one of {sorted(made.GPU_ROUTE)}")
+            change[key] = value
+        out.append(change)
+    return out
+
+
 def _profile(args, device, size, wanted) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# Profile, {name}, torch {torch.__version__}, size {size}")
     print()
     for name in args.workloads.split(","):
         wl = benchmark.build(name, size, device, "torch-compile" in wanted)
+        table = made.GPU_ROUTE if device.type == "cuda" else made.CPU_ROUTE
         for v in wl.variants:
-            if v.name in wanted:
+            if v.name not in wanted:
+                continue
+            for change in [{}] + (args.routes if v.name == "fastflow" else []):
+                label = "".join(f" [{k}={c}]" for k, c in change.items())
                 print(f"# {name}")
-                profile_variant(v, device, args.calls, args.rows)
+                with mock.patch.dict(table, change):
+                    profile_variant(v, device, args.calls, args.rows, label)
 
 
 if __name__ == "__main__":

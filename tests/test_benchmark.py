@@ -109,6 +109,35 @@ def test_profile_script_reports_each_chosen_variant(capsys):
     assert heads == ["## fastflow", "## fastflow", "## copy"]
 
 
+def test_profile_script_profiles_fastflow_under_each_route_change(capsys):
+    """--routes profiles the fastflow variant again under each change, and puts the routes
+    back; a change it cannot apply is a ValueError naming it."""
+    import pytest
+
+    from fastflow.nn import made
+
+    module = _script("profile_gpu")
+    before = (dict(made.GPU_ROUTE), dict(made.CPU_ROUTE))
+    seen, profile = [], module.profile_variant
+
+    def recording(*args, **kwargs):
+        seen.append((made.CPU_ROUTE["linear"], made.CPU_ROUTE["head"]))
+        return profile(*args, **kwargs)
+
+    module.profile_variant = recording
+    assert module.main(["--workloads", "W4", "--variants", "fastflow", "--size", "tiny",
+                        "--calls", "1", "--routes", "head=dense;linear=dense,head=dense"]) == 0
+    heads = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("## ")]
+    assert heads == ["## fastflow", "## fastflow [head=dense]",
+                     "## fastflow [linear=dense] [head=dense]"]
+    lin, head = before[1]["linear"], before[1]["head"]
+    assert seen == [(lin, head), (lin, "dense"), ("dense", "dense")]
+    assert (dict(made.GPU_ROUTE), dict(made.CPU_ROUTE)) == before
+    with pytest.raises(ValueError, match="head=fast"):
+        module.main(["--routes", "head=fast"])
+
+
 def _script(name: str):
     """A script under bench/ as a module."""
     path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
