@@ -87,13 +87,15 @@ _PLAIN_OTHERS = (str, int, bool, float, type(None))
 
 def _plain_eager(args) -> bool:
     """Whether nothing but the op's own body needs to see this call: eager mode without
-    gradient recording, no compiler, tracer, profiler, functorch transform or Python mode
-    active, and only plain tensors (no fake, functional or other subclass; none on the meta
+    gradient recording, no compiler, tracer, profiler, functorch transform, forward-mode AD
+    level or Python mode active (a default device set by ``torch.set_default_device`` is such
+    a mode), and only plain tensors (no fake, functional or other subclass; none on the meta
     device, which the registered fake implementations serve)."""
     if (torch.is_grad_enabled() or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()
-            or torch._C._get_tracing_state() is not None):
+            or torch._C._get_tracing_state() is not None
+            or torch.autograd.forward_ad._current_level >= 0):
         return False
     for a in args:
         if type(a) in _PLAIN_OTHERS:

@@ -149,7 +149,8 @@ def _script(name: str):
 
 def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
     """bench/host_overhead.py (the host times in TUNING) times the op and the W4 step, and puts
-    back the backend switch, the kernels, the routes, the input checks and the threads."""
+    back the backend switch, the kernels, the routes, the input checks, the threads and the
+    random state."""
     import torch
     from fastflow.kernels import mixture_cdf as cdf_kernels
 
@@ -160,7 +161,9 @@ def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
     before = (_registry._use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
               cdf_kernels._mixture_cdf_bwd_kernel, dict(made.CPU_ROUTE),
               fastflow.get_validate_args(), torch.get_num_threads())
+    rng = torch.get_rng_state()
     best = _script("host_overhead").main(["--calls", "2", "--rounds", "1"])
+    assert torch.equal(torch.get_rng_state(), rng)
     assert set(best) == {"op", "W4"}
     assert set(best["op"]) == {"fastflow op layer", "plain autograd"}
     assert {"fastflow", "torch-eager"} <= set(best["W4"])

@@ -94,6 +94,9 @@ def test_intercepting_contexts_take_the_dispatcher(counted):
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         y, lad = op(mode.from_tensor(x), *(mode.from_tensor(p) for p in params))
     assert counted == {} and y.shape == x.shape and lad.shape == x.shape
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        op(x, *params)
+    assert counted == {}
     op(x, *params)
     assert counted == {"mixture_cdf_fwd": 1}
 
