@@ -8,7 +8,9 @@ dispatch and launches, without waiting for the device), the device's busy time p
 sum of its kernels' times; far below the wall time, with the issue time near it, means the
 host sets the pace), and the kernels that take the most device time. ``--routes`` profiles
 the fastflow variants again under each listed change of MADE's routes (``;`` between
-alternatives; see fastflow/nn/made.py). Runs on a CPU too (then only host times).
+alternatives; see fastflow/nn/made.py). Runs on a CPU too (then only host times). Under
+the profiler fastflow's ops go through the dispatcher, so that they show by name: the wall
+time under the profiler includes that; the plain wall and issue times do not.
 """
 
 from __future__ import annotations
