@@ -7,6 +7,8 @@ autograd and dispatch work that every call costs on any device:
 
 - op: forward + backward of ``fastflow.mixture_cdf``, beside the same autograd pattern through
   two plain multiplies;
+- dispatch: one forward op call through ``torch.ops.fastflow`` (the registered custom op) and
+  directly, as the autograd Functions call it in plain eager mode;
 - W4: one training step (SGD) of W4's model at tiny sizes (D = 4, hidden [8, 8], K = 2,
   batch 2): fastflow on its GPU code path (the GPU's MADE routes, the Triton launchers run
   with their kernels replaced by no-ops), the same model in eager PyTorch
@@ -86,6 +88,25 @@ def op_variants():
             "plain autograd": (plain, contextlib.nullcontext)}
 
 
+def dispatch_variants():
+    """One forward op call with no-op kernels, through the dispatcher and directly."""
+    shape, K = (4, 3), 2
+    x = torch.randn(shape)
+    params = [torch.randn(*shape, K) for _ in range(3)]
+    args = (x, *params, "logistic", "logit")
+
+    def dispatched():
+        with torch.no_grad():
+            torch.ops.fastflow.mixture_cdf_fwd(*args)
+
+    def direct():
+        with torch.no_grad():
+            _registry.call("mixture_cdf_fwd", *args)
+
+    return {"torch.ops.fastflow": (dispatched, gpu_code_path),
+            "direct (_registry.call)": (direct, gpu_code_path)}
+
+
 def w4_variants():
     D, hidden, K, batch = TINY
     x = torch.randn(batch, D, generator=torch.Generator().manual_seed(0))
@@ -139,11 +160,13 @@ def _report(args) -> dict[str, dict[str, float]]:
     print(f"torch {torch.__version__}, 1 thread; us per call "
           f"(min of {args.rounds} rounds of {args.calls})")
     results = {}
-    for title, variants, ref in (("op: forward + backward", op_variants(), "fastflow op layer"),
-                                 ("W4: training step at tiny sizes", w4_variants(), "fastflow")):
+    tables = (("op: forward + backward", op_variants(), "fastflow op layer"),
+              ("dispatch: one forward op call", dispatch_variants(), "direct (_registry.call)"),
+              ("W4: training step at tiny sizes", w4_variants(), "fastflow"))
+    for title, variants, ref in tables:
         best = measure(variants, args.calls, args.rounds)
         print(f"\n{title}\n")
-        print("| variant | us per call | / fastflow |\n| --- | --- | --- |")
+        print(f"| variant | us per call | / {ref} |\n| --- | --- | --- |")
         for name, us in best.items():
             print(f"| {name} | {us:.1f} | {us / best[ref]:.2f} |")
         results[title.split(":")[0]] = best

@@ -164,7 +164,8 @@ def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
     rng = torch.get_rng_state()
     best = _script("host_overhead").main(["--calls", "2", "--rounds", "1"])
     assert torch.equal(torch.get_rng_state(), rng)
-    assert set(best) == {"op", "W4"}
+    assert set(best) == {"op", "dispatch", "W4"}
+    assert set(best["dispatch"]) == {"torch.ops.fastflow", "direct (_registry.call)"}
     assert set(best["op"]) == {"fastflow op layer", "plain autograd"}
     assert {"fastflow", "torch-eager"} <= set(best["W4"])
     assert min(v for b in best.values() for v in b.values()) > 0
