@@ -47,27 +47,18 @@ class _NoLaunch:
 def gpu_code_path():
     """fastflow's GPU route on CPU tensors: launchers and MADE routes as on a GPU, no-op
     kernels, input checks off (as in ``fastflow bench``)."""
-    old = fastflow.get_validate_args()
-    fastflow.set_validate_args(False)
-    try:
-        with (mock.patch.object(_registry, "_use_triton", lambda t: True),
-              mock.patch.object(cdf_kernels, "_mixture_cdf_fwd_kernel", _NoLaunch()),
-              mock.patch.object(cdf_kernels, "_mixture_cdf_bwd_kernel", _NoLaunch()),
-              mock.patch.dict(made.CPU_ROUTE, made.GPU_ROUTE)):
-            yield
-    finally:
-        fastflow.set_validate_args(old)
+    with (benchmark.no_input_checks(),
+          mock.patch.object(_registry, "_use_triton", lambda t: True),
+          mock.patch.object(cdf_kernels, "_mixture_cdf_fwd_kernel", _NoLaunch()),
+          mock.patch.object(cdf_kernels, "_mixture_cdf_bwd_kernel", _NoLaunch()),
+          mock.patch.dict(made.CPU_ROUTE, made.GPU_ROUTE)):
+        yield
 
 
 @contextlib.contextmanager
 def eager_reference():
-    old = fastflow.get_validate_args()
-    fastflow.set_validate_args(False)
-    try:
-        with benchmark._backend("reference"):
-            yield
-    finally:
-        fastflow.set_validate_args(old)
+    with benchmark.no_input_checks(), benchmark._backend("reference"):
+        yield
 
 
 def op_variants():

@@ -22,7 +22,6 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import fastflow
 from fastflow import benchmark
 from fastflow.nn import made
 
@@ -82,12 +81,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("full" if device.type == "cuda" else "tiny")
     wanted = set(args.variants.split(","))
-    validate = fastflow.get_validate_args()
-    fastflow.set_validate_args(False)  # as `fastflow bench` times them: no input checks
-    try:
+    with benchmark.no_input_checks():  # as `fastflow bench` times them
         _profile(args, device, size, wanted)
-    finally:
-        fastflow.set_validate_args(validate)
     return 0
 
 

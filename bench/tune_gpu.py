@@ -20,7 +20,6 @@ from fastflow.kernels import made as k_made
 from fastflow.kernels import mixture_cdf as k_cdf
 from fastflow.kernels import mixture_inverse as k_inv
 
-import fastflow
 from fastflow import _registry, benchmark
 from fastflow.nn import _blocked as blocked
 from fastflow.nn import made as made_nn
@@ -101,13 +100,12 @@ def main(argv=None) -> int:
         print("tune_gpu.py --size full needs a CUDA device (or --only W4)", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    validate, max_steps = fastflow.get_validate_args(), _registry.MAX_STEPS
-    fastflow.set_validate_args(False)
+    max_steps = _registry.MAX_STEPS
     out = open(args.out, "w") if args.out else None
     try:
-        _tables(args, argv, only, device, out)
+        with benchmark.no_input_checks():
+            _tables(args, argv, only, device, out)
     finally:  # the settings the sweeps patch, as they were
-        fastflow.set_validate_args(validate)
         _registry.MAX_STEPS = max_steps
         if out is not None:
             out.close()

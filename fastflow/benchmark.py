@@ -88,6 +88,20 @@ def _sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
+def no_input_checks():
+    """Input checks off (no host sync per call), as every variant is timed; the global
+    setting as it was afterwards."""
+    import fastflow
+
+    old = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)
+    try:
+        yield
+    finally:
+        fastflow.set_validate_args(old)
+
+
+@contextlib.contextmanager
 def _backend(name: str | None):
     old = os.environ.get("FASTFLOW_BACKEND")
     if name is not None:
@@ -403,11 +417,7 @@ def _backend_bound(v: Variant):
 
 def run_workload(wl: Workload, device: torch.device, repeat: int) -> list[Result]:
     """Time the variants of one workload in interleaved rounds; "slow" ones once each."""
-    import fastflow
-
-    old = fastflow.get_validate_args()
-    fastflow.set_validate_args(False)
-    try:
+    with no_input_checks():
         fast = {v.name: _backend_bound(v) for v in wl.variants if not v.slow}
         timed = measure_interleaved(fast, device, repeat)
         for v in wl.variants:
@@ -422,8 +432,6 @@ def run_workload(wl: Workload, device: torch.device, repeat: int) -> list[Result
             gbps = None if v.nbytes is None else v.nbytes / (t_min * 1e-3) / 1e9
             peak = _peak_mib(_backend_bound(v), device)
             results.append(Result(wl.name, v.name, wl.size, t_min, t_med, gbps, peak, v.note))
-    finally:
-        fastflow.set_validate_args(old)
     return results
 
 
