@@ -1,6 +1,8 @@
 """mixture_cdf and mixture_log_prob: kernels against the reference, the reference against
 independent float64 math (scipy, autograd Jacobians, finite differences, quadrature)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -327,3 +329,96 @@ def test_launch_arithmetic_agrees_with_triton():
         for b in (1, 3, 16, 1024):
             assert cdiv(n - 1, b) == triton.cdiv(n - 1, b)
     assert next_pow2(2**40 + 1) == triton.next_power_of_2(2**40 + 1)
+
+
+# The CPU path: sums in probability space, the log-space formulas where they underflow.
+
+def _log_space_vjp(grad_y, grad_lad, args, kind, output):
+    from fastflow.reference import mixture_cdf as ref
+
+    p = ref._vjp_pieces(*args, kind, output)
+    return ref._vjp_assemble(*ref._output_coefs(grad_y, grad_lad, p, output), p)
+
+
+def _vjp_scales(grad_y, grad_lad, args, kind, output):
+    """Each gradient's scale as a sum of absolute values of its terms (float64), taken for
+    the per-component gradients as the largest over the element's components: an fp32
+    evaluation's error is relative to that, not to a sum that cancels or to a negligible
+    component's own value."""
+    from fastflow.reference import mixture_cdf as ref
+
+    p = ref._vjp_pieces(*args, kind, output)
+    c_cdf, c_sf, c_pdf = (c.unsqueeze(-1) for c in ref._output_coefs(grad_y, grad_lad, p, output))
+    du = (c_cdf * p["du_cdf"]).abs() + (c_sf * p["du_sf"]).abs() + (c_pdf * p["du_pdf"]).abs()
+    resp_f = (c_pdf * p["resp_f"]).abs()
+    logits = ((c_cdf * p["resp_cdf"]).abs() + (c_sf * p["resp_sf"]).abs() + resp_f
+              + p["pi"] * (c_cdf.abs() + c_sf.abs() + c_pdf.abs()))
+    per_k = [logits, du * p["inv_s"], (p["u"] * du).abs() + resp_f]
+    return [(du * p["inv_s"]).sum(-1), *(s.amax(-1, keepdim=True) for s in per_k)]
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_path_gradients_as_accurate_as_the_log_space_formulas(kind, output):
+    """Over the full parameter ranges in float32 (a quarter of the logistic elements take the
+    log-space fallback), the CPU path's gradients are as close to the float64 ones as the
+    log-space formulas evaluated in float32 are, each error taken relative to
+    ``_vjp_scales``. Components below about 1e-30 of their element's largest lose relative
+    accuracy to underflow in probability space; they are within that scale's error."""
+    from fastflow.reference import mixture_cdf as ref
+
+    shape = (16, 128)
+    params = random_mixture(shape, 8, logit_spread=50.0, log_scale_range=(-10.0, 10.0),
+                            loc_spread=3.0)
+    x = sample_x(*params, shape, U_MAX[kind])
+    gy, gl = torch.randn(2, *shape)
+    args32 = [x, *params]
+    args64 = [t.double() for t in args32]
+    got = ref.mixture_cdf_bwd(None if output == "density" else gy, gl, *args32, kind, output)
+    log32 = _log_space_vjp(gy, gl, args32, kind, output)
+    want = _log_space_vjp(gy.double(), gl.double(), args64, kind, output)
+    scales = _vjp_scales(gy.double(), gl.double(), args64, kind, output)
+    for name, g, g_log, w, s in zip(("x", "logits", "loc", "log_scale"), got, log32, want,
+                                    scales, strict=True):
+        err = ((g.double() - w).abs() / s).max().item()
+        err_log = ((g_log.double() - w).abs() / s).max().item()
+        assert err <= 2 * err_log + 1e-6, f"{name}: {err:.3g} against {err_log:.3g}"
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_path_sends_exactly_the_underflowing_elements_to_log_space(monkeypatch, kind,
+                                                                      output):
+    """Elements 60 scales out (a sum of about 1e-26: representable in float32, below the
+    sqrt(tiny) floor) and non-finite ones take the log-space formulas, and only they do;
+    the results there equal the log-space forward's and VJP's."""
+    from fastflow.reference import mixture_cdf as ref
+
+    K = 3
+    params = [t.expand(9, K) for t in (torch.zeros(K), torch.tensor([-1.0, 0.0, 1.0]),
+                                        torch.zeros(K))]
+    tails = [-60.0, 60.0, math.inf, -math.inf, math.nan]
+    if kind == "gaussian":  # 60 is far past Gaussian underflow: 10.5 gives a sum of 3e-22
+        tails[:2] = [-10.5, 10.5]
+    x = torch.tensor([-2.0, 0.0, 0.5, 2.5, *tails])
+    seen = []
+    forward, pieces = ref._forward, ref._vjp_pieces
+    monkeypatch.setattr(ref, "_forward", lambda *a: seen.append(a[0].numel()) or forward(*a))
+    monkeypatch.setattr(ref, "_vjp_pieces",
+                        lambda *a: seen.append(a[0].numel()) or pieces(*a))
+    y, lad = ref.mixture_cdf_fwd(x, *params, kind, output)
+    gy, gl = torch.randn(2, 9)
+    grads = ref.mixture_cdf_bwd(gy, gl, x, *params, kind, output)
+    assert seen == [5, 5]
+    seen.clear()
+    ref.mixture_cdf_fwd(x[:4], *(p[:4] for p in params), kind, output)
+    ref.mixture_cdf_bwd(gy[:4], gl[:4], x[:4], *(p[:4] for p in params), kind, output)
+    assert seen == []
+    y_log, lad_log = forward(x, *params, kind, output)
+    torch.testing.assert_close(lad, lad_log, equal_nan=True)
+    if y is not None:
+        torch.testing.assert_close(y, y_log, equal_nan=True)
+    want = _log_space_vjp(gy, gl, [x, *params], kind, output)
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g[4:6], w[4:6])
+        torch.testing.assert_close(g[:4], w[:4], rtol=1e-5, atol=1e-6)

@@ -101,13 +101,90 @@ def _forward(x, logits, loc, log_scale, kind: str, output: str):
     return y, lad
 
 
+def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
+                for_vjp: bool = False) -> dict:
+    """The forward's per-component terms in probability space, and their sums.
+
+    pi, 1/s, u; pi c / s (c the standard component's density at u) and its sum f; unless
+    ``output`` is "density", pi C and pi (1 - C) and their sums F and 1 - F; for the VJP also
+    pi c and (log c)'(u). Every term is positive, so each sum is exact to a few ulps whatever
+    its size, down to where its terms underflow (``_log_space_rows`` catches that), and
+    1 - F is summed, never formed by subtraction. Written with few temporaries (on a CPU a
+    fresh one can cost more than the arithmetic); without ``for_vjp`` u is overwritten.
+    """
+    cdf = output != "density"
+    pi = torch.softmax(logits, dim=-1)
+    inv_s = log_scale.neg().exp_()
+    u = (x.unsqueeze(-1) - loc).mul_(inv_s)
+    q = {"pi": pi, "inv_s": inv_s, "u": u, "dlog": None}
+    if kind == "logistic":
+        c_lo = torch.sigmoid(u)
+        c_hi = u.neg().sigmoid_() if for_vjp else u.neg_().sigmoid_()
+        dens = c_lo * c_hi
+        if for_vjp:
+            q["dlog"] = c_hi - c_lo
+    else:
+        gauss = (u * u).mul_(-0.5).exp_()
+        if for_vjp:
+            q["dlog"] = u.neg()
+        if cdf:
+            # The tail side min(C, 1 - C) = erfcx(|u| / sqrt 2) exp(-u^2 / 2) / 2 shares the
+            # density's exp(-u^2 / 2), so hazards c / C come out as well conditioned as
+            # erfcx itself (two separately rounded erfc and exp would each carry a u^2
+            # relative error); the other side is 1 minus it (at least 1/2: no cancellation).
+            left = u < 0
+            tail = (u.abs() if for_vjp else u.abs_()).mul_(INV_SQRT2)
+            tail = torch.special.erfcx(tail).mul_(gauss).mul_(0.5)
+            rest = 1.0 - tail
+            c_lo, c_hi = torch.where(left, tail, rest), torch.where(left, rest, tail)
+        dens = gauss.mul_(math.exp(-HALF_LOG_2PI))
+    pcu = dens.mul_(pi)
+    q["pc"] = pcu * inv_s if for_vjp else pcu.mul_(inv_s)
+    q["pcu"], q["f"] = pcu, q["pc"].sum(-1)
+    if cdf:
+        q["pw"], q["pwb"] = c_lo.mul_(pi), c_hi.mul_(pi)
+        q["F"], q["S"] = q["pw"].sum(-1), q["pwb"].sum(-1)
+    return q
+
+
+def _log_space_rows(q: dict, output: str) -> torch.Tensor:
+    """Elements whose probability-space sums may have lost terms to underflow (a sum below
+    sqrt(tiny): a flushed term is then below sqrt(tiny) of the sum) or are not finite (x
+    itself infinite or NaN, overflowing scales): those take the log-space formulas."""
+    floor = math.sqrt(torch.finfo(q["f"].dtype).tiny)
+    ok = (q["f"] > floor) & (q["f"] < math.inf)
+    if output != "density":
+        ok &= (q["F"] > floor) & (q["S"] > floor)
+    return ~ok
+
+
 def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     """(y, logabsdet) of the forward map; output in "unit" | "logit" | "density".
 
     For "density" y is None and logabsdet is log f(x), the mixture log-density.
+
+    The CPU path: F, 1 - F and f summed in probability space (``_prob_terms``), a third of
+    the log-space formulas' passes over the components; elements where a sum nears underflow
+    (far tails) or is not finite are evaluated by the log-space forward (``_forward``, the
+    oracle the tests hold both to).
     """
     with torch.no_grad():
-        y, lad = _forward(*_upcast(x, logits, loc, log_scale), kind, output)
+        args = _upcast(x, logits, loc, log_scale)
+        q = _prob_terms(*args, kind, output)
+        f = q["f"]
+        if output == "density":
+            y, lad = None, torch.log(f)
+        elif output == "unit":
+            y, lad = torch.where(q["F"] < 0.5, q["F"], 1.0 - q["S"]), torch.log(f)
+        else:
+            # Each a ratio of sums (a few ulps) under one logarithm: no cancellation.
+            y, lad = torch.log(q["F"] / q["S"]), torch.log(f / (q["F"] * q["S"]))
+        bad = _log_space_rows(q, output)
+        if bool(bad.any()):
+            y_bad, lad_bad = _forward(*(a[bad] for a in args), kind, output)
+            lad[bad] = lad_bad
+            if y is not None:
+                y[bad] = y_bad
     return (None if y is None else y.to(x.dtype)), lad.to(x.dtype)
 
 
@@ -163,18 +240,53 @@ def _vjp_assemble(c_cdf, c_sf, c_pdf, p):
     return [-g_loc.sum(-1), g_logits, g_loc, g_log_scale]
 
 
+def _prob_vjp(c_cdf, c_sf, c_pdf, q):
+    """``_vjp_assemble`` in probability space (``_prob_terms(..., for_vjp=True)``'s terms,
+    which it overwrites). With A = c_F / F, B = c_S / (1 - F), C = c_f / f and the
+    responsibilities pi C_k / F, pi (1 - C_k) / (1 - F), pi c_k / s_k / f:
+    du_k = pi_k c_k (A - B) + C pi_k c_k / s_k (log c)'(u_k). The logits' terms stay
+    separate (A pi C_k + B pi (1 - C_k), not (A - B) pi C_k + B pi_k: in a tail A or B is
+    huge and that form cancels). ``c_cdf`` None: the density (c_F = c_S = 0)."""
+    C = (c_pdf / q["f"]).unsqueeze(-1)
+    cpc = q["pc"].mul_(C)
+    du = q["dlog"].mul_(cpc)
+    if c_cdf is None:
+        g_logits = torch.addcmul(cpc, q["pi"], c_pdf.neg().unsqueeze(-1))
+    else:
+        A, B = (c_cdf / q["F"]).unsqueeze(-1), (c_sf / q["S"]).unsqueeze(-1)
+        du.addcmul_(q["pcu"], A - B)
+        g_logits = q["pw"].mul_(A).addcmul_(q["pwb"], B).add_(cpc).addcmul_(
+            q["pi"], (c_cdf + c_sf + c_pdf).neg_().unsqueeze(-1))
+    g_ls = q["u"].mul_(du).add_(cpc).neg_()
+    g_loc = du.mul_(q["inv_s"]).neg_()
+    return [g_loc.sum(-1).neg_(), g_logits, g_loc, g_ls]
+
+
 def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, output: str):
     """Vector-Jacobian product of the forward: grads to x, logits, loc, log_scale.
 
-    Returned in the compute dtype, each with the shape of its (broadcast) input. The tests
-    check these written-out formulas against autograd through the forward above.
+    Returned in the compute dtype, each with the shape of its (broadcast) input. Computed in
+    probability space (``_prob_vjp``) where the forward is, and by the log-space formulas
+    (``_vjp_pieces``, ``_vjp_assemble``) on the elements the forward sends there; the tests
+    check both against autograd through the log-space forward.
     """
     with torch.no_grad():
         args = _upcast(x, logits, loc, log_scale)
-        p = _vjp_pieces(*args, kind, output)
         gl = grad_lad.to(args[0].dtype)
         gy = gl if grad_y is None else grad_y.to(gl.dtype)
-        return _vjp_assemble(*_output_coefs(gy, gl, p, output), p)
+        q = _prob_terms(*args, kind, output, for_vjp=True)
+        bad = _log_space_rows(q, output)
+        if output == "density":
+            grads = _prob_vjp(None, None, gl, q)
+        else:
+            logs = {"log_F": torch.log(q["F"]), "log_S": torch.log(q["S"])}
+            grads = _prob_vjp(*_output_coefs(gy, gl, logs, output), q)
+        if bool(bad.any()):
+            p = _vjp_pieces(*(a[bad] for a in args), kind, output)
+            fixed = _vjp_assemble(*_output_coefs(gy[bad], gl[bad], p, output), p)
+            for g, g_bad in zip(grads, fixed, strict=True):
+                g[bad] = g_bad
+        return grads
 
 
 def _logit_forward(x, log_pi, loc, inv_scale, kind):
