@@ -1,8 +1,9 @@
 """W4 (DESIGN section 5): one maximum-likelihood training step of an autoregressive MoL flow;
 W5 / C1: sampling that flow against its log_prob on the same batch.
 
-fastflow's model (Triton kernels on a GPU) against the same model on the plain-PyTorch
-reference path in eager mode and under torch.compile, and zuko's and nflows' affine MAFs with
+fastflow's model (Triton kernels on a GPU) against the same model in plain PyTorch (dense
+MADE, the mixture CDF's log-space formulas under autograd) in eager mode and under
+torch.compile, and zuko's and nflows' affine MAFs with
 the same MADE sizes where they are installed (skipped with a message otherwise), in one run:
 
     pytest bench/bench_flows.py --benchmark-enable --benchmark-group-by=group
@@ -12,11 +13,20 @@ D = 64, hidden [256, 256], K = 8, batch 256. W5 on a GPU (W4's model, batch 4096
 CPU (D = 64, hidden [256, 256], K = 8, batch 4096). "tiny" when benchmarking is disabled.
 """
 
+import contextlib
+
 import pytest
 import torch
 
 import fastflow
-from fastflow.benchmark import FLOW_SIZES, _nflows_maf, _train_step, _zuko_maf, flow_model
+from fastflow.benchmark import (
+    FLOW_SIZES,
+    _nflows_maf,
+    _train_step,
+    _zuko_maf,
+    flow_model,
+    plain_pytorch,
+)
 
 from conftest import DEVICE, sync
 
@@ -67,17 +77,18 @@ def _synced_step(loss_fn, params):
 
 @pytest.mark.parametrize("variant", ["fastflow", "torch-eager", "torch-compile", "zuko-maf",
                                      "nflows-maf"])
-def test_w4_training_step(benchmark, w4, variant, monkeypatch):
+def test_w4_training_step(benchmark, w4, variant):
     benchmark.group = "W4 training step"
     cfg, x = w4
     fastflow.set_validate_args(False)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(fastflow.set_validate_args, True)
         if variant.endswith("maf"):
             flow, dist = _peer(variant, cfg)
             step = _synced_step(lambda: -dist().log_prob(x).mean(), flow.parameters())
         else:
             if variant != "fastflow":
-                monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+                stack.enter_context(plain_pytorch())
             model = _fastflow_model(cfg)
             step = _synced_step(lambda: -model.log_prob(x).mean(), model.parameters())
             if variant == "torch-compile":
@@ -85,8 +96,6 @@ def test_w4_training_step(benchmark, w4, variant, monkeypatch):
         step()  # warm-up: compilation stays out of the timings
         loss = benchmark(step)
         assert torch.isfinite(loss)
-    finally:
-        fastflow.set_validate_args(True)
 
 
 # --------------------------------------------------------------------------------------------

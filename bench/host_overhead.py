@@ -56,8 +56,9 @@ def gpu_code_path():
 
 
 @contextlib.contextmanager
-def eager_reference():
-    with benchmark.no_input_checks(), benchmark._backend("reference"):
+def plain_model():
+    """The torch-eager baseline of ``fastflow bench`` (``benchmark.plain_pytorch``)."""
+    with benchmark.no_input_checks(), benchmark.plain_pytorch():
         yield
 
 
@@ -102,7 +103,7 @@ def w4_variants():
     D, hidden, K, batch = TINY
     x = torch.randn(batch, D, generator=torch.Generator().manual_seed(0))
     out = {}
-    for name, ctx in (("fastflow", gpu_code_path), ("torch-eager", eager_reference)):
+    for name, ctx in (("fastflow", gpu_code_path), ("torch-eager", plain_model)):
         model = benchmark.flow_model(D, hidden, K, "cpu")
         out[name] = (benchmark._train_step(lambda m=model: -m.log_prob(x).mean(),
                                            model.parameters()), ctx)

@@ -196,3 +196,43 @@ def test_tune_script_runs_every_table_at_tiny_size_and_restores_the_settings(cap
     assert len(heads) == 10, heads
     assert ([dict(t) for t in tables], _registry.MAX_STEPS) == before
     assert fastflow.get_validate_args()
+
+
+def test_plain_baseline_runs_the_flow_without_fastflow_ops(monkeypatch):
+    """The flows' torch-eager / torch-compile baseline computes the same log-density as the
+    model on fastflow's path, with the mixture CDF's log-space formulas under autograd: no
+    fastflow mixture-CDF op runs, the gradients agree, and leaving (also by an exception)
+    restores the flows and the backend."""
+    import os
+
+    import torch
+
+    from fastflow import reference
+    from fastflow.nn import transforms
+
+    model = benchmark.flow_model(3, [8, 8], 2, "cpu").double()
+    weight = model.transforms[0].made.output.weight
+    x = torch.randn(5, 3, dtype=torch.float64)
+    lp = model.log_prob(x)
+    (g,) = torch.autograd.grad(lp.sum(), [weight])
+    calls = []
+    for name in ("mixture_cdf_fwd", "mixture_cdf_bwd"):
+        body = getattr(reference, name)
+        monkeypatch.setattr(reference, name,
+                            lambda *a, _n=name, _b=body: calls.append(_n) or _b(*a))
+    lp_spied = model.log_prob(x)
+    torch.autograd.grad(lp_spied.sum(), [weight])
+    assert calls == ["mixture_cdf_fwd", "mixture_cdf_bwd"]  # the spies see the ops
+    calls.clear()
+    backend, cdf = os.environ.get("FASTFLOW_BACKEND"), transforms.mixture_cdf
+    with benchmark.plain_pytorch():
+        assert os.environ["FASTFLOW_BACKEND"] == "reference"
+        lp_plain = model.log_prob(x)
+        (g_plain,) = torch.autograd.grad(lp_plain.sum(), [weight])
+    assert calls == []
+    torch.testing.assert_close(lp_plain, lp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_plain, g, rtol=1e-9, atol=1e-10)
+    with pytest.raises(RuntimeError), benchmark.plain_pytorch():
+        raise RuntimeError
+    assert transforms.mixture_cdf is cdf
+    assert os.environ.get("FASTFLOW_BACKEND") == backend
