@@ -4,9 +4,18 @@ Every function here takes tensors that are already validated and broadcast: ``x`
 ``S`` and parameters of shape ``S + (K,)`` (expanded views are fine), all of one floating
 dtype. Half-precision inputs are computed in float32 and returned in their own dtype.
 
-The forward follows the numerical contract of the design notes: everything in log space,
-``1 - F`` never formed by subtraction, and the logit log-derivative computed from the
-components' responsibilities and hazard rates so that it does not cancel in the tails.
+Two formulations of the forward and its VJP:
+
+- log space (``_forward``, ``_vjp_pieces`` / ``_vjp_assemble``), the numerical contract of
+  the design notes: log-sum-exps throughout, 1 - F never formed by subtraction, the logit
+  log-derivative from the components' responsibilities and hazard rates so that it does not
+  cancel in the tails. The oracle: the tests hold it to autograd, finite differences,
+  quadrature and scipy, and the CPU path to it.
+- probability space (``_prob_terms``, ``_prob_vjp``), what ``mixture_cdf_fwd`` /
+  ``mixture_cdf_bwd`` run: F, 1 - F and f as sums of positive terms (exact to a few ulps
+  whatever their size) in a third of the passes over the components, with the elements
+  whose sums near underflow (far tails) or are not finite recomputed in log space.
+
 Gradients are written out (the same formulas as the kernels, checked by the tests against
 autograd through ``_forward`` and finite differences); gradients of the inverse use implicit
 differentiation of the forward at the solution.
@@ -105,18 +114,18 @@ def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
                 for_vjp: bool = False) -> dict:
     """The forward's per-component terms in probability space, and their sums.
 
-    pi, 1/s, u; pi c / s (c the standard component's density at u) and its sum f; unless
+    pi, 1/s; pi c / s (c the standard component's density at u) and its sum f; unless
     ``output`` is "density", pi C and pi (1 - C) and their sums F and 1 - F; for the VJP also
-    pi c and (log c)'(u). Every term is positive, so each sum is exact to a few ulps whatever
+    u, pi c and (log c)'(u). Every term is positive, so each sum is exact to a few ulps whatever
     its size, down to where its terms underflow (``_log_space_rows`` catches that), and
     1 - F is summed, never formed by subtraction. Written with few temporaries (on a CPU a
-    fresh one can cost more than the arithmetic); without ``for_vjp`` u is overwritten.
+    fresh one can cost more than the arithmetic): without ``for_vjp``, u's memory is reused.
     """
     cdf = output != "density"
     pi = torch.softmax(logits, dim=-1)
     inv_s = log_scale.neg().exp_()
     u = (x.unsqueeze(-1) - loc).mul_(inv_s)
-    q = {"pi": pi, "inv_s": inv_s, "u": u, "dlog": None}
+    q = {"pi": pi, "inv_s": inv_s, "u": u if for_vjp else None, "dlog": None}
     if kind == "logistic":
         c_lo = torch.sigmoid(u)
         c_hi = u.neg().sigmoid_() if for_vjp else u.neg_().sigmoid_()
