@@ -597,7 +597,9 @@ def parse_args(argv):
                    help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per variant")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--no-compile", nargs="?", const=",".join(WORKLOADS), default="",
+                   metavar="W4,...",
+                   help="skip the torch.compile variants: of every workload, or of those listed")
     p.add_argument("--no-sweep", action="store_true", help="skip the size sweep and its plot")
     p.add_argument("--out", default=None, help="directory for CSV, markdown and PNG")
     args = p.parse_args(argv)
@@ -607,7 +609,10 @@ def parse_args(argv):
         p.error(f"--workloads: unknown {bad or wanted}; choose from {','.join(WORKLOADS)}")
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
-    args.workloads = wanted
+    no_compile = [w.strip().upper() for w in args.no_compile.split(",") if w.strip()]
+    if [w for w in no_compile if w not in WORKLOADS]:
+        p.error(f"--no-compile: unknown {no_compile}; choose from {','.join(WORKLOADS)}")
+    args.workloads, args.no_compile = wanted, set(no_compile)
     return args
 
 
@@ -626,7 +631,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
     results, skipped = [], []
     for name in args.workloads:
-        wl = build(name, size, device, not args.no_compile)
+        wl = build(name, size, device, name not in args.no_compile)
         print(f"{name} ({size}): {', '.join(v.name for v in wl.variants)}", flush=True)
         results += run_workload(wl, device, args.repeat)
         skipped += [f"{name} {s}" for s in wl.skipped]

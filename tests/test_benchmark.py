@@ -60,6 +60,17 @@ def test_bad_arguments_exit_2(capsys):
     assert "--workloads" in capsys.readouterr().err
 
 
+def test_no_compile_takes_every_workload_or_those_listed(capsys):
+    all_ = benchmark.parse_args(["--no-compile", "--repeat", "1"])
+    assert all_.no_compile == set(benchmark.WORKLOADS)
+    assert benchmark.parse_args([]).no_compile == set()
+    assert benchmark.parse_args(["--no-compile", "w4,W2"]).no_compile == {"W4", "W2"}
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse_args(["--no-compile", "W7"])
+    assert e.value.code == 2
+    assert "--no-compile" in capsys.readouterr().err
+
+
 def test_cli_bench_runs_the_runner(capsys):
     from fastflow import cli
 
