@@ -11,8 +11,9 @@ autograd and dispatch work that every call costs on any device:
   directly, as the autograd Functions call it in plain eager mode;
 - W4: one training step (SGD) of W4's model at tiny sizes (D = 4, hidden [8, 8], K = 2,
   batch 2): fastflow on its GPU code path (the GPU's MADE routes, the Triton launchers run
-  with their kernels replaced by no-ops), the same model in eager PyTorch
-  (FASTFLOW_BACKEND=reference), and zuko's and nflows' affine MAF where installed.
+  with their kernels replaced by no-ops), the same model in plain PyTorch (the benchmark's
+  torch-eager baseline, ``benchmark.plain_pytorch``), and zuko's and nflows' affine MAF
+  where installed.
 
 Triton's own launch and the CUDA driver are not counted. A W4 step on a GPU is host-bound
 when its host time exceeds its kernels' time, and then these ratios are what the benchmark

@@ -124,7 +124,8 @@ def _backend(name: str | None):
     try:
         yield
     finally:
-        transforms.mixture_cdf = cdf
+        if name == "plain":
+            transforms.mixture_cdf = cdf
         if old is None:
             os.environ.pop("FASTFLOW_BACKEND", None)
         else:

@@ -422,3 +422,49 @@ def test_cpu_path_sends_exactly_the_underflowing_elements_to_log_space(monkeypat
     for g, w in zip(grads, want, strict=True):
         torch.testing.assert_close(g[4:6], w[4:6])
         torch.testing.assert_close(g[:4], w[:4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,output,log_scale,u", [
+    # f's terms pi c flush before 1/s = e^60 scales them back up: f is far above sqrt(tiny)
+    # yet has lost its largest term (a review's case: logistic, 89.5 scales out).
+    pytest.param("logistic", "density", -60.0, 89.5, id="flushed-f-term"),
+    pytest.param("logistic", "unit", -60.0, 89.5, id="flushed-f-term-unit"),
+    # f / (F (1 - F)) overflows float32 while f, F and 1 - F are finite.
+    pytest.param("gaussian", "logit", -87.5, -8.9, id="overflowing-logit-ratio"),
+])
+def test_cpu_path_tiny_scales_take_log_space(kind, output, log_scale, u):
+    """Scales near float32's limit: the CPU path's results and gradients are the log-space
+    formulas', and match float64."""
+    from fastflow.reference import mixture_cdf as ref
+
+    s = math.exp(log_scale)
+    x = torch.tensor([u * s])
+    logits, loc = torch.zeros(1, 2), torch.tensor([[0.0, u * s + 42.5]])
+    ls = torch.tensor([[log_scale, 0.0]])
+    if kind == "gaussian":
+        loc[0, 1] = 1e4  # a second component too far out to matter
+    args = [x, logits, loc, ls]
+    y, lad = ref.mixture_cdf_fwd(*args, kind, output)
+    y64, lad64 = ref._forward(*(a.double() for a in args), kind, output)
+    assert torch.isfinite(lad).all()
+    torch.testing.assert_close(lad.double(), lad64, rtol=2e-6, atol=0)
+    if y is not None:
+        torch.testing.assert_close(y.double(), y64, rtol=2e-6, atol=1e-30)
+    gy, gl = torch.tensor([0.3]), torch.tensor([0.7])
+    got = ref.mixture_cdf_bwd(gy, gl, *args, kind, output)
+    want = _log_space_vjp(gy, gl, args, kind, output)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_log_space_logistic_terms_exact_past_softplus_threshold():
+    """float64 log C(u), log(1 - C(u)) beyond |u| = 20, where softplus's default threshold
+    drops e^-|u|: the density of one logistic component, -|u| - 2 log(1 + e^-|u|) - log s."""
+    from fastflow.reference import mixture_cdf as ref
+
+    u = torch.tensor([-35.0, -25.0, -21.0, 21.0, 30.0], dtype=torch.float64)
+    zero = torch.zeros(5, 1, dtype=torch.float64)
+    _, lad = ref._forward(u, zero, zero, zero, "logistic", "density")
+    want = torch.tensor([-abs(v) - 2 * math.log1p(math.exp(-abs(v))) for v in u.tolist()],
+                        dtype=torch.float64)
+    torch.testing.assert_close(lad, want, rtol=1e-15, atol=0)

@@ -12,9 +12,10 @@ Two formulations of the forward and its VJP:
   cancel in the tails. The oracle: the tests hold it to autograd, finite differences,
   quadrature and scipy, and the CPU path to it.
 - probability space (``_prob_terms``, ``_prob_vjp``), what ``mixture_cdf_fwd`` /
-  ``mixture_cdf_bwd`` run: F, 1 - F and f as sums of positive terms (exact to a few ulps
-  whatever their size) in a third of the passes over the components, with the elements
-  whose sums near underflow (far tails) or are not finite recomputed in log space.
+  ``mixture_cdf_bwd`` run: F, 1 - F and f as sums of positive terms (each exact to a few
+  ulps until its terms underflow) in a third of the passes over the components, with the
+  elements where terms may have underflowed (far tails, tiny scales) or sums are not finite
+  recomputed in log space.
 
 Gradients are written out (the same formulas as the kernels, checked by the tests against
 autograd through ``_forward`` and finite differences); gradients of the inverse use implicit
@@ -57,7 +58,9 @@ def _gauss_log_hazard(u: torch.Tensor) -> torch.Tensor:
 def log_cdf_sf(u: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """log C(u) and log(1 - C(u)) of the standard component."""
     if kind == "logistic":
-        return -F.softplus(-u), -F.softplus(u)
+        # softplus's default threshold (20) returns x itself above it, an error of e^-20
+        # (2e-9) that float64 sees; at 40 the error is below float64's resolution.
+        return -F.softplus(-u, threshold=40.0), -F.softplus(u, threshold=40.0)
     return torch.special.log_ndtr(u), torch.special.log_ndtr(-u)
 
 
@@ -131,7 +134,8 @@ def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
         c_hi = u.neg().sigmoid_() if for_vjp else u.neg_().sigmoid_()
         dens = c_lo * c_hi
         if for_vjp:
-            q["dlog"] = c_hi - c_lo
+            # (log c)'(u) = 1 - 2 C(u) = -tanh(u / 2): C(-u) - C(u) cancels near u = 0.
+            q["dlog"] = torch.tanh(u * -0.5)
     else:
         gauss = (u * u).mul_(-0.5).exp_()
         if for_vjp:
@@ -148,8 +152,11 @@ def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
             c_lo, c_hi = torch.where(left, tail, rest), torch.where(left, rest, tail)
         dens = gauss.mul_(math.exp(-HALF_LOG_2PI))
     pcu = dens.mul_(pi)
-    q["pc"] = pcu * inv_s if for_vjp else pcu.mul_(inv_s)
-    q["pcu"], q["f"] = pcu, q["pc"].sum(-1)
+    if for_vjp:
+        q["pcu"], q["pc"] = pcu, pcu * inv_s
+    else:
+        q["pc"] = pcu.mul_(inv_s)
+    q["f"] = q["pc"].sum(-1)
     if cdf:
         q["pw"], q["pwb"] = c_lo.mul_(pi), c_hi.mul_(pi)
         q["F"], q["S"] = q["pw"].sum(-1), q["pwb"].sum(-1)
@@ -157,13 +164,21 @@ def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
 
 
 def _log_space_rows(q: dict, output: str) -> torch.Tensor:
-    """Elements whose probability-space sums may have lost terms to underflow (a sum below
-    sqrt(tiny): a flushed term is then below sqrt(tiny) of the sum) or are not finite (x
-    itself infinite or NaN, overflowing scales): those take the log-space formulas."""
+    """Elements the probability-space sums may get wrong, which take the log-space formulas.
+
+    A term flushes to zero (or loses bits) below tiny: F and 1 - F then lose at most K tiny,
+    under sqrt(tiny) of themselves if above sqrt(tiny). f's terms pi c are scaled by 1/s
+    after they flush, so f must be above sqrt(tiny) max_k 1/s_k. Not finite (x infinite or
+    NaN, overflowing scales), or for "logit" a ratio f / (F (1 - F)) that overflows (scales
+    near float32's limit), also goes to log space.
+    """
     floor = math.sqrt(torch.finfo(q["f"].dtype).tiny)
-    ok = (q["f"] > floor) & (q["f"] < math.inf)
+    f = q["f"]
+    ok = (f > floor * q["inv_s"].amax(-1)) & (f < math.inf)
     if output != "density":
         ok &= (q["F"] > floor) & (q["S"] > floor)
+    if output == "logit":
+        ok &= f / (q["F"] * q["S"]) < math.inf
     return ~ok
 
 
