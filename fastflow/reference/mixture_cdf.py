@@ -188,9 +188,9 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     For "density" y is None and logabsdet is log f(x), the mixture log-density.
 
     The CPU path: F, 1 - F and f summed in probability space (``_prob_terms``), a third of
-    the log-space formulas' passes over the components; elements where a sum nears underflow
-    (far tails) or is not finite are evaluated by the log-space forward (``_forward``, the
-    oracle the tests hold both to).
+    the log-space formulas' passes over the components; the elements ``_log_space_rows``
+    picks (terms that may have underflowed, results that are not finite) are evaluated by
+    the log-space forward (``_forward``, the oracle the tests hold both to).
     """
     with torch.no_grad():
         args = _upcast(x, logits, loc, log_scale)
@@ -303,7 +303,9 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
         if output == "density":
             grads = _prob_vjp(None, None, gl, q)
         else:
-            logs = {"log_F": torch.log(q["F"]), "log_S": torch.log(q["S"])}
+            # Only "unit" reads log F and log(1 - F) (which side of one half).
+            logs = ({"log_F": torch.log(q["F"]), "log_S": torch.log(q["S"])}
+                    if output == "unit" else None)
             grads = _prob_vjp(*_output_coefs(gy, gl, logs, output), q)
         if bool(bad.any()):
             p = _vjp_pieces(*(a[bad] for a in args), kind, output)
