@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .mixture_cdf import compute_dtype, mixture_cdf_fwd, mixture_cdf_inverse_fwd
+from .mixture_cdf import compute_dtype, inverse_component_major, mixture_cdf_fwd
 
 ACTIVATIONS = {"relu": torch.relu, "identity": lambda a: a}
 
@@ -46,29 +46,37 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
     cdt = compute_dtype(values.dtype)
     with torch.no_grad():
         v = values.to(cdt)
+        # Everything unit-major, (units, B): a step's new units are rows (contiguous writes),
+        # and its 3K parameters come out of the GEMM component-major, the layout the CPU
+        # inverse iterates in.
         weights = [w.to(cdt) for w in weights]
-        biases = [b.to(cdt) for b in biases]
-        out_weight, out_bias = out_weight.to(cdt), out_bias.to(cdt)
+        biases = [b.to(cdt).unsqueeze(-1) if b.dim() == 1 else b.to(cdt).T for b in biases]
+        out_weight = out_weight.to(cdt)
+        out_bias = out_bias.to(cdt).unsqueeze(-1) if out_bias.dim() == 1 else out_bias.to(cdt).T
         # hs[0]: the solved values in degree order; hs[l + 1]: layer l's activations.
-        hs = [v.new_zeros(B, D)] + [v.new_zeros(B, w.shape[0]) for w in weights]
+        hs = [v.new_zeros(D, B)] + [v.new_zeros(w.shape[0], B) for w in weights]
         result, lad = torch.empty_like(v), torch.empty_like(v)
         tab, cols = table.tolist(), order.tolist()
-        transform = mixture_cdf_inverse_fwd if invert else mixture_cdf_fwd
         for t in range(D):
             for layer, w in enumerate(weights):
                 start, end = tab[layer + 1][t], tab[layer + 1][t + 1]
                 if start == end:
                     continue
                 seen = tab[layer][t + 1]
-                a = act(hs[layer][:, :seen] @ w[start:end, :seen].T + biases[layer][..., start:end])
+                a = act(torch.addmm(biases[layer][start:end], w[start:end, :seen],
+                                    hs[layer][:seen]))
                 if residual and layer > 0:
-                    a = a + hs[layer][:, start:end]
-                hs[layer + 1][:, start:end] = a
+                    a = a + hs[layer][start:end]
+                hs[layer + 1][start:end] = a
             col, seen = cols[t], tab[-1][t + 1]
             rows = slice(3 * K * col, 3 * K * (col + 1))
-            params = hs[-1][:, :seen] @ out_weight[rows, :seen].T + out_bias[..., rows]
-            r, r_lad = transform(v[:, col], *params.split(K, dim=-1), kind, output)
-            hs[0][:, t] = r
+            params = torch.addmm(out_bias[rows], out_weight[rows, :seen], hs[-1][:seen])
+            if invert:
+                r, r_lad = inverse_component_major(v[:, col], *params.split(K), kind, output)
+            else:
+                r, r_lad = mixture_cdf_fwd(v[:, col], *(p.T for p in params.split(K)), kind,
+                                           output)
+            hs[0][t] = r
             result[:, col] = r
             lad[:, col] = r_lad
     return result.to(values.dtype), lad.to(values.dtype)

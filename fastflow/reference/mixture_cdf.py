@@ -395,20 +395,89 @@ def mixture_cdf_inverse_fixed(
         return _finish_inverse(x, t, lad, y.dtype)
 
 
-def _logit_and_slope(x, pi, loc, inv_scale, kind):
-    """logit F(x), its derivative f / (F (1 - F)) and f, from F, 1 - F and f each summed in
-    probability space (each exact in its own tail; neither formed by subtraction)."""
-    u = (x.unsqueeze(-1) - loc) * inv_scale
+def _logit_and_slope(x, pi, w_f, loc, inv_scale, kind):
+    """logit F(x), its derivative f / (F (1 - F)) and f, with the component axis *first*:
+    x (N,), parameters (K, N) (pi the weights, w_f = pi / s). F, 1 - F and f are each summed
+    in probability space (each exact in its own tail; neither formed by subtraction)."""
+    u = (x - loc).mul_(inv_scale)
     if kind == "logistic":
-        c, c_bar = torch.sigmoid(u), torch.sigmoid(-u)
+        c = torch.sigmoid(u)
+        c_bar = u.neg_().sigmoid_()
         dens = c * c_bar
     else:
         # erfc, not torch.special.ndtr: ndtr goes through 1 + erf and is 0 below u = -8.
-        c, c_bar = 0.5 * torch.special.erfc(-INV_SQRT2 * u), 0.5 * torch.special.erfc(INV_SQRT2 * u)
-        dens = torch.exp(-0.5 * u * u - HALF_LOG_2PI)
-    cdf, sf = (pi * c).sum(-1), (pi * c_bar).sum(-1)
-    f = (pi * dens * inv_scale).sum(-1)
-    return torch.log(cdf) - torch.log(sf), f / (cdf * sf), f
+        c = torch.special.erfc(u * -INV_SQRT2).mul_(0.5)
+        dens = (u * u).mul_(-0.5).exp_().mul_(math.exp(-HALF_LOG_2PI))
+        c_bar = torch.special.erfc(u.mul_(INV_SQRT2)).mul_(0.5)
+    cdf, sf = c.mul_(pi).sum(0), c_bar.mul_(pi).sum(0)
+    f = dens.mul_(w_f).sum(0)
+    return (cdf / sf).log_(), f / (cdf * sf), f
+
+
+def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: int,
+                fallback_steps: tuple[int, int]):
+    """The CPU solver on flat targets t (N,) (logit space, compute dtype) with the
+    parameters' component axis first, (K, N): the layout in which a PyTorch CPU op over the
+    components is a few row operations (a sum over a trailing axis of 8 costs twice as much,
+    a broadcast of x four times). Returns (x, logabsdet) of the forward at x, both (N,)."""
+    finfo = torch.finfo(t.dtype)
+    eps = finfo.eps
+    # Beyond this |logit| the tail mass nears the dtype's smallest normal number: those
+    # targets (and any element that has not converged) go to the log-space solver.
+    plain = t.abs() <= -0.85 * math.log(finfo.tiny)
+    pi = torch.softmax(logits, dim=0)
+    scale = torch.exp(log_scale)
+    inv_scale = scale.reciprocal()
+    w_f = pi * inv_scale
+    t_plain = torch.where(plain, t, 0.0)
+    # The bracket [lo, hi]: the components' own inverses z_k (padded for the Gaussian
+    # quantile's approximation error); the start: their pi-weighted mean.
+    z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
+    if kind == "gaussian":
+        lo = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD).amin(0)
+        hi = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD).amax(0)
+    else:
+        lo, hi = z.amin(0), z.amax(0)
+    x = z.mul_(pi).sum(0).clamp_(lo, hi)
+    s_min = scale.amin(0)
+    tol_newton = 0.25 * math.sqrt(eps) * s_min
+    dx_old = hi - lo
+    dx = dx_old
+    active = plain.clone()
+    for _ in range(max_steps):
+        if not bool(active.any()):
+            break
+        g, slope, _ = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
+        h = g - t_plain
+        below = h < 0
+        lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
+        d = h / slope
+        newton = x - d
+        use_newton = (newton >= lo) & (newton <= hi) & (2.0 * d.abs() <= dx_old)
+        x_next = torch.where(use_newton, newton, torch.lerp(lo, hi, 0.5))
+        step = (x_next - x).abs()
+        # Converged: a bisection step within a few ulps of |x| + s_min (x is an end of the
+        # bracket, so that is the bracket's width), a Newton step within the larger of that
+        # and tol_newton, or an exact root.
+        tol = (x.abs() + s_min).mul_(4.0 * eps)
+        tol = torch.where(use_newton, torch.maximum(tol, tol_newton), tol)
+        done = (step <= tol) | (h == 0)
+        x = torch.where(active & (h != 0), x_next, x)
+        dx_old, dx = torch.where(active, dx, dx_old), torch.where(active, step, dx)
+        active &= ~done
+    rest = (active | ~plain) & torch.isfinite(t)
+    if bool(rest.any()):
+        cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
+        x[rest] = _solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
+    # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
+    # (no cancellation); in log space wherever f is too small for that.
+    _, slope, dens = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
+    lad = torch.log(slope if output == "logit" else dens)
+    redo = rest | ~(dens > 1e8 * finfo.tiny)
+    if bool(redo.any()):
+        cols = (logits[:, redo].T, loc[:, redo].T, log_scale[:, redo].T)
+        lad[redo] = _forward(x[redo], *cols, kind, output)[1]
+    return x, lad
 
 
 def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
@@ -420,64 +489,30 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
     own inverses and falling back to bisection whenever a step leaves the bracket or fails to
     halve (Numerical Recipes' rtsafe). An element stops once its Newton step is below
     sqrt(eps)/4 of the smallest component scale (the next error is then about eps of it) or
-    its bracket has shrunk to a few ulps: typically 3-6 evaluations instead of a fixed
-    schedule's 44 (the kernels iterate the same way, in log space, per tile). Targets so far
-    out that the tail mass nears underflow, and any element still unconverged after
-    ``max_steps``, are solved in log space by the fixed schedule
-    (:func:`mixture_cdf_inverse_fixed`). The logabsdet is taken in log space at the
+    a bisection step (the bracket's half-width) is below 4 eps (|x| + that scale): typically
+    3-6 evaluations instead of a fixed schedule's 44 (the kernels iterate the same way, in
+    log space, per tile). Targets so far out that the tail mass nears underflow, and any
+    element still unconverged after ``max_steps``, are solved in log space by the fixed
+    schedule (:func:`mixture_cdf_inverse_fixed`). The logabsdet is taken in log space at the
     solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward logabsdet at x.
     """
     with torch.no_grad():
         y_c, logits_c, loc_c, log_scale_c = _upcast(y, logits, loc, log_scale)
-        finfo = torch.finfo(y_c.dtype)
-        eps = finfo.eps
-        t = target_logit(y_c, output)
-        # Beyond this |logit| the tail mass nears the dtype's smallest normal number: those
-        # targets (and any element that has not converged) go to the log-space solver.
-        plain = t.abs() <= -0.85 * math.log(finfo.tiny)
-        pi = torch.softmax(logits_c, dim=-1)
-        scale = torch.exp(log_scale_c)
-        inv_scale = torch.exp(-log_scale_c)
-        t_plain = torch.where(plain, t, 0.0)
-        u_t = component_quantile(t_plain, kind).unsqueeze(-1)
-        lo, hi = _bracket(u_t, loc_c, scale, kind)
-        s_min = scale.amin(-1)
-        tol_newton = 0.25 * math.sqrt(eps) * s_min
-        # Start from the weighted mean of the components' inverses (inside the bracket).
-        x = (pi * (loc_c + scale * u_t)).sum(-1).clamp(lo, hi)
-        dx_old = hi - lo
-        dx = dx_old
-        active = plain.clone()
-        for _ in range(max_steps):
-            if not bool(active.any()):
-                break
-            g, slope, _ = _logit_and_slope(x, pi, loc_c, inv_scale, kind)
-            h = g - t_plain
-            lo = torch.where(active & (h < 0), x, lo)
-            hi = torch.where(active & (h > 0), x, hi)
-            newton = x - h / slope
-            use_newton = (newton >= lo) & (newton <= hi) & (2.0 * h.abs() <= (dx_old * slope).abs())
-            x_next = torch.where(use_newton, newton, 0.5 * lo + 0.5 * hi)
-            step = (x_next - x).abs()
-            done = ((h == 0) | (step <= 4.0 * eps * x.abs())
-                    | (use_newton & (step <= tol_newton))
-                    | (hi - lo <= 8.0 * eps * (x.abs() + s_min)))
-            x = torch.where(active & (h != 0), x_next, x)
-            dx_old, dx = torch.where(active, dx, dx_old), torch.where(active, step, dx)
-            active = active & ~done
-        rest = (active | ~plain) & torch.isfinite(t)
-        if bool(rest.any()):
-            x[rest] = _solve_fixed(t[rest], logits_c[rest], loc_c[rest], log_scale_c[rest], kind,
-                                   fallback_steps[0], fallback_steps[1])
-        # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
-        # (no cancellation); in log space wherever f is too small for that.
-        _, slope, dens = _logit_and_slope(x, pi, loc_c, inv_scale, kind)
-        lad = torch.log(slope if output == "logit" else dens)
-        redo = rest | ~(dens > 1e8 * finfo.tiny)
-        if bool(redo.any()):
-            lad[redo] = _forward(x[redo], logits_c[redo], loc_c[redo], log_scale_c[redo], kind,
-                                 output)[1]
-        return _finish_inverse(x, t, lad, y.dtype)
+        K = logits_c.shape[-1]
+        params = (p.reshape(-1, K).T.contiguous() for p in (logits_c, loc_c, log_scale_c))
+        x, lad = inverse_component_major(y_c.reshape(-1), *params, kind, output, max_steps,
+                                         fallback_steps)
+        return x.view(y.shape).to(y.dtype), lad.view(y.shape).to(y.dtype)
+
+
+def inverse_component_major(y, logits, loc, log_scale, kind: str, output: str,
+                            max_steps: int = 60, fallback_steps: tuple[int, int] = (60, 4)):
+    """:func:`mixture_cdf_inverse_fwd` on flat targets y (N,) with the parameters'
+    component axis first, (K, N), all in the compute dtype (the autoregressive solve's
+    GEMM produces them so). Returns (x, logabsdet), (N,) each."""
+    t = target_logit(y, output)
+    x, lad = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps, fallback_steps)
+    return _finish_inverse(x, t, lad, y.dtype)
 
 
 def mixture_cdf_inverse_bwd(
