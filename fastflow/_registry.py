@@ -29,6 +29,14 @@ NEWTON_STEPS = 4
 MAX_STEPS = BISECT_STEPS + NEWTON_STEPS
 
 _BACKENDS = ("auto", "triton", "reference")
+KINDS = ("logistic", "gaussian")
+OUTPUTS = ("unit", "logit")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def backend_choice() -> str:

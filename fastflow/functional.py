@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._registry import backend_for
+from ._registry import KINDS, OUTPUTS, backend_for
+from ._registry import check_choice as _check_choice
 from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
 
-KINDS = ("logistic", "gaussian")
-OUTPUTS = ("unit", "logit")
 _PARAM_NAMES = ("logits", "loc", "log_scale")
 
 _validate_default = True
@@ -42,11 +41,6 @@ def set_validate_args(value: bool) -> None:
 def get_validate_args() -> bool:
     """The global default of ``validate_args``."""
     return _validate_default
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _broadcasts_to(shape, full) -> bool:

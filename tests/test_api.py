@@ -86,6 +86,23 @@ def test_unknown_kind_and_output_are_rejected(func):
         _raises(func, "output must be one of", x, *params, output="probit")
 
 
+@pytest.mark.parametrize("kind,output,match", [
+    ("logisitc", "unit", "kind must be one of"), ("logistic", "Unit", "output must be one of"),
+    ("gaussian", "density", "output must be one of")])
+def test_public_autograd_functions_reject_unknown_kind_and_output(kind, output, match):
+    """The Functions call the ops, whose formulas branch on kind and output: a misspelled
+    string must raise, not fall through to the other formula."""
+    from fastflow.autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+
+    x, params = _good()
+    for fn in (MixtureCDF, MixtureCDFInverse):
+        with pytest.raises(ValueError, match=match):
+            fn.apply(torch.sigmoid(x), *params, kind, output)
+    if match.startswith("kind"):
+        with pytest.raises(ValueError, match=match):
+            MixtureLogProb.apply(x, *params, kind)
+
+
 def test_validation_raises_on_nan_and_out_of_domain_values():
     x, (logits, loc, log_scale) = _good()
     bad_x = x.clone()
