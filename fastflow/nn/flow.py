@@ -11,6 +11,22 @@ from torch.distributions import Distribution, constraints
 from .transforms import Compose, chain_forward, chain_inverse
 
 
+def _broadcast_context(context, x):
+    """context expanded to x's leading shape where it broadcasts there (a view); else as
+    given, for the transforms' shape check to name."""
+    if context is None or not isinstance(x, torch.Tensor) or context.dim() == 0:
+        return context
+    lead = x.shape[:-1]
+    if context.shape[:-1] == lead:
+        return context
+    try:
+        if torch.broadcast_shapes(context.shape[:-1], lead) == lead:
+            return context.expand(*lead, context.shape[-1])
+    except RuntimeError:
+        pass
+    return context
+
+
 class Flow(nn.Module):
     """``log p(x) = log p_base(f(x)) + log|det df/dx|`` for f the composition of ``transforms``.
 
@@ -32,12 +48,13 @@ class Flow(nn.Module):
         self.features = base.features
 
     def forward(self, x, context=None):
-        """(z, logabsdet) of the data-to-base map."""
-        return chain_forward(self.transforms, x, context)
+        """(z, logabsdet) of the data-to-base map (context broadcast as in :meth:`log_prob`)."""
+        return chain_forward(self.transforms, x, _broadcast_context(context, x))
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-density of x, shape ``x.shape[:-1]``."""
-        z, lad = chain_forward(self.transforms, x, context)
+        """Log-density of x, shape ``x.shape[:-1]``. A context of shape (B, C) is broadcast
+        over x's leading axes, so that samples of shape (n, B, D) score as drawn."""
+        z, lad = chain_forward(self.transforms, x, _broadcast_context(context, x))
         return self.base.log_prob(z) + lad
 
     def bits_per_dim(self, x, context=None) -> torch.Tensor:

@@ -190,11 +190,7 @@ class MADE(nn.Module):
             mask = m[:, None] >= degrees[-1][None, :]
             self.layers.append(MaskedLinear(len(degrees[-1]), size, mask))
             degrees.append(m)
-        # table[l, m]: units of layer l (row 0: the inputs, in degree order) with degree < m.
-        steps = torch.arange(features + 1)
-        table = [torch.searchsorted(m.contiguous(), steps) for m in degrees[1:]]
-        self.register_buffer("degree_table", torch.stack([(steps - 1).clamp(min=0), *table]),
-                             persistent=False)
+        self._table = None  # (the masks' identity, the degree table)
         # Hidden units are sorted by degree, so dimension d's outputs see a prefix of the last
         # hidden layer: the fused head stops reading there.
         self.register_buffer("head_limits",
@@ -230,9 +226,32 @@ class MADE(nn.Module):
         if self.context is not None:
             biases = [b + c(context) for b, c in zip(biases, self.context, strict=False)]
             out_bias = out_bias + self.context[-1](context)
-        return {"weights": weights, "biases": biases, "table": self.degree_table,
+        return {"weights": weights, "biases": biases, "table": self.degree_table(),
                 "order": order, "out_weight": self.output.weight * self.output.mask,
                 "out_bias": out_bias}
+
+    def degree_table(self) -> torch.Tensor:
+        """(L + 1, D + 1) integers: ``table[l, m]`` counts the units of layer l (row 0: the
+        inputs, in degree order) with degree below m.
+
+        Read back from the masks (and the input degrees), not kept from construction, so that
+        it always describes the network that runs, a loaded state dict's included. A hidden
+        unit's degree here is the largest degree among the units it sees (0 if none): at most
+        its nominal degree, so the sequential solve computes it no later than needed, and
+        nondecreasing along the layer's degree-sorted units, so each step's units stay one
+        contiguous range. Derived again whenever a mask is replaced, moved or written to.
+        """
+        masks = [layer.mask for layer in self.layers]
+        key = tuple((m.data_ptr(), m._version, m.device) for m in (*masks, self.input_degrees))
+        if self._table is None or self._table[0] != key:
+            d_in = self.input_degrees
+            steps = torch.arange(self.features + 1, device=d_in.device)
+            rows, prev = [(steps - 1).clamp(min=0)], d_in
+            for m in masks:
+                prev = torch.where(m != 0, prev, 0).amax(1)
+                rows.append(torch.searchsorted(prev.contiguous(), steps))
+            self._table = (key, torch.stack(rows))
+        return self._table[1]
 
     def hidden(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The last hidden layer, (..., hidden_features[-1])."""
