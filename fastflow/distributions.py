@@ -22,6 +22,8 @@ class _Base(nn.Module):
 
     def _shape(self, shape):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"shape must be non-negative integer sizes, got {shape!r}")
         return (*shape, self.features)
 
 
@@ -66,6 +68,8 @@ class MixtureOfGaussians(_Base):
     def sample(self, shape):
         shape = self._shape(shape)
         with torch.no_grad():
+            if math.prod(shape) == 0:  # Categorical cannot draw zero samples
+                return self.loc.new_empty(shape)
             k = torch.distributions.Categorical(logits=self.logits).sample(shape[:-1])
             pick = k.unsqueeze(-1)
             K = self.logits.shape[-1]

@@ -216,6 +216,51 @@ def test_bad_input_names_the_problem():
         Flow([MixtureCDFFlow(3, 2)], StandardNormal(2))
 
 
+def test_bad_context_values_and_sample_sizes_name_the_problem():
+    flow = Flow([AutoregressiveMixtureFlow(3, 2, [8], context_features=2, output="logit",
+                                           seed=0)], StandardNormal(3))
+    x, ctx = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="context must have x's dtype"):
+        flow.log_prob(x, ctx.to(torch.int64))
+    with pytest.raises(ValueError, match="context must have x's dtype"):
+        flow.log_prob(x, ctx.double())
+    with pytest.raises(ValueError, match="context is on meta"):
+        flow.log_prob(x, ctx.to("meta"))
+    bad = ctx.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="context must be finite"):
+        flow.log_prob(x, bad)
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        flow.sample(-1, ctx)
+    with pytest.raises(ValueError, match="shape must be non-negative"):
+        StandardNormal(3).sample((2, -1))
+    # float64 data through a float32 conditional model: every layer runs in float64.
+    lp = flow.log_prob(x.double(), ctx.double())
+    assert lp.dtype == torch.float64
+    torch.testing.assert_close(lp.float(), flow.log_prob(x, ctx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", ["normal", "mog"])
+def test_zero_samples_have_shape_zero_by_d(base):
+    prior = StandardNormal(3) if base == "normal" else MixtureOfGaussians(3, 2)
+    flow = Flow([AutoregressiveMixtureFlow(3, 2, [8], output="logit", seed=0)], prior)
+    assert flow.sample(0).shape == (0, 3)
+    assert flow.distribution().sample((0, 2)).shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("cls", [Logit, Sigmoid])
+def test_logit_rejects_values_outside_the_unit_interval(cls):
+    """Unscaled pixels (0..255) would give NaN log-densities: a ValueError names them."""
+    t = cls(2, 0.05)
+    pixels = torch.tensor([[255.0, 0.5]])
+    if cls is Logit:
+        with pytest.raises(ValueError, match="x must lie in"):
+            t(pixels)
+    else:
+        with pytest.raises(ValueError, match="z must lie in"):
+            t.inverse(pixels)
+
+
 @pytest.mark.parametrize("linear,head", [("dense", "dense"), ("kernel", "kernel"),
                                          ("kernel", "dense"), ("dense", "kernel")])
 def test_every_made_route_matches_the_reference(linear, head, device, triton_backend,

@@ -68,6 +68,8 @@ class Flow(nn.Module):
 
     def rsample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
         """(x, log p(x)) for n differentiable samples, from the sampling pass alone."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
         shape = (n,) if context is None else (n, *context.shape[:-1])
         if context is not None:
             context = context.expand(n, *context.shape)

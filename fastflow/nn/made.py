@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._registry import backend_choice
-from ..functional import masked_linear
+from ..functional import _should_validate, _validate_values, masked_linear
 from ..reference import made as reference_made
 from . import _blocked as blocked
 from ._blocked import PrefixLinear, plan_blocks, prefix_limits
@@ -210,7 +210,7 @@ class MADE(nn.Module):
         h = self.hidden(x, context)
         out = self.output(h)
         if self.context is not None:
-            out = out + self.context[-1](context)
+            out = out + self._context_term(-1, context)
         return out.reshape(*x.shape[:-1], self.features, self.out_multiplier)
 
     def sequential_plan(self, context: torch.Tensor | None = None) -> dict:
@@ -224,11 +224,20 @@ class MADE(nn.Module):
         biases = [layer.bias for layer in self.layers]
         out_bias = self.output.bias
         if self.context is not None:
-            biases = [b + c(context) for b, c in zip(biases, self.context, strict=False)]
-            out_bias = out_bias + self.context[-1](context)
+            biases = [b + self._context_term(i, context) for i, b in enumerate(biases)]
+            out_bias = out_bias + self._context_term(-1, context)
         return {"weights": weights, "biases": biases, "table": self.degree_table(),
                 "order": order, "out_weight": self.output.weight * self.output.mask,
                 "out_bias": out_bias}
+
+    def _context_term(self, i: int, context: torch.Tensor) -> torch.Tensor:
+        """Context layer i applied in the context's dtype (x's: the masked layers also run in
+        the input's dtype)."""
+        layer = self.context[i]
+        w, b = layer.weight, layer.bias
+        if w.dtype != context.dtype:
+            w, b = w.to(context.dtype), b.to(context.dtype)
+        return nn.functional.linear(context, w, b)
 
     def degree_table(self) -> torch.Tensor:
         """(L + 1, D + 1) integers: ``table[l, m]`` counts the units of layer l (row 0: the
@@ -267,14 +276,15 @@ class MADE(nn.Module):
             else:
                 a = layer(h)
                 if self.context is not None:
-                    a = a + self.context[i](context)
+                    a = a + self._context_term(i, context)
                 a = self.activation(a)
             h = h + a if self.residual and i > 0 else a
         return h
 
 
 def check_context(context, context_features, x):
-    """ValueError for a missing, unexpected or wrongly shaped context."""
+    """ValueError for a missing, unexpected or wrongly shaped context, or one of another
+    dtype or device than x."""
     if context_features is None:
         if context is not None:
             raise ValueError("context was given but the model has no context_features")
@@ -286,3 +296,9 @@ def check_context(context, context_features, x):
             f"context must have shape {(*x.shape[:-1], context_features)}, "
             f"got {tuple(context.shape)}"
         )
+    if not context.is_floating_point() or context.dtype != x.dtype:
+        raise ValueError(f"context must have x's dtype {x.dtype}, got {context.dtype}")
+    if context.device != x.device:
+        raise ValueError(f"context is on {context.device} but x is on {x.device}")
+    if _should_validate(None):
+        _validate_values([("context", ~torch.isfinite(context), "must be finite")])

@@ -266,7 +266,12 @@ class Logit(Transform):
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
         self.features, self.alpha = features, alpha
 
-    def _logit(self, x):
+    def _logit(self, x, name):
+        if _should_validate(None):
+            # log of a negative number is a silent NaN: unscaled pixels (0..255) are the
+            # usual cause.
+            _validate_values([(name, ~((x >= 0) & (x <= 1)),
+                               "must lie in [0, 1] (found values outside, or NaN)")])
         s = self.alpha + (1 - 2 * self.alpha) * x
         log_s, log_1ms = torch.log(s), torch.log1p(-s)
         lad = math.log1p(-2 * self.alpha) - log_s - log_1ms
@@ -280,7 +285,7 @@ class Logit(Transform):
 
     def forward(self, x, context=None):
         self._check(x)
-        return self._logit(x)
+        return self._logit(x, "x")
 
     def inverse(self, z, context=None):
         self._check(z, "z")
@@ -296,7 +301,7 @@ class Sigmoid(Logit):
 
     def inverse(self, z, context=None):
         self._check(z, "z")
-        return self._logit(z)
+        return self._logit(z, "z")
 
 
 class Permutation(Transform):
