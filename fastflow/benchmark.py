@@ -590,8 +590,8 @@ def plot(path, rows, env) -> bool:
     return True
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="fastflow bench", description=__doc__.split("\n\n")[0])
+def parse_args(argv, parser_class=argparse.ArgumentParser):
+    p = parser_class(prog="fastflow bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=tuple(OP_SIZES), default=None,
                    help="workload sizes (default: full on a GPU, cpu otherwise)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -617,8 +617,9 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
+    """``fastflow bench``; ``parser_class`` lets the CLI give its one-line errors."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, parser_class)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastflow bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2

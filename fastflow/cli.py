@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dequantization for digits (default: uniform)")
     train.add_argument("--threads", type=_positive_int,
                        help="CPU threads (default: 1, fastest for these small models)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (the bar shows the running NLL); the final report still prints")
     _add_device(train)
 
     smp = sub.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
@@ -184,7 +184,7 @@ def cmd_bench(argv: list[str]) -> int:
                            "pip install 'fastflow[bench]'") from None
         raise _Failure("fastflow bench: the benchmark runner is not part of this "
                        "installation") from None
-    return int(benchmark.main(list(argv)) or 0)
+    return int(benchmark.main(list(argv), parser_class=_Parser) or 0)
 
 
 _COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}

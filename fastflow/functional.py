@@ -127,8 +127,10 @@ def mixture_cdf(
         logits, loc, log_scale: mixture parameters, each broadcasting to ``S + (K,)``.
         kind: ``"logistic"`` or ``"gaussian"`` components.
         output: ``"unit"``: y = F(x) in [0, 1], logabsdet = log f(x).
-            ``"logit"``: y = logit F(x), computed in log space (Flow++ style), and
-            logabsdet = log|dy/dx| = log f - log F - log(1 - F), computed without cancellation.
+            ``"logit"``: y = logit F(x) = log F - log(1 - F), with 1 - F summed over the
+            components rather than formed by subtraction (exact far into both tails; Flow++
+            works in log space for this), and logabsdet = log|dy/dx| =
+            log f - log F - log(1 - F), computed without cancellation.
         validate_args: override the global default for this call.
 
     Returns:

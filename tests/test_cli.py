@@ -205,6 +205,8 @@ def test_foreign_and_mismatched_checkpoints(moons_run, tmp_path, capsys):
     ["sample", "-n", "3"],
     ["frobnicate"],
     [],
+    ["bench", "--size", "bogus"],
+    ["bench", "--workloads", "W9"],
 ])
 def test_bad_flags_are_one_line_errors(argv, capsys):
     code, _, err = run(capsys, *argv)
@@ -257,7 +259,7 @@ def test_bench_without_the_runner(capsys, monkeypatch):
 def test_bench_forwards_its_arguments(capsys, monkeypatch):
     seen = []
     fake = types.ModuleType("fastflow.benchmark")
-    fake.main = lambda argv: seen.append(argv) or 3
+    fake.main = lambda argv, parser_class: seen.append(argv) or 3
     monkeypatch.setitem(sys.modules, "fastflow.benchmark", fake)
     assert main(["bench", "--sizes", "1,2", "--help"]) == 3
     assert seen == [["--sizes", "1,2", "--help"]]

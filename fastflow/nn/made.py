@@ -154,7 +154,8 @@ class MADE(nn.Module):
         order: "natural", "random", or a permutation tensor p (input i is generated p[i]-th).
         hidden_degrees: "sequential" or "random".
         residual: hidden layers after the first add their input (all sizes must be equal).
-        context_features: size of an optional context vector fed to every hidden layer.
+        context_features: size of an optional context vector, fed (through its own linear
+            map) to every hidden layer and to the output layer.
         activation: the hidden nonlinearity (a module), ReLU by default.
         seed: seeds the random order / degrees, so a model can be rebuilt exactly.
     """
