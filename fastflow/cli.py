@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dequantization for digits (default: uniform)")
     train.add_argument("--threads", type=_positive_int,
                        help="CPU threads (default: 1, fastest for these small models)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (the bar shows the running NLL); the final report still prints")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (it shows the running NLL); the report still prints")
     _add_device(train)
 
     smp = sub.add_parser("sample", help="draw samples from a checkpoint into a .npy file")

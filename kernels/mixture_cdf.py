@@ -156,6 +156,15 @@ def _logistic_sums(x, pi, loc, inv_s, FAST: tl.constexpr):
 
 
 @triton.jit
+def f_floor(tiny, inv_s):
+    """The smallest f [BLOCK_N] a probability-space sum gives exactly: tiny times the largest
+    1/s of the row (and at least tiny). A term pi c flushes to zero below the smallest normal
+    number before 1/s scales it, so with tiny scales f can be large and still have lost its
+    largest term."""
+    return tiny * tl.maximum(tl.max(inv_s, axis=1), 1.0)
+
+
+@triton.jit
 def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr,
                   FAST: tl.constexpr):
     """(y, lad) of the forward map at x [BLOCK_N]; for OUTPUT 2, y is log f as well.
@@ -163,7 +172,8 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
     Logistic with FAST: from :func:`_logistic_sums` (y = log(F / (1 - F)) and
     lad = log(f / (F (1 - F))) for "logit": a ratio of sums, so nothing cancels in the tails
     either), and in log space (:func:`_forward_eval_log`) for a tile with a row whose F,
-    1 - F or f is below 1e-30 (1e-280 in float64), taken by those rows.
+    1 - F or f is below 1e-30 (1e-280 in float64), taken by those rows; for f, 1e-30 times
+    the largest 1/s (:func:`f_floor`).
     """
     if KIND == 0 and FAST:
         if x.dtype == tl.float64:
@@ -173,10 +183,9 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
         inv_s = tl.exp(-log_scale)
         pi = fast_exp(log_pi, FAST)
         big_f, big_s, f, _ = _logistic_sums(x, pi, loc, inv_s, FAST)
-        if OUTPUT == 2:
-            need = f < tiny
-        else:
-            need = (f < tiny) | (big_f < tiny) | (big_s < tiny)
+        need = f < f_floor(tiny, inv_s)
+        if OUTPUT != 2:
+            need = need | (big_f < tiny) | (big_s < tiny)
         big_f = tl.where(need, 1.0, big_f)
         big_s = tl.where(need, 1.0, big_s)
         f = tl.where(need, 1.0, f)

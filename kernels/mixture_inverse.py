@@ -31,6 +31,7 @@ from .mixture_cdf import (
     alloc_grads,
     cdiv,
     cotangent,
+    f_floor,
     param_views,
     tile,
     tile_rows,
@@ -90,16 +91,16 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
 
 
 @triton.jit
-def _logistic_prob_eval(x, pi, loc, inv_s, tiny, FAST: tl.constexpr):
+def _logistic_prob_eval(x, pi, loc, inv_s, tiny, f_min, FAST: tl.constexpr):
     """A logistic mixture's logit F(x), the inverse slope 1/g' = F (1 - F) / f of g = logit F,
     and g''/g' = f'/f - f/F + f/(1 - F), from :func:`_logistic_sums`, with whether that is
-    exact enough: False for a lane whose F, 1 - F or f is below ``tiny`` (far enough down
-    that a term which underflowed could matter), which then needs
-    :func:`_logit_slope_eval`'s log space. One logarithm per element instead of the log
+    exact enough: False for a lane whose F or 1 - F is below ``tiny``, or f below ``f_min``
+    (:func:`f_floor`: far enough down that a term which underflowed could matter), which
+    then needs :func:`_logit_slope_eval`'s log space. One logarithm per element instead of the log
     space's logsumexps; also returns f.
     """
     big_f, big_s, f, df = _logistic_sums(x, pi, loc, inv_s, FAST)
-    need = (big_f < tiny) | (big_s < tiny) | (f < tiny)
+    need = (big_f < tiny) | (big_s < tiny) | (f < f_min)
     big_f = tl.where(need, 1.0, big_f)
     big_s = tl.where(need, 1.0, big_s)
     f = tl.where(need, 1.0, f)
@@ -176,14 +177,17 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     dx_old = hi - lo
     dx = dx_old
     if KIND == 0:
-        inv_s = tl.exp(-log_scale)  # a loop invariant of the probability-space evaluation
+        # Loop invariants of the probability-space evaluation.
+        inv_s = tl.exp(-log_scale)
+        f_min = f_floor(tiny, inv_s)
     steps = tl.max(tl.where(active, 1, 0), axis=0) * 0
     pending = tl.max(tl.where(active, 1, 0), axis=0)
     while pending > 0:
         if KIND == 0:
             # Probability space, unless some lane's sums are too small for it: then log space
             # for the tile, taken by those lanes.
-            g, inv_slope, curv, need, _ = _logistic_prob_eval(x, pi, loc, inv_s, tiny, FAST)
+            g, inv_slope, curv, need, _ = _logistic_prob_eval(x, pi, loc, inv_s, tiny, f_min,
+                                                              FAST)
             need = active & need
             if tl.max(tl.where(need, 1, 0), axis=0) > 0:
                 g_log, g_lad, curv_log = _logit_slope_eval(x, log_pi, loc, log_scale, KIND,
@@ -222,7 +226,7 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         # lad = -log g'(x) = log(F (1 - F) / f) (logit) or -log f (unit), from probability-
         # space sums without cancellation (each C, 1 - C, c is a product); log space's hazard
         # form (_forward_eval) for lanes whose sums are too small for that.
-        _, inv_slope, _, need, f = _logistic_prob_eval(x, pi, loc, inv_s, tiny, FAST)
+        _, inv_slope, _, need, f = _logistic_prob_eval(x, pi, loc, inv_s, tiny, f_min, FAST)
         if OUTPUT == 1:
             lad = tl.log(inv_slope)
         else:

@@ -457,6 +457,33 @@ def test_cpu_path_tiny_scales_take_log_space(kind, output, log_scale, u):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("output", ["density", "unit", "logit"])
+def test_flushed_density_terms_with_tiny_scales_match_float64(backend, output):
+    """Both backends: a logistic term pi c that flushes to zero before 1/s = e^60 scales it
+    back up leaves f far above any fixed floor yet missing its largest term (GPUs flush at
+    the smallest normal number, the emulated approximations too). The forward and the
+    inverse must send such rows to log space."""
+    from fastflow.reference import mixture_cdf as ref
+
+    s, u = math.exp(-60.0), 89.5
+    x = torch.tensor([u * s])
+    logits, loc = torch.zeros(1, 2), torch.tensor([[0.0, u * s + 42.5]])
+    ls = torch.tensor([[-60.0, 0.0]])
+    args64 = [a.double() for a in (x, logits, loc, ls)]
+    y64, lad64 = ref._forward(*args64, "logistic", output)
+    if output == "density":
+        lad = fastflow.mixture_log_prob(x, logits, loc, ls, kind="logistic")
+    else:
+        y, lad = fastflow.mixture_cdf(x, logits, loc, ls, kind="logistic", output=output)
+        torch.testing.assert_close(y.double(), y64, rtol=2e-6, atol=0)
+        # The inverse's logabsdet at its solution is minus the float64 forward's there.
+        x_inv, lad_inv = fastflow.mixture_cdf_inverse(y, logits, loc, ls, kind="logistic",
+                                                      output=output)
+        _, lad_at = ref._forward(x_inv.double(), *args64[1:], "logistic", output)
+        torch.testing.assert_close(-lad_inv.double(), lad_at, rtol=2e-6, atol=0)
+    torch.testing.assert_close(lad.double(), lad64, rtol=2e-6, atol=0)
+
+
 def test_log_space_logistic_terms_exact_past_softplus_threshold():
     """float64 log C(u), log(1 - C(u)) beyond |u| = 20, where softplus's default threshold
     drops e^-|u|: the density of one logistic component, -|u| - 2 log(1 + e^-|u|) - log s."""
