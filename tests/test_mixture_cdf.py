@@ -105,6 +105,47 @@ def test_fp32_accuracy_against_float64_oracle(backend, kind, output, K):
         assert rel_err(lad, o["log_f"]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unit_output_relatively_exact_in_the_lower_tail(backend, kind, dtype):
+    """y = F(x) down to 1e-19 keeps its relative accuracy (F is taken directly below one
+    half, never as 1 - (1 - F), which is 0 there): 1e-5 in float32, 1e-12 in float64."""
+    logits = torch.tensor([0.3, -0.2, 0.1], dtype=dtype, device=DEVICE)
+    loc = torch.tensor([-1.0, 0.0, 2.0], dtype=dtype, device=DEVICE)
+    log_scale = torch.tensor([0.0, -0.5, 0.3], dtype=dtype, device=DEVICE)
+    x = torch.linspace(-60.0 if kind == "logistic" else -10.0, -1.5, 256, dtype=dtype,
+                       device=DEVICE)
+    y, _ = fastflow.mixture_cdf(x, logits, loc, log_scale, kind=kind, output="unit")
+    want = oracle(x, logits.expand(256, 3), loc.expand(256, 3), log_scale.expand(256, 3),
+                  kind)["unit"]
+    assert want.min() < 1e-18 and want.max() < 0.5
+    err = np.abs(y.double().cpu().numpy() / want - 1.0)
+    assert err.max() <= (1e-5 if dtype == torch.float32 else 1e-12), f"worst {err.max():.3g}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unit_output_gradients_relatively_exact_in_the_lower_tail(backend, kind):
+    """float32 gradients of y = F(x) for F down to 1e-19, against float64 autograd through
+    the log-space forward: dF = F dlog F there (through 1 - F, dF = -(1 - F) dlog(1 - F)
+    would lose everything). Relative to each row's largest, 1e-5."""
+    from fastflow.reference import mixture_cdf as ref
+
+    n = 64
+    params = [torch.tensor(v, device=DEVICE).expand(n, 3).clone()
+              for v in ([0.3, -0.2, 0.1], [-1.0, 0.0, 2.0], [0.0, -0.5, 0.3])]
+    x = torch.linspace(-40.0 if kind == "logistic" else -8.0, -1.5, n, device=DEVICE)
+    leaves = [t.requires_grad_() for t in (x, *params)]
+    y, _ = fastflow.mixture_cdf(*leaves, kind=kind, output="unit")
+    got = torch.autograd.grad(y.sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, *params)]
+    y64, _ = ref._forward(*leaves64, kind, "unit")
+    want = torch.autograd.grad(y64.sum(), leaves64)
+    for name, g, w in zip(("x", "logits", "loc", "log_scale"), got, want, strict=True):
+        scale = w.abs() if w.dim() == 1 else w.abs().amax(-1, keepdim=True)
+        err = float(((g.double() - w).abs() / scale).max())
+        assert err <= 1e-5, f"{name}: worst {err:.3g}"
+
+
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_logit_lad_tail_regression(backend, kind, output):
