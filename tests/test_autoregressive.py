@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastflow
 from fastflow.distributions import StandardNormal
 from fastflow.nn import AutoregressiveMixtureFlow, Flow
 from fastflow.reference.autoregressive import autoregressive_solve as reference_solve
@@ -18,13 +19,15 @@ VARIANTS = {
     "residual": dict(order="random", residual=True),
     "context": dict(order="random", context_features=3),
 }
+# Used by KERNEL_CASES only (not crossed with the other tests' parameters).
+KERNEL_VARIANTS = {**VARIANTS, "natural-context": dict(context_features=3)}
 
 
 def _flow(D, K, hidden, variant, direction="maf", kind="logistic", output="logit",
           dtype=torch.float32, device="cpu", perturb=0.1):
     torch.manual_seed(D * 100 + K)
     t = AutoregressiveMixtureFlow(D, K, hidden, kind=kind, direction=direction, output=output,
-                                  seed=7, **VARIANTS[variant])
+                                  seed=7, **KERNEL_VARIANTS[variant])
     with torch.no_grad():  # move away from the near-uniform initialisation
         for p in t.parameters():
             p.add_(perturb * torch.randn_like(p))
@@ -67,6 +70,35 @@ def test_one_pass_equals_d_pass(monkeypatch, D, K, variant, direction):
     torch.testing.assert_close(fast_lad, slow_lad.detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("invert", [True, False], ids=["inverse", "forward"])
+def test_reference_solve_logabsdet_per_dimension_equals_d_pass(monkeypatch, invert):
+    """The reference solve's per-dimension (B, D) result and logabsdet, column by column,
+    against D passes of per-dimension fastflow.mixture_cdf_inverse / mixture_cdf calls on the
+    network's parameters for that column. A random order makes the solve's step t differ from
+    the column it writes (the flows sum logabsdet over columns, which hides a permutation)."""
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    K = 3
+    t = _flow(5, K, [24, 24], "context", kind="gaussian", output="logit", dtype=torch.float64)
+    v, ctx = _inputs(t, 16, dtype=torch.float64)
+    op = fastflow.mixture_cdf_inverse if invert else fastflow.mixture_cdf
+    with torch.no_grad():
+        plan = t.made.sequential_plan(ctx)
+        order = plan["order"].tolist()
+        assert order != sorted(order)
+        got, got_lad = reference_solve(v, plan["weights"], plan["biases"], plan["table"],
+                                       plan["order"], plan["out_weight"], plan["out_bias"], K,
+                                       "gaussian", "logit", invert, False, "relu")
+        r = torch.zeros_like(v)
+        lad = torch.full_like(v, float("nan"))
+        for col in order:  # one full network pass per dimension, in the flow's order
+            logits, loc, log_scale = t.made(r, ctx)[:, col].split(K, dim=-1)
+            r[:, col], lad[:, col] = op(v[:, col], logits, loc, log_scale, kind="gaussian",
+                                        output="logit")
+    assert torch.isfinite(lad).all()
+    torch.testing.assert_close(got, r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got_lad, lad, rtol=1e-9, atol=1e-9)
+
+
 def test_one_pass_equals_d_pass_at_d784(monkeypatch):
     """MNIST-sized D on the reference path (float64: the comparison is then near-exact)."""
     monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
@@ -103,12 +135,19 @@ KERNEL_CASES = [
     (4, 3, [40], "context", True, "logistic", "unit", torch.float32),
     (4, 3, [40], "context", False, "gaussian", "logit", torch.float64),
     (5, 1, [36, 36, 20], "random-order", False, "logistic", "logit", torch.float32),
+    # D = 2: all 64 units of a layer have degree 1, several BLOCK_N tiles of them
+    (2, 3, [64, 64], "natural", True, "logistic", "logit", torch.float64),
+    (2, 2, [64, 64], "natural-context", False, "gaussian", "unit", torch.float64),
 ]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[:7])))
 def test_kernel_matches_reference(case):
-    """The one-launch kernel (interpreted on a CPU) against the reference, on the same plan."""
+    """The one-launch kernel (interpreted on a CPU) against the reference, on the same plan.
+    The [64, 64] cases put more units of one degree (D = 2: all have degree 1) in a layer
+    than one tile of LAUNCH's block_n holds: each tile past the first must start at its own
+    offset."""
+    from fastflow.kernels.autoregressive import LAUNCH
     from fastflow.kernels.autoregressive import autoregressive_solve as kernel_solve
 
     D, K, hidden, variant, invert, kind, output, dtype = case
@@ -120,6 +159,8 @@ def test_kernel_matches_reference(case):
                 plan["out_weight"], plan["out_bias"], K, kind, output, invert,
                 t.made.residual, "relu")
         got, want = kernel_solve(*args), reference_solve(*args)
+    if hidden == [64, 64]:  # those cases' point: one degree's units span several tiles
+        assert (plan["table"][1:].diff(dim=1) > LAUNCH["block_n"]).any()
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[0], want[0], **tol)
     torch.testing.assert_close(got[1], want[1], **tol)

@@ -73,6 +73,32 @@ def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, ou
     assert_close_grads(got[2], want[2], **tol)
 
 
+# (x shape, K) that need several programs of the backward even under the interpreter, whose
+# tiles hold 16384 lanes: 3 tiles of 4096 elements (K = 3), 8 of 256 (K = 64, DENSE loads).
+MULTI_PROGRAM_CASES = [
+    pytest.param((3, 3000), 3, id="3x3000-K3"),
+    pytest.param((16, 128), 64, id="16x128-K64-dense"),
+]
+
+
+@pytest.mark.parametrize("shape,K", MULTI_PROGRAM_CASES)
+def test_backward_kernel_over_several_programs_matches_reference(monkeypatch, shape, K):
+    """The backward kernel where the launch has more than one program: each program must read
+    and write its own tile of elements (most other cases fit in one tile when interpreted)."""
+    from fastflow.kernels.mixture_cdf import LAUNCH, cdiv, param_views, tile
+
+    params = random_mixture(shape, K, dtype=torch.float64, device=DEVICE)
+    x = sample_x(*params, shape, 6.0)
+    block_n = tile(param_views(x, *params)[3], LAUNCH, warps="bwd_warps")[0]
+    assert cdiv(x.numel(), block_n) > 1
+    got = _run_with_grads("triton", monkeypatch, x, params, "logistic", "logit")
+    want = _run_with_grads("reference", monkeypatch, x, params, "logistic", "logit")
+    tol = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert_close_grads(got[2], want[2], **tol)
+
+
 @pytest.mark.parametrize("K", [1, 3, 64])
 @pytest.mark.parametrize("output", [*OUTPUTS, "density"])
 @pytest.mark.parametrize("kind", KINDS)

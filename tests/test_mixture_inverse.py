@@ -151,6 +151,30 @@ def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, ou
         )
 
 
+@pytest.mark.parametrize("shape,K", [
+    # several programs of the backward even under the interpreter (16384-lane tiles):
+    # 3 tiles of 4096 elements (K = 3), 8 of 256 (K = 64)
+    pytest.param((3, 3000), 3, id="3x3000-K3"),
+    pytest.param((16, 128), 64, id="16x128-K64"),
+])
+def test_backward_kernel_over_several_programs_matches_reference(monkeypatch, shape, K):
+    """The inverse's backward kernel where the launch has more than one program: each program
+    must read and write its own tile of elements (float64, at a given solution x)."""
+    from fastflow.kernels.mixture_cdf import LAUNCH, cdiv, param_views, tile
+
+    params = random_mixture(shape, K, dtype=torch.float64, device=DEVICE)
+    x = sample_x(*params, shape, 6.0)
+    assert cdiv(x.numel(), tile(param_views(x, *params)[3], LAUNCH)[0]) > 1
+    cot = [torch.randn(shape, dtype=torch.float64, device=DEVICE) for _ in range(2)]
+    grads = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("FASTFLOW_BACKEND", backend)
+        grads[backend] = torch.ops.fastflow.mixture_cdf_inverse_bwd(*cot, x, *params,
+                                                                    "logistic", "logit")
+    assert_close_grads(grads["triton"], grads["reference"], rtol=1e-9, atol=1e-9,
+                       names=("y", "logits", "loc", "log_scale"))
+
+
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_and_logabsdet(backend, kind, output):
