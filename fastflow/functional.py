@@ -10,8 +10,8 @@ float32 and float64 are computed in their own precision; float16 and bfloat16 ar
 float32 and returned in the input dtype. Mixed floating dtypes are promoted.
 
 Value checks follow torch.distributions: with ``validate_args`` on (the global default, see
-:func:`set_validate_args`, or per call) NaN inputs, non-finite parameters and targets outside
-the domain raise ValueError naming the argument; this costs one host synchronisation. With it
+:func:`set_validate_args`, or per call) NaN inputs, infinite inputs to the logit output,
+non-finite parameters and targets outside the domain raise ValueError naming the argument; this costs one host synchronisation. With it
 off nothing is checked on the device, and out-of-domain values give NaN outputs. Checks are
 skipped while ``torch.compile`` traces.
 """
@@ -103,6 +103,15 @@ def _should_validate(validate_args: bool | None) -> bool:
     return bool(on) and not torch.compiler.is_compiling()
 
 
+def _input_check(name: str, x: torch.Tensor, output: str | None):
+    """The (name, bad-mask, what) check of a forward's inputs: no NaN, and for the logit
+    output nothing infinite either (its logabsdet has no value at x = +-inf)."""
+    if output == "logit":
+        return (name, ~torch.isfinite(x),
+                "must be finite for output='logit' (found inf or NaN)")
+    return name, torch.isnan(x), "contains NaN"
+
+
 def _target_check(name: str, y: torch.Tensor, output: str):
     """The (name, bad-mask, what) check of an inverse's targets."""
     if output == "unit":
@@ -138,8 +147,7 @@ def mixture_cdf(
     """
     x, logits, loc, log_scale = _prepare("x", x, logits, loc, log_scale, kind, output)
     if _should_validate(validate_args):
-        _validate_values([("x", torch.isnan(x), "contains NaN"),
-                          *_param_checks(logits, loc, log_scale)])
+        _validate_values([_input_check("x", x, output), *_param_checks(logits, loc, log_scale)])
     return MixtureCDF.apply(x, logits, loc, log_scale, kind, output)
 
 

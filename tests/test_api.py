@@ -112,6 +112,13 @@ def test_validation_raises_on_nan_and_out_of_domain_values():
     _raises("mixture_cdf_inverse", "y must lie in", x + 1.0, logits, loc, log_scale)
     _raises("mixture_cdf_inverse", "y contains NaN", bad_x, logits, loc, log_scale,
             output="logit")
+    inf_x = x.clone()
+    inf_x[0, 1] = float("inf")
+    # logit F has no logabsdet at x = +-inf (the unit output's is log f = -inf there).
+    _raises("mixture_cdf", "x must be finite for output='logit'", inf_x, logits, loc, log_scale,
+            output="logit")
+    y, lad = fastflow.mixture_cdf(inf_x, logits, loc, log_scale, output="unit")
+    assert y[0, 1] == 1.0 and lad[0, 1] == -float("inf")
     bad_loc = loc.clone()
     bad_loc[0, 0, 0] = float("inf")
     _raises("mixture_cdf", "loc must be finite", x, logits, bad_loc, log_scale)

@@ -240,6 +240,13 @@ def test_bad_context_values_and_sample_sizes_name_the_problem():
         flow.log_prob(x, bad)
     with pytest.raises(ValueError, match="n must be a non-negative int"):
         flow.sample(-1, ctx)
+    inf_x = x.clone()
+    inf_x[2, 1] = float("inf")
+    for direction in DIRECTIONS:  # logit F has no logabsdet at x = +-inf
+        model = Flow([AutoregressiveMixtureFlow(3, 2, [8], output="logit", direction=direction)],
+                   StandardNormal(3))
+        with pytest.raises(ValueError, match="x must be finite for output='logit'"):
+            model.log_prob(inf_x)
     with pytest.raises(ValueError, match="shape must be non-negative"):
         StandardNormal(3).sample((2, -1))
     # float64 data through a float32 conditional model: every layer runs in float64.

@@ -15,6 +15,7 @@ from torch import nn
 from .. import _registry
 from .._registry import backend_for
 from ..functional import (
+    _input_check,
     _should_validate,
     _target_check,
     _validate_values,
@@ -184,7 +185,7 @@ class AutoregressiveMixtureFlow(Transform):
         """MADE's output layer and the mixture CDF in one kernel: the (B, D, 3K) parameters
         are never written to memory."""
         if _should_validate(None):
-            _validate_values([("x", torch.isnan(values), "contains NaN")])
+            _validate_values([_input_check("x", values, self.output)])
         lead = values.shape[:-1]
         h = self.made.hidden(inputs).reshape(-1, self.made.output.in_features)
         out = self.made.output
@@ -230,7 +231,7 @@ class AutoregressiveMixtureFlow(Transform):
             # route reports too.
             name = "z" if invert else "x"
             given = (_target_check(name, values, self.output) if invert
-                     else (name, torch.isnan(values), "contains NaN"))
+                     else _input_check(name, values, self.output))
             _validate_values([
                 given,
                 ("the network's mixture parameters", torch.isnan(side) | torch.isnan(lad),
