@@ -5,11 +5,22 @@ D features) and ``sample(shape)`` returning ``shape + (D,)``."""
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
 
 from .functional import mixture_log_prob
+
+
+def _is_index(n) -> bool:
+    if isinstance(n, bool):
+        return False
+    try:
+        operator.index(n)
+    except TypeError:
+        return False
+    return True
 
 
 class _Base(nn.Module):
@@ -21,10 +32,13 @@ class _Base(nn.Module):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
 
     def _shape(self, shape):
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if not all(isinstance(n, int) and n >= 0 for n in shape):
+        try:  # ints, numpy and 0-d tensor integers, or sequences of them (as torch.Size takes)
+            sizes = tuple(torch.Size([shape] if _is_index(shape) else shape))
+        except (TypeError, ValueError):
+            sizes = None
+        if sizes is None or any(n < 0 for n in sizes):
             raise ValueError(f"shape must be non-negative integer sizes, got {shape!r}")
-        return (*shape, self.features)
+        return (*sizes, self.features)
 
 
 class Uniform(_Base):

@@ -11,9 +11,9 @@ float32 and returned in the input dtype. Mixed floating dtypes are promoted.
 
 Value checks follow torch.distributions: with ``validate_args`` on (the global default, see
 :func:`set_validate_args`, or per call) NaN inputs, infinite inputs to the logit output,
-non-finite parameters and targets outside the domain raise ValueError naming the argument; this costs one host synchronisation. With it
-off nothing is checked on the device, and out-of-domain values give NaN outputs. Checks are
-skipped while ``torch.compile`` traces.
+non-finite parameters and targets outside the domain raise ValueError naming the argument;
+this costs one host synchronisation. With it off nothing is checked on the device, and
+out-of-domain values give NaN outputs. Checks are skipped while ``torch.compile`` traces.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -68,8 +69,13 @@ class Flow(nn.Module):
 
     def rsample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
         """(x, log p(x)) for n differentiable samples, from the sampling pass alone."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        try:  # ints, numpy and 0-d tensor integers
+            size = None if isinstance(n, bool) else operator.index(n)
+        except TypeError:
+            size = None
+        if size is None or size < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
+        n = size
         shape = (n,) if context is None else (n, *context.shape[:-1])
         if context is not None:
             context = context.expand(n, *context.shape)

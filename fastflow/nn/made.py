@@ -211,7 +211,7 @@ class MADE(nn.Module):
         h = self.hidden(x, context)
         out = self.output(h)
         if self.context is not None:
-            out = out + self._context_term(-1, context)
+            out = out + self._context_term(-1, context.to(x.dtype))
         return out.reshape(*x.shape[:-1], self.features, self.out_multiplier)
 
     def sequential_plan(self, context: torch.Tensor | None = None) -> dict:
@@ -232,8 +232,8 @@ class MADE(nn.Module):
                 "out_bias": out_bias}
 
     def _context_term(self, i: int, context: torch.Tensor) -> torch.Tensor:
-        """Context layer i applied in the context's dtype (x's: the masked layers also run in
-        the input's dtype)."""
+        """Context layer i applied in the context's dtype (callers pass it in x's: the masked
+        layers also run in the input's dtype)."""
         layer = self.context[i]
         w, b = layer.weight, layer.bias
         if w.dtype != context.dtype:
@@ -268,6 +268,8 @@ class MADE(nn.Module):
         if x.shape[-1] != self.features:
             raise ValueError(f"x must have {self.features} features, got shape {tuple(x.shape)}")
         check_context(context, self.context_features, x)
+        if context is not None:
+            context = context.to(x.dtype)
         h = x
         # A ReLU goes into the masked layer's epilogue, unless the context must be added first.
         fuse = self.context is None and type(self.activation) is nn.ReLU
@@ -284,8 +286,9 @@ class MADE(nn.Module):
 
 
 def check_context(context, context_features, x):
-    """ValueError for a missing, unexpected or wrongly shaped context, or one of another
-    dtype or device than x."""
+    """ValueError for a missing, unexpected or wrongly shaped context, one that is not
+    floating point, on another device than x, or (when validating) not finite. A floating
+    context of another dtype is cast to x's by the network."""
     if context_features is None:
         if context is not None:
             raise ValueError("context was given but the model has no context_features")
@@ -297,8 +300,8 @@ def check_context(context, context_features, x):
             f"context must have shape {(*x.shape[:-1], context_features)}, "
             f"got {tuple(context.shape)}"
         )
-    if not context.is_floating_point() or context.dtype != x.dtype:
-        raise ValueError(f"context must have x's dtype {x.dtype}, got {context.dtype}")
+    if not context.is_floating_point():
+        raise ValueError(f"context must be a floating-point tensor, got {context.dtype}")
     if context.device != x.device:
         raise ValueError(f"context is on {context.device} but x is on {x.device}")
     if _should_validate(None):

@@ -215,7 +215,7 @@ class AutoregressiveMixtureFlow(Transform):
         lead = values.shape[:-1]
         flat = values.reshape(-1, self.features)
         if context is not None:
-            context = context.reshape(-1, context.shape[-1])
+            context = context.reshape(-1, context.shape[-1]).to(values.dtype)
         plan = self.made.sequential_plan(context)
         act = self.made.activation
         args = (flat, plan["weights"], plan["biases"], plan["table"], plan["order"],
