@@ -190,11 +190,16 @@ def test_round_trip_and_logabsdet(backend, kind, output):
         torch.testing.assert_close(lad_inv, -lad_fwd, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_unit_boundaries_give_infinities_not_nan(backend, kind):
+def test_boundaries_give_infinities_not_nan(backend, kind, output):
+    """Targets z = 0 and 1 (unit) or y = -inf and +inf (logit): x = -+inf, logabsdet +inf,
+    and zero gradients there."""
     params = [t.requires_grad_() for t in random_mixture((4,), 3, device=DEVICE)]
-    z = torch.tensor([0.0, 1.0, 0.5, 1e-30], device=DEVICE, requires_grad=True)
-    x, lad = fastflow.mixture_cdf_inverse(z, *params, kind=kind)
+    values = ([0.0, 1.0, 0.5, 1e-30] if output == "unit"
+              else [-float("inf"), float("inf"), 0.0, -60.0])
+    z = torch.tensor(values, device=DEVICE, requires_grad=True)
+    x, lad = fastflow.mixture_cdf_inverse(z, *params, kind=kind, output=output)
     assert x[0] == -float("inf") and x[1] == float("inf")
     assert torch.isfinite(x[2:]).all()
     assert (lad[:2] == float("inf")).all() and torch.isfinite(lad[2:]).all()
