@@ -39,6 +39,14 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_kind_output(kind, output=None) -> None:
+    """The ops branch on these strings: an unknown one must raise, not fall through to
+    another formula (the public autograd Functions and torch.ops.fastflow reach them)."""
+    check_choice("kind", kind, KINDS)
+    if output is not None:
+        check_choice("output", output, OUTPUTS)
+
+
 def backend_choice() -> str:
     """FASTFLOW_BACKEND, validated: "auto", "triton" or "reference"."""
     choice = os.environ.get("FASTFLOW_BACKEND", "auto").lower()
@@ -151,6 +159,7 @@ def mixture_cdf_fwd(
     x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
     kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kind_output(kind, output)
     y, lad = _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, output)
     return _contiguous(y, lad)
 
@@ -165,6 +174,7 @@ def mixture_cdf_bwd(
     grad_y: torch.Tensor, grad_lad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
     loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_kind_output(kind, output)
     g = _impl(x)[0].mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind, output)
     return _contiguous(*g)
 
@@ -181,6 +191,7 @@ def _(grad_y, grad_lad, x, logits, loc, log_scale, kind, output):
 def mixture_log_prob_fwd(
     x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor, kind: str
 ) -> torch.Tensor:
+    _check_kind_output(kind)
     return _impl(x)[0].mixture_cdf_fwd(x, logits, loc, log_scale, kind, "density")[1].contiguous()
 
 
@@ -194,6 +205,7 @@ def mixture_log_prob_bwd(
     grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor,
     log_scale: torch.Tensor, kind: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_kind_output(kind)
     g = _impl(x)[0].mixture_cdf_bwd(None, grad, x, logits, loc, log_scale, kind, "density")
     return _contiguous(*g)
 
@@ -211,6 +223,7 @@ def mixture_cdf_inverse_fwd(
     y: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
     kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kind_output(kind, output)
     if _use_triton(y):
         from .kernels import mixture_inverse
 
@@ -232,6 +245,7 @@ def mixture_cdf_inverse_bwd(
     grad_x: torch.Tensor, grad_lad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
     loc: torch.Tensor, log_scale: torch.Tensor, kind: str, output: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_kind_output(kind, output)
     g = _impl(x)[1].mixture_cdf_inverse_bwd(
         grad_x, grad_lad, x, logits, loc, log_scale, kind, output
     )

@@ -90,8 +90,9 @@ def test_unknown_kind_and_output_are_rejected(func):
     ("logisitc", "unit", "kind must be one of"), ("logistic", "Unit", "output must be one of"),
     ("gaussian", "density", "output must be one of")])
 def test_public_autograd_functions_reject_unknown_kind_and_output(kind, output, match):
-    """The Functions call the ops, whose formulas branch on kind and output: a misspelled
-    string must raise, not fall through to the other formula."""
+    """The Functions and the ops they call branch on kind and output: a misspelled string
+    must raise, not fall through to the other formula ("density" is no output of the
+    mixture CDF's ops: its y would be None)."""
     from fastflow.autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
 
     x, params = _good()
@@ -101,6 +102,12 @@ def test_public_autograd_functions_reject_unknown_kind_and_output(kind, output, 
     if match.startswith("kind"):
         with pytest.raises(ValueError, match=match):
             MixtureLogProb.apply(x, *params, kind)
+    # The registered ops themselves, as torch.ops.fastflow exposes them.
+    full = [p.expand(*x.shape, 3) for p in params]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastflow.mixture_cdf_fwd(x, *full, kind, output)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastflow.mixture_cdf_inverse_fwd(torch.sigmoid(x), *full, kind, output)
 
 
 def test_validation_raises_on_nan_and_out_of_domain_values():
