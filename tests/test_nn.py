@@ -220,6 +220,10 @@ def test_bad_input_names_the_problem():
         MADE(3, [4], order=torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="direction must be"):
         AutoregressiveMixtureFlow(3, 2, [8], direction="nice")
+    with pytest.raises(ValueError, match="kind must be one of"):  # at construction
+        AutoregressiveMixtureFlow(3, 2, [8], kind="cauchy")
+    with pytest.raises(ValueError, match="output must be one of"):
+        MixtureCDFFlow(3, 2, output="probit")
     with pytest.raises(ValueError, match="base has 2 features"):
         Flow([MixtureCDFFlow(3, 2)], StandardNormal(2))
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import _registry
-from .._registry import backend_for
+from .._registry import _check_kind_output, backend_for
 from ..functional import (
     _input_check,
     _should_validate,
@@ -105,6 +105,7 @@ class MixtureCDFFlow(Transform):
         if features < 1 or components < 1:
             raise ValueError(f"features and components must be >= 1, got {features}, "
                              f"{components}")
+        _check_kind_output(kind, output)
         self.features, self.kind, self.output = features, kind, output
         self.logits = nn.Parameter(torch.zeros(features, components))
         self.loc = nn.Parameter(torch.linspace(-1.0, 1.0, components).repeat(features, 1))
@@ -143,6 +144,7 @@ class AutoregressiveMixtureFlow(Transform):
             raise ValueError(f"direction must be 'maf' or 'iaf', got {direction!r}")
         if components < 1:
             raise ValueError(f"components must be >= 1, got {components}")
+        _check_kind_output(kind, output)
         self.features, self.components = features, components
         self.kind, self.direction, self.output = kind, direction, output
         self.context_features = context_features
