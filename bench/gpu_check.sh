@@ -13,8 +13,8 @@
 #    the op layer and of W4's step on this machine's CPU (OUTDIR/profile.md).
 # Logs: OUTDIR/pytest.log, OUTDIR/run.log.
 # The default limits (200 + 200 + 60 + 50 + 25 s) keep the whole script under 9 minutes, one
-# command on a machine lent for 15 minutes including its start; raise them where more time is
-# available (the suite took longer than 300 s under 14 workers on an H100).
+# command within 15 minutes of GPU time that include the machine's start; raise them where
+# more time is available (the suite took longer than 300 s under 14 workers on an H100).
 set -u
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS]}
 mkdir -p "$OUT"
