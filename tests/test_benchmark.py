@@ -94,6 +94,18 @@ def test_inverse_steps_script_counts_tiles():
     assert err < 1e-5
 
 
+def test_cpu_sampler_script_times_a_checkout(capsys):
+    """bench/cpu_sampler.py (the CPU sampler figures in bench/results) runs a fresh process
+    per checkout and round and reports positive times for each measurement."""
+    module = _script("cpu_sampler")
+    root = str(Path(fastflow.__file__).resolve().parent.parent)
+    assert module.main(["--rounds", "1", root]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "min over processes" in lines[1]
+    for key in ("inverse op ms", "sample ms", "log_prob ms"):
+        assert f"'{key}': " in lines[1]
+
+
 def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
     """bench/made_blocks.py (TUNING's per-layer table) runs, prints a row per layer and
     batch, and leaves the route and plan settings as it found them."""
