@@ -13,14 +13,16 @@ from torch import nn
 from .functional import mixture_log_prob
 
 
-def _is_index(n) -> bool:
+def as_size(n) -> int | None:
+    """n as a non-negative int where it is one (a Python, numpy or 0-d tensor integer; not a
+    bool), else None."""
     if isinstance(n, bool):
-        return False
+        return None
     try:
-        operator.index(n)
+        n = operator.index(n)
     except TypeError:
-        return False
-    return True
+        return None
+    return n if n >= 0 else None
 
 
 class _Base(nn.Module):
@@ -32,8 +34,8 @@ class _Base(nn.Module):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
 
     def _shape(self, shape):
-        try:  # ints, numpy and 0-d tensor integers, or sequences of them (as torch.Size takes)
-            sizes = tuple(torch.Size([shape] if _is_index(shape) else shape))
+        try:  # an integer, or a sequence of them (as torch.Size takes)
+            sizes = tuple(torch.Size([shape] if as_size(shape) is not None else shape))
         except (TypeError, ValueError):
             sizes = None
         if sizes is None or any(n < 0 for n in sizes):

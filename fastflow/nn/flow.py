@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, constraints
 
+from ..distributions import as_size
 from .transforms import Compose, chain_forward, chain_inverse
 
 
@@ -69,11 +69,8 @@ class Flow(nn.Module):
 
     def rsample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
         """(x, log p(x)) for n differentiable samples, from the sampling pass alone."""
-        try:  # ints, numpy and 0-d tensor integers
-            size = None if isinstance(n, bool) else operator.index(n)
-        except TypeError:
-            size = None
-        if size is None or size < 0:
+        size = as_size(n)
+        if size is None:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         n = size
         shape = (n,) if context is None else (n, *context.shape[:-1])

@@ -49,10 +49,13 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
         # Everything unit-major, (units, B): a step's new units are rows (contiguous writes),
         # and its 3K parameters come out of the GEMM component-major, the layout the CPU
         # inverse iterates in.
+        def column(b):  # (H,) -> (H, 1), or a context-folded (B, H) -> (H, B)
+            b = b.to(cdt)
+            return b.unsqueeze(-1) if b.dim() == 1 else b.T
+
         weights = [w.to(cdt) for w in weights]
-        biases = [b.to(cdt).unsqueeze(-1) if b.dim() == 1 else b.to(cdt).T for b in biases]
-        out_weight = out_weight.to(cdt)
-        out_bias = out_bias.to(cdt).unsqueeze(-1) if out_bias.dim() == 1 else out_bias.to(cdt).T
+        biases = [column(b) for b in biases]
+        out_weight, out_bias = out_weight.to(cdt), column(out_bias)
         # hs[0]: the solved values in degree order; hs[l + 1]: layer l's activations.
         hs = [v.new_zeros(D, B)] + [v.new_zeros(w.shape[0], B) for w in weights]
         result, lad = torch.empty_like(v), torch.empty_like(v)

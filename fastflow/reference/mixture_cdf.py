@@ -338,11 +338,14 @@ def component_quantile(t: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.sign(t) * (w - num / den)
 
 
-def _bracket(u_t, loc, scale, kind):
-    """[lo, hi] holding the root for logit target t, from u_t = component_quantile(t) with a
-    trailing component axis: the components' own inverses."""
-    pad = GAUSS_BRACKET_PAD if kind == "gaussian" else 0.0
-    return (loc + scale * (u_t - pad)).amin(-1), (loc + scale * (u_t + pad)).amax(-1)
+def _bracket(z, scale, kind, dim):
+    """[lo, hi] holding the root for a logit target t, from the components' own inverses
+    z = loc + scale component_quantile(t) along ``dim`` (padded by GAUSS_BRACKET_PAD scales
+    for the Gaussian quantile's approximation error)."""
+    if kind == "gaussian":
+        return (torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD).amin(dim),
+                torch.add(z, scale, alpha=GAUSS_BRACKET_PAD).amax(dim))
+    return z.amin(dim), z.amax(dim)
 
 
 def _finish_inverse(x, t, lad, dtype):
@@ -362,8 +365,8 @@ def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
     """Root of logit F(x) = t in log space: bisection, then safeguarded Newton steps."""
     log_pi = torch.log_softmax(logits, dim=-1)
     inv_scale = torch.exp(-log_scale)
-    lo, hi = _bracket(component_quantile(t, kind).unsqueeze(-1), loc, torch.exp(log_scale),
-                      kind)
+    scale = torch.exp(log_scale)
+    lo, hi = _bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale, kind, -1)
     for _ in range(bisect_steps):
         mid = 0.5 * lo + 0.5 * hi
         below = _logit_forward(mid, log_pi, loc, inv_scale, kind) < t
@@ -430,14 +433,9 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     inv_scale = scale.reciprocal()
     w_f = pi * inv_scale
     t_plain = torch.where(plain, t, 0.0)
-    # The bracket [lo, hi]: the components' own inverses z_k (padded for the Gaussian
-    # quantile's approximation error); the start: their pi-weighted mean.
+    # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
-    if kind == "gaussian":
-        lo = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD).amin(0)
-        hi = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD).amax(0)
-    else:
-        lo, hi = z.amin(0), z.amax(0)
+    lo, hi = _bracket(z, scale, kind, 0)
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
     tol_newton = 0.25 * math.sqrt(eps) * s_min
