@@ -240,7 +240,7 @@ def test_bad_context_values_and_sample_sizes_name_the_problem():
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="context must be finite"):
         flow.log_prob(x, bad)
-    with pytest.raises(ValueError, match="n must be a non-negative int"):
+    with pytest.raises(ValueError, match="sample_shape must be a non-negative int"):
         flow.sample(-1, ctx)
     inf_x = x.clone()
     inf_x[2, 1] = float("inf")

@@ -76,6 +76,7 @@ class VariationalDequantization(_Dequantizer):
 
 def dequantized_log_prob(flow: Flow, dequantizer: _Dequantizer, x: torch.Tensor,
                          context: torch.Tensor | None = None) -> torch.Tensor:
-    """A one-sample estimate of the bound log p(y) - log q(y | x) <= log P(x), in nats."""
-    y, log_q = dequantizer(x)
+    """A one-sample estimate of the bound log p(y) - log q(y | x) <= log P(x), in nats,
+    computed in the flow's dtype."""
+    y, log_q = dequantizer(x, dtype=flow.dtype)
     return flow.log_prob(y, context) - log_q

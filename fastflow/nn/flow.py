@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributions import Distribution, constraints
 
 from ..distributions import as_size
-from .transforms import Compose, chain_forward, chain_inverse
+from .transforms import Compose, Transform, chain_inverse
 
 
 def _broadcast_context(context, x):
@@ -28,66 +28,238 @@ def _broadcast_context(context, x):
     return context
 
 
+def _range_name(c) -> str | None:
+    """"R" or "[0, 1]" for the per-feature constraints fastflow's transforms and bases use
+    (an ``independent`` one is unwrapped), else None."""
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    if c is constraints.real or type(c) is type(constraints.real):
+        return "R"
+    if isinstance(c, constraints.interval | constraints.half_open_interval):
+        if float(c.lower_bound) == 0.0 and float(c.upper_bound) == 1.0:
+            return "[0, 1]"
+    return None
+
+
+def _describe(t) -> str:
+    output = getattr(t, "output", None)
+    return type(t).__name__ + ("" if output is None else f"(output={output!r})")
+
+
+def check_ranges(transforms, base) -> None:
+    """ValueError where a transform is given values outside its domain, or where the last
+    transform's range is not the base's support: a unit output into a Gaussian base leaves
+    the density unnormalized, a logit output into a Uniform base gives -inf almost everywhere.
+    """
+    current, source = None, None
+    for i, t in enumerate(transforms):
+        domain = _range_name(t.domain) if t.domain is not None else None
+        if domain == "[0, 1]" and current == "R":
+            raise ValueError(
+                f"transform {i}, {_describe(t)}, takes values in [0, 1] but {source} gives "
+                f"values in R")
+        if t.codomain is not None:
+            current, source = _range_name(t.codomain), f"transform {i}, {_describe(t)},"
+            last = t
+    support = getattr(base, "support", None)
+    if current is None or support is None:
+        return
+    support = _range_name(support)
+    if support == current:
+        return
+    base_name = type(base).__name__
+    if current == "[0, 1]":
+        fix = ("build it with output='logit'" if hasattr(last, "output")
+               else "end the chain with a transform onto R")
+        raise ValueError(
+            f"the last transform, {_describe(last)}, maps onto [0, 1] but the base "
+            f"{base_name} lives on {support or 'another set'}: the flow's density would not "
+            f"integrate to one; {fix}, or use a Uniform base")
+    fix = ("build it with output='unit'" if hasattr(last, "output")
+           else "end the chain with a transform onto [0, 1]")
+    raise ValueError(
+        f"the last transform, {_describe(last)}, maps onto R but the base {base_name} lives on "
+        f"{support or 'another set'}: almost every point would get log-density -inf; {fix}, "
+        f"or use a base on R such as StandardNormal")
+
+
+def _sample_shape(sample_shape) -> tuple[int, ...]:
+    """A sample shape as a tuple of sizes: an integer, or a sequence of them."""
+    n = as_size(sample_shape)
+    if n is not None:
+        return (n,)
+    try:
+        sizes = tuple(torch.Size(sample_shape))
+    except (TypeError, ValueError):
+        sizes = None
+    if sizes is None or any(s < 0 for s in sizes):
+        raise ValueError(f"sample_shape must be a non-negative int or a sequence of them, got "
+                         f"{sample_shape!r}")
+    return sizes
+
+
 class Flow(nn.Module):
     """``log p(x) = log p_base(f(x)) + log|det df/dx|`` for f the composition of ``transforms``.
 
     Args:
-        transforms: a list of transforms (kept as ``.transforms``), applied in order from data
-            to base.
-        base: a base density from :mod:`fastflow.distributions`.
+        transforms: a transform or a list of them (kept as ``.transforms``), applied in order
+            from data to base.
+        base: a base density: one from :mod:`fastflow.distributions`, or a
+            torch.distributions.Distribution with event shape (D,).
+
+    The last transform's range must be the base's support (checked here): a mixture
+    transform with ``output="logit"`` (the default) goes with a base on R^D such as
+    StandardNormal, ``output="unit"`` with Uniform.
+
+    The flow computes in the wider of the data's and its parameters' floating dtypes (float32
+    data into a float64 flow is promoted to float64, float64 data into a float32 flow runs
+    every layer in float64); data on another device than the flow's is refused with a
+    ValueError.
     """
 
     def __init__(self, transforms, base):
         super().__init__()
+        if isinstance(transforms, Transform):
+            transforms = [transforms]
+        try:
+            transforms = list(transforms)
+        except TypeError:
+            raise ValueError(f"transforms must be a Transform or a list of them, got "
+                             f"{type(transforms).__name__}") from None
+        for i, t in enumerate(transforms):
+            if not isinstance(t, Transform):
+                raise ValueError(f"transforms[{i}] must be a fastflow Transform, got "
+                                 f"{type(t).__name__}")
         self.transforms = nn.ModuleList(transforms)
         features = Compose(list(self.transforms)).features  # checks they agree
         self.base = base
-        if base.features != features:
+        base_features = _base_features(base)
+        if base_features != features:
             raise ValueError(
-                f"base has {base.features} features but the transforms have {features}"
+                f"base has {base_features} features but the transforms have {features}"
             )
-        self.features = base.features
+        check_ranges(self.transforms, base)
+        self.features = features
+
+    def _dtype_device(self):
+        """The dtype and device the flow computes in: its first floating parameter's or
+        buffer's (the base's included)."""
+        for t in (*self.parameters(), *self.buffers()):
+            if t.is_floating_point():
+                return t.dtype, t.device
+        return torch.get_default_dtype(), torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype the flow computes in (its parameters')."""
+        return self._dtype_device()[0]
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the flow's parameters."""
+        return self._dtype_device()[1]
+
+    def _prepare(self, x, name: str = "x") -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            kind = type(x)
+            raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
+                             f"{kind.__qualname__} (convert it with torch.as_tensor)")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        dtype, device = self._dtype_device()
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the flow is on {device}; move one "
+                             f"of them with .to()")
+        # Promote, never demote: float32 data into a float64 flow computes in float64 (as
+        # float64 data into a float32 flow always has: the layers run in the wider dtype).
+        return x.to(torch.promote_types(x.dtype, dtype))
+
+    def _forward_guarded(self, x, context):
+        """(z, logabsdet, lost): the data-to-base chain. Rows whose values leave the floating
+        range on the way (a far tail of a steep transform overflows, or a network fed such a
+        value overflows inside, leaving no value for the row's logabsdet) are flagged in
+        ``lost`` and set to zero before the next transform, so that they cause no NaN (and no
+        spurious "not finite" error) downstream. Rows of x holding NaN are not flagged:
+        their NaN comes through."""
+        x = self._prepare(x)
+        context = _broadcast_context(context, x)
+        value, total, lost = x, None, None
+        for t in self.transforms:
+            value, lad = t(value, context)
+            total = lad if total is None else total + lad
+            out = ~torch.isfinite(value).all(-1) | torch.isnan(lad)
+            lost = out if lost is None else lost | out
+            value = value.masked_fill(out.unsqueeze(-1), 0.0)
+        return value, total, lost & ~torch.isnan(x).any(-1)
 
     def forward(self, x, context=None):
-        """(z, logabsdet) of the data-to-base map (context broadcast as in :meth:`log_prob`)."""
-        return chain_forward(self.transforms, x, _broadcast_context(context, x))
+        """(z, logabsdet) of the data-to-base map (context broadcast as in :meth:`log_prob`).
+        Rows whose values leave the floating range on the way come out as z = inf with
+        logabsdet 0 (their log-density is -inf: see :meth:`log_prob`)."""
+        z, lad, lost = self._forward_guarded(x, context)
+        lost = lost.unsqueeze(-1).expand_as(z)
+        return z.masked_fill(lost, math.inf), lad.masked_fill(lost[..., 0], 0.0)
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Log-density of x, shape ``x.shape[:-1]``. A context of shape (B, C) is broadcast
-        over x's leading axes, so that samples of shape (n, B, D) score as drawn."""
-        z, lad = chain_forward(self.transforms, x, _broadcast_context(context, x))
-        return self.base.log_prob(z) + lad
+        over x's leading axes, so that samples of shape (n, B, D) score as drawn. Finite x
+        gives a finite log-density, or -inf where its value is below the dtype's range (a
+        row whose values overflow inside the chain); never NaN."""
+        z, lad, lost = self._forward_guarded(x, context)
+        return (self.base.log_prob(z) + lad).masked_fill(lost, -math.inf)
 
     def bits_per_dim(self, x, context=None) -> torch.Tensor:
         """Mean negative log-likelihood in bits per dimension."""
         return -self.log_prob(x, context).mean() / (self.features * math.log(2.0))
 
-    def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        """n samples, differentiable with respect to the parameters. With a context of shape
-        (B, C), n samples per context row: shape (n, B, D)."""
-        return self.rsample_and_log_prob(n, context)[0]
+    def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples of shape ``sample_shape + (D,)`` (an int n gives (n, D)), differentiable
+        with respect to the parameters. With a context of shape (B, C), ``sample_shape``
+        samples per context row: shape ``sample_shape + (B, D)``."""
+        return self.rsample_and_log_prob(sample_shape, context)[0]
 
-    def rsample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
-        """(x, log p(x)) for n differentiable samples, from the sampling pass alone."""
-        size = as_size(n)
-        if size is None:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
-        n = size
-        shape = (n,) if context is None else (n, *context.shape[:-1])
+    def rsample_and_log_prob(self, sample_shape=(), context: torch.Tensor | None = None):
+        """(x, log p(x)) for differentiable samples, from the sampling pass alone."""
+        shape = _sample_shape(sample_shape)
+        n = math.prod(shape)
+        batch = () if context is None else tuple(context.shape[:-1])
         if context is not None:
             context = context.expand(n, *context.shape)
-        z = self.base.sample(shape)
+        z = _base_rsample(self.base, (n, *batch))
         x, lad = chain_inverse(self.transforms, z, context)  # lad = log|dx/dz|
-        return x, self.base.log_prob(z) - lad
+        log_p = self.base.log_prob(z) - lad
+        return x.reshape(*shape, *batch, self.features), log_p.reshape(shape + batch)
 
-    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        """n samples (no gradient)."""
+    def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples of shape ``sample_shape + (D,)`` (no gradient)."""
         with torch.no_grad():
-            return self.rsample(n, context)
+            return self.rsample(sample_shape, context)
 
     def distribution(self, context: torch.Tensor | None = None) -> FlowDistribution:
         """This flow as a torch.distributions.Distribution (optionally conditioned)."""
         return FlowDistribution(self, context)
+
+
+def _base_features(base) -> int | None:
+    """D of a fastflow base (``features``) or of a torch.distributions one (its event
+    shape, which must be (D,))."""
+    if isinstance(base, Distribution):
+        event = tuple(base.event_shape)
+        if len(event) != 1:
+            raise ValueError(f"base must have event shape (D,), got {event}; wrap a "
+                             f"distribution over scalars in torch.distributions.Independent")
+        return event[0]
+    if not hasattr(base, "features") or not hasattr(base, "log_prob"):
+        raise ValueError(f"base must be a fastflow base or a torch.distributions.Distribution, "
+                         f"got {type(base).__name__}")
+    return base.features
+
+
+def _base_rsample(base, shape):
+    """shape + (D,) draws from the base, reparameterized where the base can be."""
+    if getattr(base, "has_rsample", False):
+        return base.rsample(torch.Size(shape))
+    return base.sample(torch.Size(shape))
 
 
 class FlowDistribution(Distribution):
@@ -103,16 +275,14 @@ class FlowDistribution(Distribution):
 
     @property
     def support(self):
-        return constraints.real_vector
+        domain = Compose(list(self.flow.transforms)).domain
+        return constraints.independent(domain if domain is not None else constraints.real, 1)
 
     def log_prob(self, value):
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape=()):
-        shape = torch.Size(sample_shape)
-        n = math.prod(shape)
-        x = self.flow.rsample(n, self.context)
-        return x.reshape(*shape, *self.batch_shape, self.flow.features)
+        return self.flow.rsample(sample_shape, self.context)
 
     def sample(self, sample_shape=()):
         with torch.no_grad():

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 from .. import _registry
 from .._registry import _check_kind_output, backend_for
@@ -27,14 +28,25 @@ from .made import MADE, check_context, route
 
 
 class Transform(nn.Module):
-    """Base class: checks the feature count and dtype of what it is given."""
+    """Base class: checks the feature count and dtype of what it is given.
+
+    ``domain`` and ``codomain`` are the ranges of the values the transform takes and gives
+    (``constraints.real`` or ``constraints.unit_interval``, per feature); None where the
+    transform keeps whatever range it is given (a permutation). :class:`~fastflow.nn.Flow`
+    uses them to refuse a chain whose density would not be normalized.
+    """
 
     features: int
+    domain = None
+    codomain = None
 
     def _check(self, x: torch.Tensor, name: str = "x") -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            dtype = getattr(x, "dtype", type(x).__name__)
-            raise ValueError(f"{name} must be a floating-point tensor, got {dtype}")
+        if not isinstance(x, torch.Tensor):
+            kind = type(x)
+            raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
+                             f"{kind.__qualname__} (convert it with torch.as_tensor)")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.features:
             raise ValueError(
                 f"{name} must have {self.features} features in its last dimension, "
@@ -64,6 +76,15 @@ class Compose(Transform):
                     f"{self.features}"
                 )
 
+    @property
+    def domain(self):
+        return next((t.domain for t in self.transforms if t.domain is not None), None)
+
+    @property
+    def codomain(self):
+        return next((t.codomain for t in reversed(self.transforms) if t.codomain is not None),
+                    None)
+
     def forward(self, x, context=None):
         return chain_forward(self.transforms, x, context)
 
@@ -92,21 +113,36 @@ def chain_inverse(transforms, z, context=None):
     return _chain([t.inverse for t in reversed(transforms)], z, context)
 
 
-class MixtureCDFFlow(Transform):
-    """The lecture's elementwise CDF flow: a learned K-component mixture per dimension.
+class _MixtureTransform(Transform):
+    """What the mixture-CDF transforms share: their ranges and their repr."""
 
-    ``output="unit"`` maps to [0, 1]^D (pair with a Uniform base); ``"logit"`` maps to R^D in
-    logit space (pair with a logistic or Gaussian base).
+    domain = constraints.real
+
+    @property
+    def codomain(self):
+        return constraints.unit_interval if self.output == "unit" else constraints.real
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, components={self.components}, "
+                f"kind={self.kind!r}, output={self.output!r}")
+
+
+class MixtureCDFFlow(_MixtureTransform):
+    """The elementwise CDF flow: a learned K-component mixture per dimension.
+
+    ``output="logit"`` (the default) maps to R^D in logit space, for a Gaussian (or other
+    real-valued) base; ``"unit"`` maps to [0, 1]^D, for a Uniform base.
     """
 
     def __init__(self, features: int, components: int, kind: str = "logistic",
-                 output: str = "unit"):
+                 output: str = "logit"):
         super().__init__()
         if features < 1 or components < 1:
             raise ValueError(f"features and components must be >= 1, got {features}, "
                              f"{components}")
         _check_kind_output(kind, output)
-        self.features, self.kind, self.output = features, kind, output
+        self.features, self.components = features, components
+        self.kind, self.output = kind, output
         self.logits = nn.Parameter(torch.zeros(features, components))
         self.loc = nn.Parameter(torch.linspace(-1.0, 1.0, components).repeat(features, 1))
         self.log_scale = nn.Parameter(torch.zeros(features, components))
@@ -125,17 +161,18 @@ class MixtureCDFFlow(Transform):
         return x, lad.sum(-1)
 
 
-class AutoregressiveMixtureFlow(Transform):
+class AutoregressiveMixtureFlow(_MixtureTransform):
     """Masked autoregressive mixture-CDF flow: a MADE predicts each dimension's mixture.
 
     ``direction="maf"``: the MADE reads x; density (forward) in one pass, sampling (inverse)
     sequential over dimensions. ``direction="iaf"``: the MADE reads z; sampling in one pass,
-    the density of external data sequential. With ``features=2`` this is the lecture's 2-D
-    autoregressive flow.
+    the density of external data sequential. With ``features=2`` this is the 2-D
+    autoregressive flow. ``output`` as in :class:`MixtureCDFFlow` ("logit" by default, for a
+    real-valued base).
     """
 
     def __init__(self, features: int, components: int, hidden_features, *,
-                 kind: str = "logistic", direction: str = "maf", output: str = "unit",
+                 kind: str = "logistic", direction: str = "maf", output: str = "logit",
                  context_features: int | None = None, order="natural",
                  residual: bool = False, hidden_degrees: str = "sequential",
                  seed: int | None = None):
@@ -153,6 +190,13 @@ class AutoregressiveMixtureFlow(Transform):
         self.made = MADE(features, hidden_features, 3 * components, order=order,
                          hidden_degrees=hidden_degrees, residual=residual,
                          context_features=context_features, seed=seed)
+
+    def extra_repr(self) -> str:
+        hidden = [layer.out_features for layer in self.made.layers]
+        extra = "" if self.context_features is None else \
+            f", context_features={self.context_features}"
+        return (f"{super().extra_repr()}, hidden_features={hidden}, "
+                f"direction={self.direction!r}{extra}")
 
     def _params(self, inputs, context):
         # One split rather than three slices: autograd then joins the three gradients with
@@ -179,9 +223,28 @@ class AutoregressiveMixtureFlow(Transform):
         if not invert and context is None and self._fuses_head(inputs, values):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
-        if invert:
-            return mixture_cdf_inverse(values, *params, kind=self.kind, output=self.output)
-        return mixture_cdf(values, *params, kind=self.kind, output=self.output)
+        lost = None
+        if _should_validate(None):
+            params, lost = self._finite_params(params)
+        op = mixture_cdf_inverse if invert else mixture_cdf
+        out, lad = op(values, *params, kind=self.kind, output=self.output)
+        if lost is not None:
+            out, lad = out.masked_fill(lost, math.inf), lad.masked_fill(lost, 0.0)
+        return out, lad
+
+    def _finite_params(self, params):
+        """(params, lost): elements whose mixture parameters overflowed (a finite network fed
+        values far outside the data, whose outputs leave the floating range) get harmless
+        parameters here and the value inf in the output, which :class:`Flow` reads as a
+        log-density of -inf. A network whose own weights are not finite is an error."""
+        lost = ~(torch.isfinite(params[0]) & torch.isfinite(params[1])
+                 & torch.isfinite(params[2])).all(-1)
+        if not bool(lost.any()):
+            return params, None
+        if not all(bool(torch.isfinite(p).all()) for p in self.made.parameters()):
+            raise ValueError("the network's weights are not finite (did training diverge?)")
+        keep = lost.unsqueeze(-1)
+        return [p.masked_fill(keep, 0.0) for p in params], lost
 
     def _fused_forward(self, inputs, values):
         """MADE's output layer and the mixture CDF in one kernel: the (B, D, 3K) parameters
@@ -263,11 +326,16 @@ class AutoregressiveMixtureFlow(Transform):
 class Logit(Transform):
     """[0, 1]^D -> R^D: y = logit(alpha + (1 - 2 alpha) x), the usual squash for image data."""
 
+    domain, codomain = constraints.unit_interval, constraints.real
+
     def __init__(self, features: int, alpha: float = 1e-6):
         super().__init__()
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
         self.features, self.alpha = features, alpha
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, alpha={self.alpha}"
 
     def _logit(self, x, name):
         if _should_validate(None):
@@ -298,6 +366,8 @@ class Logit(Transform):
 class Sigmoid(Logit):
     """R^D -> [0, 1]^D, the inverse of :class:`Logit`."""
 
+    domain, codomain = constraints.real, constraints.unit_interval
+
     def forward(self, x, context=None):
         self._check(x)
         return self._sigmoid(x)
@@ -319,6 +389,9 @@ class Permutation(Transform):
         self.features = n
         self.register_buffer("perm", perm)
         self.register_buffer("inverse_perm", torch.argsort(perm))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
 
     def forward(self, x, context=None):
         self._check(x)

@@ -1,0 +1,219 @@
+"""What a Flow promises its user: valid by construction (the last transform's range is the
+base's support), never a NaN log-density for finite data, computation in the wider of the
+data's and the flow's dtypes, clear errors for what it cannot take, and sample shapes."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+import fastflow
+from fastflow.distributions import MixtureOfGaussians, StandardNormal, Uniform
+from fastflow.nn import (
+    AutoregressiveMixtureFlow,
+    Compose,
+    Flow,
+    Logit,
+    MixtureCDFFlow,
+    Reverse,
+    Sigmoid,
+    UniformDequantization,
+    dequantized_log_prob,
+)
+
+
+def _perturb(module, scale=0.3):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("case", ["unit-normal", "unit-mog", "unit-torch-normal",
+                                  "logit-uniform", "sigmoid-normal", "ar-unit-normal"])
+def test_flow_refuses_a_last_transform_whose_range_is_not_the_base_support(case):
+    """Unit output into a base on R integrates to less than one; logit output into a
+    Uniform base is -inf almost everywhere. Both are refused, naming the output to use."""
+    normal2 = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    cases = {
+        "unit-normal": ([MixtureCDFFlow(2, 3, output="unit")], StandardNormal(2),
+                        "output='logit'"),
+        "unit-mog": ([MixtureCDFFlow(2, 3, output="unit")], MixtureOfGaussians(2, 2),
+                     "output='logit'"),
+        "unit-torch-normal": ([MixtureCDFFlow(2, 3, output="unit")], normal2,
+                              "output='logit'"),
+        "logit-uniform": ([MixtureCDFFlow(2, 3)], Uniform(2), "output='unit'"),
+        "sigmoid-normal": ([MixtureCDFFlow(2, 3), Sigmoid(2)], StandardNormal(2),
+                           "transform onto R"),
+        "ar-unit-normal": ([AutoregressiveMixtureFlow(2, 3, [8], output="unit"), Reverse(2)],
+                           StandardNormal(2), "output='logit'"),
+    }
+    transforms, base, fix = cases[case]
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        Flow(transforms, base)
+
+
+
+
+def test_flow_refuses_a_transform_given_values_outside_its_domain():
+    with pytest.raises(ValueError, match=r"transform 1, Logit, takes values in \[0, 1\]"):
+        Flow([MixtureCDFFlow(2, 3), Logit(2)], StandardNormal(2))
+    # The same pieces in a valid order, nested in a Compose, and a permutation in between.
+    Flow([Logit(2), Compose([MixtureCDFFlow(2, 3), Reverse(2)])], StandardNormal(2))
+    Flow([MixtureCDFFlow(2, 3, output="unit"), Reverse(2)], Uniform(2))
+    Flow([Reverse(2)], Uniform(2))  # no transform fixes a range: nothing to check
+
+
+@pytest.mark.parametrize("kind", ["logistic", "gaussian"])
+def test_the_shortest_flow_is_a_normalized_density(backend, kind):
+    """``Flow([MixtureCDFFlow(1, 3)], StandardNormal(1))``, defaults only, integrates to one
+    (it was 0.34 when "unit" was the default output)."""
+    flow = Flow([MixtureCDFFlow(1, 3, kind=kind)], StandardNormal(1)).double()
+    _perturb(flow)
+    grid = torch.linspace(-60, 60, 120001, dtype=torch.float64).unsqueeze(-1)
+    with torch.no_grad():
+        p = flow.log_prob(grid).exp()
+    assert abs(torch.trapezoid(p, grid[:, 0]).item() - 1.0) < 1e-6
+    assert flow.sample(5).shape == (5, 1)  # and it samples (unit output could not)
+
+
+def test_repr_shows_kind_output_components_and_hidden_sizes():
+    flow = Flow([AutoregressiveMixtureFlow(3, 5, [16, 8], kind="gaussian", seed=0),
+                 Reverse(3), MixtureCDFFlow(3, 4)], MixtureOfGaussians(3, 2))
+    text = repr(flow)
+    for part in ("components=5", "kind='gaussian'", "output='logit'", "hidden_features=[16, 8]",
+                 "direction='maf'", "MixtureCDFFlow(features=3, components=4, kind='logistic'",
+                 "Reverse(features=3)", "MixtureOfGaussians(features=3, components=2)"):
+        assert part in text, part
+
+
+def _steep_far_flow():
+    """A two-layer MAF whose second dimension's log-scales fall linearly with |x_1| (all
+    hidden weights positive, the log-scale rows of the output layer negative): far from the
+    origin they pass -88, where 1/s overflows float32, as a trained flow's do far from its
+    data."""
+    K = 4
+    flow = Flow([AutoregressiveMixtureFlow(2, K, [16, 16], output="logit", seed=0), Reverse(2),
+                 AutoregressiveMixtureFlow(2, K, [16, 16], output="logit", seed=1)],
+                StandardNormal(2))
+    with torch.no_grad():
+        for t in (flow.transforms[0], flow.transforms[2]):
+            for layer in t.made.layers:
+                layer.weight.abs_()
+            w = t.made.output.weight.view(2, 3 * K, -1)
+            w[:, 2 * K:].abs_().neg_()
+    return flow
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_log_prob_far_from_the_data_is_never_nan(validate):
+    """On a grid out to +-300 the float32 log-density is finite wherever float64's is above
+    -1e30, -inf elsewhere, and never NaN, with validation on (no spurious "not finite"
+    error either) or off. Before, rows whose values overflowed inside the chain gave NaN."""
+    flow = _steep_far_flow()
+    grid = torch.linspace(-300, 300, 201)
+    x = torch.cartesian_prod(grid, grid)
+    previous = fastflow.get_validate_args()
+    fastflow.set_validate_args(validate)
+    try:
+        with torch.no_grad():
+            lp = flow.log_prob(x)
+            lp64 = flow.double().log_prob(x.double())
+    finally:
+        fastflow.set_validate_args(previous)
+    assert not lp.isnan().any()
+    assert not lp64.isnan().any()
+    assert torch.isneginf(lp).any()  # the case arises on this grid
+    representable = lp64 > -1e30
+    assert representable.float().mean() > 0.2
+    assert torch.isfinite(lp[representable]).all()
+    assert ((lp == -math.inf) | torch.isfinite(lp)).all()
+    # Where both are moderate, float32 follows float64 (the grid is far out: loose).
+    near = lp64 > -1e4
+    rel = (lp.double() - lp64).abs() / lp64.abs().clamp(min=1.0)
+    assert rel[near].median() < 1e-4
+
+
+def test_a_nan_row_stays_nan_and_others_are_untouched():
+    flow = _steep_far_flow()
+    x = torch.randn(4, 2)
+    x[1, 0] = float("nan")
+    previous = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)
+    try:
+        lp = flow.log_prob(x)
+    finally:
+        fastflow.set_validate_args(previous)
+    assert lp[1].isnan() and torch.isfinite(lp[[0, 2, 3]]).all()
+    with pytest.raises(ValueError, match="contains NaN|must be finite"):
+        flow.log_prob(x)
+
+
+def test_a_diverged_network_is_an_error_not_minus_inf():
+    flow = _steep_far_flow()
+    with torch.no_grad():
+        flow.transforms[0].made.layers[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="weights are not finite"):
+        flow.log_prob(torch.full((3, 2), 5.0))
+
+
+def test_float32_data_into_a_float64_flow_computes_in_float64():
+    """It used to compute in float32 (1.3e-6 off); now it is exactly the float64 result."""
+    flow = Flow([AutoregressiveMixtureFlow(2, 3, [16], seed=0), Reverse(2),
+                 MixtureCDFFlow(2, 4)], MixtureOfGaussians(2, 3)).double()
+    _perturb(flow)
+    x = torch.randn(64, 2)
+    lp = flow.log_prob(x)
+    assert lp.dtype == torch.float64
+    torch.testing.assert_close(lp, flow.log_prob(x.double()), rtol=1e-13, atol=1e-13)
+    z, lad = flow(x)
+    assert z.dtype == lad.dtype == torch.float64
+    assert flow.dtype == torch.float64 and flow.device == torch.device("cpu")
+
+
+def test_dequantized_log_prob_follows_the_flow_dtype():
+    flow = Flow([Logit(3, alpha=1e-3), MixtureCDFFlow(3, 2)], StandardNormal(3)).double()
+    x = torch.randint(0, 4, (16, 3))
+    torch.manual_seed(0)
+    lp = dequantized_log_prob(flow, UniformDequantization(3, 4), x)
+    assert lp.dtype == torch.float64
+
+
+def test_small_inputs_name_the_problem():
+    flow = Flow(MixtureCDFFlow(2, 3), StandardNormal(2))  # one transform, not in a list
+    assert len(flow.transforms) == 1
+    with pytest.raises(ValueError, match="x must be a torch.Tensor, got numpy.ndarray"):
+        flow.log_prob(np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="x must be a torch.Tensor"):
+        MixtureCDFFlow(2, 3)(np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="x is on meta but the flow is on cpu"):
+        flow.log_prob(torch.zeros(3, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"transforms\[1\] must be a fastflow Transform"):
+        Flow([MixtureCDFFlow(2, 3), torch.nn.Linear(2, 2)], StandardNormal(2))
+    with pytest.raises(ValueError, match="transforms must be a Transform or a list"):
+        Flow(3, StandardNormal(2))
+    with pytest.raises(ValueError, match="base must have event shape"):
+        Flow(MixtureCDFFlow(2, 3), Normal(torch.zeros(2), torch.ones(2)))
+
+
+def test_sample_shapes_in_flow_and_distribution():
+    flow = Flow([AutoregressiveMixtureFlow(3, 2, [8], seed=0)], StandardNormal(3))
+    assert flow.sample((2, 3)).shape == (2, 3, 3)
+    assert flow.sample(4).shape == (4, 3)
+    assert flow.sample().shape == (3,)
+    assert flow.rsample((2, 1)).shape == (2, 1, 3)
+    x, lp = flow.rsample_and_log_prob((2, 5))
+    assert x.shape == (2, 5, 3) and lp.shape == (2, 5)
+    torch.testing.assert_close(lp, flow.log_prob(x), rtol=1e-4, atol=1e-4)
+    assert flow.distribution().sample((2, 3)).shape == (2, 3, 3)
+    cond = Flow([AutoregressiveMixtureFlow(3, 2, [8], context_features=2, seed=0)],
+                StandardNormal(3))
+    ctx = torch.randn(4, 2)
+    assert cond.sample((2, 3), ctx).shape == (2, 3, 4, 3)
+    assert cond.distribution(ctx).sample((5,)).shape == (5, 4, 3)
+    with pytest.raises(ValueError, match="sample_shape must be a non-negative int"):
+        flow.sample((2, -1))
+    with pytest.raises(ValueError, match="sample_shape must be a non-negative int"):
+        flow.sample(2.5)
