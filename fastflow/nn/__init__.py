@@ -15,6 +15,7 @@ from .transforms import (
     Permutation,
     Reverse,
     Sigmoid,
+    TorchTransform,
     Transform,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "Permutation",
     "Reverse",
     "Sigmoid",
+    "TorchTransform",
     "Transform",
     "UniformDequantization",
     "VariationalDequantization",

@@ -263,27 +263,104 @@ def _base_rsample(base, shape):
 
 
 class FlowDistribution(Distribution):
-    """A :class:`Flow` seen through the torch.distributions interface."""
+    """A :class:`Flow` seen through the torch.distributions interface.
+
+    Unconditional, its batch shape is () unless :meth:`expand` gives it one; with a context
+    of shape (B..., C) it is B... . ``log_prob(value)`` broadcasts value's leading axes
+    against the batch shape; ``sample(shape)`` returns ``shape + batch_shape + (D,)``.
+    """
 
     arg_constraints: dict = {}
     has_rsample = True
 
-    def __init__(self, flow: Flow, context: torch.Tensor | None = None):
+    def __init__(self, flow: Flow, context: torch.Tensor | None = None,
+                 batch_shape: torch.Size | None = None):
         self.flow, self.context = flow, context
-        batch = torch.Size(()) if context is None else context.shape[:-1]
-        super().__init__(batch, torch.Size((flow.features,)), validate_args=False)
+        if batch_shape is None:
+            batch_shape = torch.Size(()) if context is None else context.shape[:-1]
+        super().__init__(torch.Size(batch_shape), torch.Size((flow.features,)),
+                         validate_args=False)
 
     @property
     def support(self):
         domain = Compose(list(self.flow.transforms)).domain
         return constraints.independent(domain if domain is not None else constraints.real, 1)
 
+    def expand(self, batch_shape, _instance=None):
+        """The same flow with batch shape ``batch_shape`` (a conditional flow's context is
+        expanded to it: views, no copies)."""
+        batch_shape = torch.Size(batch_shape)
+        context = self.context
+        if context is not None:
+            context = context.expand(*batch_shape, context.shape[-1])
+        return FlowDistribution(self.flow, context, batch_shape)
+
     def log_prob(self, value):
+        lead = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        if value.shape[:-1] != lead:
+            value = value.expand(*lead, value.shape[-1])
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape=()):
-        return self.flow.rsample(sample_shape, self.context)
+        shape = tuple(_sample_shape(sample_shape))
+        if self.context is None:
+            return self.flow.rsample(shape + tuple(self.batch_shape))
+        return self.flow.rsample(shape, self.context)
 
     def sample(self, sample_shape=()):
         with torch.no_grad():
             return self.rsample(sample_shape)
+
+    def __call__(self, sample_shape=()):
+        """A reparameterized draw, as pyro's sample statements call a distribution."""
+        return self.rsample(sample_shape)
+
+    @property
+    def event_dim(self) -> int:
+        return 1
+
+    def score_parts(self, value, *args, **kwargs):
+        """pyro's ELBO terms of a reparameterized site: the log-density is both the
+        log-probability and the entropy term, with no score-function term."""
+        from pyro.distributions.score_parts import ScoreParts
+
+        log_p = self.log_prob(value)
+        return ScoreParts(log_prob=log_p, score_function=0, entropy_term=log_p)
+
+    _ESTIMATES = {
+        "mean": "dist.sample((10000,)).mean(0)",
+        "variance": "dist.sample((10000,)).var(0)",
+        "stddev": "dist.sample((10000,)).std(0)",
+        "entropy": "-dist.log_prob(dist.sample((10000,))).mean(0)",
+    }
+
+    def _no_closed_form(self, what: str):
+        raise NotImplementedError(f"a flow's {what} has no closed form; estimate it from "
+                                  f"samples, e.g. {self._ESTIMATES[what]}")
+
+    @property
+    def mean(self):
+        self._no_closed_form("mean")
+
+    @property
+    def mode(self):
+        raise NotImplementedError("a flow's mode has no closed form; search for it with "
+                                  "gradient ascent on dist.log_prob")
+
+    @property
+    def variance(self):
+        self._no_closed_form("variance")
+
+    @property
+    def stddev(self):
+        self._no_closed_form("stddev")
+
+    def entropy(self):
+        self._no_closed_form("entropy")
+
+    def cdf(self, value):
+        raise NotImplementedError("a multivariate flow has no cdf; use log_prob")
+
+    def icdf(self, value):
+        raise NotImplementedError("a multivariate flow has no icdf; use sample or the "
+                                  "transforms' inverse")

@@ -59,6 +59,63 @@ class Transform(nn.Module):
     def inverse(self, z, context=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def as_transform(self, context=None, cache_size: int = 1) -> TorchTransform:
+        """This transform as a ``torch.distributions.Transform`` (for
+        ``TransformedDistribution``, pyro and the like), optionally with a fixed context.
+
+        torch's transforms map base to data, so the adapter's call is this transform's
+        :meth:`inverse` and its ``inv`` is :meth:`forward`; ``log_abs_det_jacobian`` is
+        summed over the last axis (``event_dim = 1``)."""
+        return TorchTransform(self, context, cache_size=cache_size)
+
+
+def _vector(c):
+    return constraints.independent(c if c is not None else constraints.real, 1)
+
+
+class TorchTransform(torch.distributions.Transform):
+    """A fastflow :class:`Transform` seen as a ``torch.distributions.Transform`` from the
+    base space to the data space (see :meth:`Transform.as_transform`)."""
+
+    bijective = True
+
+    def __init__(self, transform: Transform, context=None, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.transform, self.context = transform, context
+
+    @property
+    def domain(self):
+        return _vector(self.transform.codomain)
+
+    @property
+    def codomain(self):
+        return _vector(self.transform.domain)
+
+    def _call(self, z):
+        return self.transform.inverse(z, self.context)[0]
+
+    def _inverse(self, x):
+        return self.transform(x, self.context)[0]
+
+    def log_abs_det_jacobian(self, z, x):
+        """log|dx/dz| = -(the density direction's logabsdet at x), summed over features."""
+        return -self.transform(x, self.context)[1]
+
+    def with_cache(self, cache_size: int = 1):
+        if self._cache_size == cache_size:
+            return self
+        return TorchTransform(self.transform, self.context, cache_size=cache_size)
+
+    def __eq__(self, other):
+        return (isinstance(other, TorchTransform) and other.transform is self.transform
+                and other.context is self.context)
+
+    def __hash__(self):
+        return hash((id(self.transform), id(self.context)))
+
+    def __repr__(self):
+        return f"TorchTransform({self.transform.__class__.__name__})"
+
 
 class Compose(Transform):
     """Transforms applied in order (forward) and in reverse order (inverse)."""
@@ -190,6 +247,12 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         self.made = MADE(features, hidden_features, 3 * components, order=order,
                          hidden_degrees=hidden_degrees, residual=residual,
                          context_features=context_features, seed=seed)
+        # The first dimension in the order sees no input: its mixture is the output bias
+        # alone. Start every dimension's locations spread over [-1, 1], as MixtureCDFFlow's
+        # are, rather than at the default bias (all within 1/sqrt(fan_in) of 0).
+        with torch.no_grad():
+            bias = self.made.output.bias.view(features, 3 * components)
+            bias[:, components:2 * components] = torch.linspace(-1.0, 1.0, components)
 
     def extra_repr(self) -> str:
         hidden = [layer.out_features for layer in self.made.layers]

@@ -1,0 +1,137 @@
+"""fastflow inside torch.distributions and pyro: transforms as torch Transforms, any torch base
+with event shape (D,), FlowDistribution's batch shapes, and a pyro SVI step."""
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, TransformedDistribution
+
+from fastflow.distributions import StandardNormal
+from fastflow.nn import (
+    AutoregressiveMixtureFlow,
+    Compose,
+    Flow,
+    Logit,
+    MixtureCDFFlow,
+    Reverse,
+)
+
+
+def _chain(kind="logistic"):
+    torch.manual_seed(0)
+    chain = Compose([AutoregressiveMixtureFlow(2, 3, [8], kind=kind, seed=0), Reverse(2),
+                     MixtureCDFFlow(2, 3, kind=kind)]).double()
+    with torch.no_grad():
+        for p in chain.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return chain
+
+
+def _normal(D, dtype=torch.float64):
+    return Independent(Normal(torch.zeros(D, dtype=dtype), torch.ones(D, dtype=dtype)), 1)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "gaussian"])
+def test_transformed_distribution_matches_the_flow(kind):
+    chain = _chain(kind)
+    flow = Flow(chain, StandardNormal(2)).double()
+    td = TransformedDistribution(_normal(2), [chain.as_transform()])
+    x = torch.randn(16, 2, dtype=torch.float64)
+    torch.testing.assert_close(td.log_prob(x), flow.log_prob(x), rtol=1e-12, atol=1e-12)
+    t = chain.as_transform()
+    z = t.inv(x)
+    torch.testing.assert_close(z, flow(x)[0])
+    torch.testing.assert_close(t(z), x, rtol=1e-9, atol=1e-9)
+    assert td.rsample((3, 4)).shape == (3, 4, 2)
+
+
+def test_adapter_log_abs_det_jacobian_is_the_base_to_data_jacobian():
+    """log|det dx/dz| of the adapter's call against an autograd Jacobian, per sample."""
+    t = _chain().as_transform(cache_size=0)
+    z = torch.randn(5, 2, dtype=torch.float64)
+    x = t(z)
+    lad = t.log_abs_det_jacobian(z, x)
+    for i in range(5):
+        J = torch.autograd.functional.jacobian(lambda v: t(v.unsqueeze(0))[0], z[i])
+        assert abs(torch.linalg.slogdet(J)[1].item() - lad[i].item()) < 1e-9
+
+
+def test_adapter_domains_follow_the_transform_ranges():
+    unit_first = Compose([Logit(2), MixtureCDFFlow(2, 3)]).as_transform()
+    assert unit_first.codomain.check(torch.tensor([[0.2, 0.9]])).item()
+    assert not unit_first.codomain.check(torch.tensor([[1.5, 0.5]])).item()
+    assert unit_first.domain.check(torch.tensor([[-40.0, 40.0]])).item()
+    assert unit_first.event_dim == 1 and unit_first.bijective
+    with_unit_output = MixtureCDFFlow(2, 3, output="unit").as_transform()
+    assert not with_unit_output.domain.check(torch.tensor([[2.0, 0.5]])).item()
+
+
+def test_flow_takes_any_torch_base_with_event_shape_d():
+    chain = _chain()
+    ours = Flow(chain, StandardNormal(2)).double()
+    theirs = Flow(chain, _normal(2))
+    x = torch.randn(8, 2, dtype=torch.float64)
+    torch.testing.assert_close(theirs.log_prob(x), ours.log_prob(x), rtol=1e-12, atol=1e-12)
+    s, lp = theirs.rsample_and_log_prob((3,))
+    assert s.shape == (3, 2)
+    torch.testing.assert_close(lp, theirs.log_prob(s), rtol=1e-8, atol=1e-8)
+
+
+def test_flow_distribution_expand_broadcast_and_moments():
+    flow = Flow(_chain(), StandardNormal(2)).double()
+    d = flow.distribution().expand((4,))
+    assert d.batch_shape == (4,) and d.event_shape == (2,)
+    assert d.sample((3,)).shape == (3, 4, 2)
+    x = torch.randn(2, dtype=torch.float64)
+    assert d.log_prob(x).shape == (4,)
+    torch.testing.assert_close(d.log_prob(x), flow.log_prob(x).expand(4))
+    for name in ("mean", "variance", "stddev"):
+        with pytest.raises(NotImplementedError, match=r"estimate it from samples"):
+            getattr(d, name)
+    with pytest.raises(NotImplementedError, match=r"dist.log_prob"):
+        d.entropy()
+
+
+def test_conditional_flow_distribution_broadcasts_against_its_batch():
+    flow = Flow([AutoregressiveMixtureFlow(2, 3, [8], context_features=3, seed=0)],
+                StandardNormal(2))
+    ctx = torch.randn(4, 3)
+    d = flow.distribution(ctx)
+    x = torch.randn(2)
+    lp = d.log_prob(x)  # one point scored under each of the 4 contexts
+    assert lp.shape == (4,)
+    torch.testing.assert_close(lp, flow.log_prob(x.expand(4, 2), ctx))
+    assert d.log_prob(torch.randn(7, 1, 2)).shape == (7, 4)
+    e = d.expand((5, 4))
+    assert e.sample((2,)).shape == (2, 5, 4, 2)
+    assert e.log_prob(x).shape == (5, 4)
+
+
+def test_pyro_latent_site_and_an_svi_step():
+    """A FlowDistribution as the guide of a latent site: pyro samples it, scores it, and one
+    SVI step moves the flow's parameters."""
+    pyro = pytest.importorskip("pyro")  # in the test extras; an optional peer for users
+    import pyro.distributions as pdist
+    from pyro.infer import SVI, Trace_ELBO
+
+    pyro.clear_param_store()
+    flow = Flow([AutoregressiveMixtureFlow(2, 3, [8], seed=0), Reverse(2)], StandardNormal(2))
+
+    def model(data):
+        z = pyro.sample("z", pdist.Normal(torch.zeros(2), torch.ones(2)).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("obs", pdist.Normal(z, 0.5).to_event(1), obs=data)
+
+    def guide(data):
+        pyro.module("flow", flow)
+        pyro.sample("z", flow.distribution())
+
+    data = torch.randn(20, 2) + 1.0
+    before = [p.detach().clone() for p in flow.parameters()]
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    loss = svi.step(data)
+    assert torch.isfinite(torch.tensor(loss))
+    assert any((p - b).abs().max() > 0 for p, b in zip(flow.parameters(), before, strict=True))
+    trace = pyro.poutine.trace(guide).get_trace(data)
+    z = trace.nodes["z"]["value"]
+    assert z.shape == (2,)
+    torch.testing.assert_close(trace.nodes["z"]["fn"].log_prob(z), flow.log_prob(z))
