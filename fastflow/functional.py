@@ -13,17 +13,18 @@ Value checks follow torch.distributions: with ``validate_args`` on (the global d
 :func:`set_validate_args`, or per call) NaN inputs, infinite inputs to the logit output,
 non-finite parameters and targets outside the domain raise ValueError naming the argument;
 this costs one host synchronisation. With it off nothing is checked on the device, and
-out-of-domain values give NaN outputs. Checks are skipped while ``torch.compile`` traces.
+out-of-domain values give NaN outputs. Checks are skipped while ``torch.compile`` traces and
+inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _registry, reference
 from ._registry import KINDS, OUTPUTS, backend_for
 from ._registry import check_choice as _check_choice
-from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+from .autograd import apply_cdf, apply_inverse, apply_log_prob
 
 _PARAM_NAMES = ("logits", "loc", "log_scale")
 
@@ -99,8 +100,12 @@ def _validate_values(checks: list[tuple[str, torch.Tensor, str]]) -> None:
 
 
 def _should_validate(validate_args: bool | None) -> bool:
+    """Whether to run the value checks: on (per call or by default), and neither traced by
+    torch.compile nor inside a torch.func transform (vmap, grad, jacrev, ...), where the
+    checks' host synchronisation has no value to read (a batched tensor has no storage)."""
     on = _validate_default if validate_args is None else validate_args
-    return bool(on) and not torch.compiler.is_compiling()
+    return (bool(on) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _input_check(name: str, x: torch.Tensor, output: str | None):
@@ -148,7 +153,7 @@ def mixture_cdf(
     x, logits, loc, log_scale = _prepare("x", x, logits, loc, log_scale, kind, output)
     if _should_validate(validate_args):
         _validate_values([_input_check("x", x, output), *_param_checks(logits, loc, log_scale)])
-    return MixtureCDF.apply(x, logits, loc, log_scale, kind, output)
+    return apply_cdf(x, logits, loc, log_scale, kind, output)
 
 
 def mixture_cdf_inverse(
@@ -169,12 +174,13 @@ def mixture_cdf_inverse(
         ``(x, logabsdet)`` of shape ``S`` with ``logabsdet = log|dx/dy|``. The targets
         z = 0 and z = 1 (y = -inf, +inf) give x = -inf and +inf with logabsdet = +inf and zero
         gradients. With validation off, targets outside the domain give NaN.
-        Gradients come from implicit differentiation at the solution.
+        Gradients come from implicit differentiation at the solution; higher derivatives
+        from two differentiable Newton steps taken from it.
     """
     y, logits, loc, log_scale = _prepare("y", y, logits, loc, log_scale, kind, output)
     if _should_validate(validate_args):
         _validate_values([_target_check("y", y, output), *_param_checks(logits, loc, log_scale)])
-    return MixtureCDFInverse.apply(y, logits, loc, log_scale, kind, output)
+    return apply_inverse(y, logits, loc, log_scale, kind, output)
 
 
 def mixture_log_prob(
@@ -190,7 +196,7 @@ def mixture_log_prob(
     if _should_validate(validate_args):
         _validate_values([("x", torch.isnan(x), "contains NaN"),
                           *_param_checks(logits, loc, log_scale)])
-    return MixtureLogProb.apply(x, logits, loc, log_scale, kind)
+    return apply_log_prob(x, logits, loc, log_scale, kind)
 
 
 _ACTIVATIONS = ("identity", "relu")
@@ -237,5 +243,7 @@ def masked_linear(
         # the custom-op dispatch (about 3x the cost of a small layer).
         return reference.masked_linear_fwd(x, weight, mask.to(dtype), bias, activation)
     flat = x.reshape(-1, x.shape[-1])
-    y = torch.ops.fastflow.masked_linear_fwd(flat, weight, mask.to(dtype), bias, activation)
+    # Through _registry.call: under torch.func transforms it applies the op's
+    # autograd.Function, which the grad transforms accept (the op's own derivative they refuse).
+    y = _registry.call("masked_linear_fwd", flat, weight, mask.to(dtype), bias, activation)
     return y.reshape(*x.shape[:-1], weight.shape[0])
