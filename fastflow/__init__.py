@@ -1,6 +1,8 @@
 """fastflow: compiled-kernel mixture-CDF normalizing flows for PyTorch."""
 
+from . import flows
 from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+from .fit import fit
 from .functional import (
     get_validate_args,
     masked_linear,
@@ -16,6 +18,8 @@ __all__ = [
     "MixtureCDF",
     "MixtureCDFInverse",
     "MixtureLogProb",
+    "flows",
+    "fit",
     "get_validate_args",
     "masked_linear",
     "mixture_cdf",

@@ -56,44 +56,90 @@ _positive_int = _positive(int, "integer")
 _positive_float = _positive(float, "number")
 
 
+def _data(text: str) -> str:
+    """An argparse type for --data: a built-in data set's name or a .npy/.csv/.pt path (the
+    file itself is read, and checked, when training starts)."""
+    from .demo import DATA_SUFFIXES, DATASETS, is_data_file
+
+    if text in DATASETS or is_data_file(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(DATASETS)} or a {', '.join(DATA_SUFFIXES[:-1])} or "
+        f"{DATA_SUFFIXES[-1]} file, got {text!r}")
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (default: auto, CUDA when there is a GPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
+def _default(key: str, show=str) -> str:
+    """'(default: X; digits: Y)' from the per-data-set defaults that training uses, so the
+    help cannot drift from them."""
+    from .demo import DEFAULTS
+
+    other, digits = show(DEFAULTS["2d"][key]), show(DEFAULTS["digits"][key])
+    return f"(default: {other})" if other == digits else f"(default: {other}; digits: {digits})"
+
+
+def _sizes(sizes) -> str:
+    return ",".join(str(h) for h in sizes)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DATASETS
+    from .demo import DATASETS, MIN_ROWS, TEST_FRACTION
 
     parser = _Parser(prog="fastflow", description="Mixture-CDF normalizing flows: demo, "
                      "sampling, environment report and benchmarks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    train = sub.add_parser("train", help="fit a flow to a built-in data set, write a "
-                           "checkpoint and a picture")
-    train.add_argument("--data", choices=DATASETS, default="two_moons",
-                       help="data set (default: two_moons)")
-    train.add_argument("--out", metavar="DIR", help="output folder (default: ./runs/DATA)")
-    train.add_argument("--steps", type=_positive_int, help="optimizer steps")
-    train.add_argument("--batch-size", type=_positive_int, help="global minibatch size")
-    train.add_argument("--lr", type=_positive_float, help="Adam learning rate")
+    train = sub.add_parser(
+        "train", help="fit a flow to a built-in data set or a data file, write a checkpoint "
+        "and a picture", description="Fit autoregressive mixture-CDF layers to the data by "
+        "maximum likelihood, print train and test NLL (nats and bits per dimension), and "
+        "write DIR/checkpoint.pt and, for 2-D data and digits, a picture.")
+    train.add_argument(
+        "--data", type=_data, default="two_moons", metavar="NAME|FILE",
+        help=f"a built-in data set ({', '.join(DATASETS)}) or a file holding an (N, D) array "
+        "of numbers: .npy (numpy.save), .csv (comma separated; a header line of names is "
+        "skipped) or .pt (torch.save of a tensor). File data are used as given, not "
+        "standardized or rescaled (the flow starts near unit scale, so rescale data far from "
+        f"it first); a seeded {TEST_FRACTION * 100:.0f}%% of the rows is held out as the test "
+        f"set; at least {MIN_ROWS} rows (default: two_moons)")
+    train.add_argument("--out", metavar="DIR", help="output folder (default: ./runs/DATA, "
+                       "DATA the data set's name or the file's name without its suffix)")
+    train.add_argument("--steps", type=_positive_int,
+                       help=f"optimizer steps {_default('steps')}")
+    train.add_argument("--batch-size", type=_positive_int,
+                       help=f"global minibatch size {_default('batch_size')}")
+    train.add_argument("--lr", type=_positive_float,
+                       help=f"Adam learning rate, decayed by a cosine {_default('lr')}")
     train.add_argument("--hidden", type=_hidden, metavar="H1,H2,...",
-                       help="MADE hidden layer sizes")
-    train.add_argument("--components", type=_positive_int, help="mixture components")
-    train.add_argument("--layers", type=_positive_int, help="autoregressive layers")
-    train.add_argument("--dequant", choices=("uniform", "variational"), default="uniform",
-                       help="dequantization for digits (default: uniform)")
+                       help=f"MADE hidden layer sizes {_default('hidden', _sizes)}")
+    train.add_argument("--components", type=_positive_int,
+                       help=f"mixture components {_default('components')}")
+    train.add_argument("--layers", type=_positive_int,
+                       help=f"autoregressive layers {_default('layers')}")
+    train.add_argument("--dequant", choices=("uniform", "variational"),
+                       help="dequantization of digits' integer grey levels; refused for other "
+                       "data (default: uniform)")
     train.add_argument("--threads", type=_positive_int,
-                       help="CPU threads (default: 1, fastest for these small models)")
-    train.add_argument("--no-progress", action="store_true",
-                       help="no progress bar (it shows the running NLL); the report still prints")
+                       help=f"CPU threads, fastest for these small models {_default('threads')}")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="a progress bar on stderr with the running NLL; the report prints "
+                       "either way (default: only when stderr is a terminal)")
     _add_device(train)
 
     smp = sub.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
-    smp.add_argument("--checkpoint", required=True, metavar="FILE")
-    smp.add_argument("-n", type=_positive_int, default=1000, help="samples (default: 1000)")
-    smp.add_argument("--out", required=True, metavar="FILE.npy")
+    smp.add_argument("--checkpoint", required=True, metavar="FILE",
+                     help="a checkpoint.pt written by fastflow train (it records the model, "
+                     "so no other flags are needed)")
+    smp.add_argument("-n", type=_positive_int, default=1000,
+                     help="number of samples (default: 1000)")
+    smp.add_argument("--out", required=True, metavar="FILE.npy",
+                     help="where to write the samples, an (n, D) array in the data's units")
     _add_device(smp)
 
     sub.add_parser("info", help="versions, devices and which backend each device uses")
@@ -112,7 +158,7 @@ def cmd_train(args) -> int:
                         lr=args.lr, hidden=args.hidden, components=args.components,
                         layers=args.layers, dequant=args.dequant, device=args.device,
                         threads=args.threads, seed=args.seed, out=args.out,
-                        progress=not args.no_progress)
+                        progress=args.progress)
     train(opts)
     return 0
 

@@ -1,10 +1,10 @@
 """The demo behind ``fastflow train`` and ``fastflow sample``.
 
-Data sets (generated 2-D shapes and scikit-learn's 8x8 digits), the model built from a plain
-config dict (so a checkpoint can rebuild it), the training loop (one process, or one of several
-under ``torchrun`` with DistributedDataParallel), evaluation in nats and bits per dimension,
-checkpoints and the pictures. matplotlib and scikit-learn are optional and imported only when
-needed.
+Data sets (generated 2-D shapes, scikit-learn's 8x8 digits, or an (N, D) array from a .npy,
+.csv or .pt file), the model built from a plain config dict (so a checkpoint can rebuild it),
+the training loop (one process, or one of several under ``torchrun`` with
+DistributedDataParallel), evaluation in nats and bits per dimension, checkpoints and the
+pictures. matplotlib and scikit-learn are optional and imported only when needed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from .nn import (
 
 DATASETS_2D = {"two_moons": two_moons, "rings": rings, "smiley": smiley}
 DATASETS = (*DATASETS_2D, "digits")
+DATA_SUFFIXES = (".npy", ".csv", ".pt")
+MIN_ROWS = 10  # a data file needs enough rows for both a training and a test split
+TEST_FRACTION = 0.2  # of a data file's rows, held out (seeded) as the test set
 CHECKPOINT_FORMAT = "fastflow-demo-1"
 DIGIT_LEVELS = 17  # load_digits pixels take the values 0..16
 
@@ -54,7 +57,11 @@ class DemoError(Exception):
 
 @dataclass
 class TrainOptions:
-    """What ``fastflow train`` was asked for; None means the data set's default."""
+    """What ``fastflow train`` was asked for; None means the data set's default.
+
+    ``data`` is a built-in name (:data:`DATASETS`) or the path of a .npy, .csv or .pt file;
+    ``dequant`` None means uniform for digits (and must stay None for other data);
+    ``progress`` None shows the bar only when stderr is a terminal."""
 
     data: str = "two_moons"
     steps: int | None = None
@@ -63,12 +70,12 @@ class TrainOptions:
     hidden: tuple[int, ...] | None = None
     components: int | None = None
     layers: int | None = None
-    dequant: str = "uniform"
+    dequant: str | None = None
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
     out: str | None = None
-    progress: bool = True
+    progress: bool | None = None
 
     def resolved(self, key: str):
         value = getattr(self, key)
@@ -143,10 +150,135 @@ def load_digits_data() -> torch.Tensor:
     return torch.from_numpy(datasets.load_digits().data).round().long()
 
 
+def is_data_file(name: str) -> bool:
+    """Whether ``--data`` names a file (by its suffix) rather than a built-in data set."""
+    return name not in DATASETS and Path(name).suffix.lower() in DATA_SUFFIXES
+
+
+def data_label(name: str) -> str:
+    """The name used for the default output folder and the picture: the data set's name,
+    or a data file's name without its suffix."""
+    return Path(name).stem if is_data_file(name) else name
+
+
+def _read_csv(path: Path) -> torch.Tensor:
+    """A CSV file of numbers as a float64 (N, D) tensor. Values are comma separated; blank
+    lines and lines starting with # are skipped, and so is a first line in which no value is a
+    number (a header of column names). Anything else that is not a number is an error naming
+    its line and column."""
+    import csv
+
+    rows, width, first = [], None, None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line_no, fields in enumerate(csv.reader(f), 1):
+                if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith(
+                        "#"):
+                    continue
+                try:
+                    values = [float(v) for v in fields]
+                except ValueError:
+                    values = None
+                if values is None:
+                    if not rows and first is None and not any(_is_number(v) for v in fields):
+                        first = line_no  # a header line
+                        continue
+                    column, text = next((j, v) for j, v in enumerate(fields, 1)
+                                        if not _is_number(v))
+                    raise DemoError(f"--data {path}: line {line_no}, column {column}: "
+                                    f"{text.strip()!r} is not a number")
+                if width is None:
+                    width, first = len(values), line_no
+                elif len(values) != width:
+                    raise DemoError(f"--data {path}: line {line_no} has {len(values)} values "
+                                    f"but line {first} has {width}")
+                rows.append(values)
+    except UnicodeDecodeError:
+        raise DemoError(f"--data {path}: not a text file (a CSV must be UTF-8 text)") from None
+    except csv.Error as e:
+        raise DemoError(f"--data {path}: not a readable CSV file ({_one_line(e)})") from None
+    if not rows:
+        raise DemoError(f"--data {path}: no rows of numbers in the file")
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_data_file(name: str) -> torch.Tensor:
+    """The (N, D) float32 array in a .npy (numpy.save), .csv (numbers, comma separated) or
+    .pt (torch.save of a tensor) file, as given: nothing is standardized or rescaled. A
+    one-line DemoError for a missing or unreadable file, non-numeric values, a shape other
+    than (N, D), NaN or infinite values (or values beyond float32's range) and fewer than
+    MIN_ROWS rows."""
+    path = Path(name)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise DemoError(f"--data {path}: no such file")
+    if not path.is_file():
+        raise DemoError(f"--data {path}: not a file")
+    if suffix == ".csv":
+        x = _read_csv(path)
+    elif suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as e:  # a foreign file fails in many ways (pickle, header, EOF)
+            raise DemoError(f"--data {path}: cannot read it as a .npy array "
+                            f"({_first_sentence(e)})") from None
+        if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+            raise DemoError(f"--data {path}: holds several arrays (an .npz archive), not one "
+                            "array; save the (N, D) data with numpy.save")
+        if array.dtype.kind not in "iuf":
+            raise DemoError(f"--data {path}: holds values of dtype {array.dtype}, not numbers")
+        x = torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        try:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch.save file, or one holding arbitrary objects
+            raise DemoError(f"--data {path}: cannot read it with torch.load "
+                            f"({_first_sentence(e)})") from None
+        if not isinstance(x, torch.Tensor):
+            raise DemoError(f"--data {path}: holds a {type(x).__name__}, not a tensor; save "
+                            "the (N, D) data with torch.save(tensor, path)")
+        if x.dtype == torch.bool or x.is_complex():
+            raise DemoError(f"--data {path}: holds values of dtype {x.dtype}, not real numbers")
+    if x.dim() != 2:
+        hint = " (for one feature, save x.reshape(-1, 1))" if x.dim() == 1 else ""
+        raise DemoError(f"--data {path}: expected a 2-D (N, D) array, got shape "
+                        f"{tuple(x.shape)}{hint}")
+    n, d = x.shape
+    if d < 1:
+        raise DemoError(f"--data {path}: the rows have no values (shape {tuple(x.shape)})")
+    if n < MIN_ROWS:
+        raise DemoError(f"--data {path}: {n} rows; at least {MIN_ROWS} are needed (a fifth "
+                        "is held out as the test set)")
+    bad = ~torch.isfinite(x.to(torch.float32)).all(1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        what = "NaN or infinite values" if not torch.isfinite(x[row]).all() else \
+            "values beyond float32's range"
+        raise DemoError(f"--data {path}: {int(bad.sum())} row(s) hold {what}, the first row "
+                        f"{row} (counting from 0); remove or fix them")
+    return x.to(torch.float32)
+
+
 def load_data(name: str, seed: int, train_size: int = 20000, test_size: int = 5000):
     """(train, test): float (n, 2) points for the 2-D sets; for digits integer (n, 64)
-    images, a seeded split of the 1797 into 1497 train and 300 test."""
+    images, a seeded split of the 1797 into 1497 train and 300 test; for a data file its
+    float32 rows, a seeded TEST_FRACTION of them the test set."""
     g = torch.Generator().manual_seed(seed)
+    if is_data_file(name):
+        x = load_data_file(name)
+        perm = torch.randperm(len(x), generator=g)
+        n_test = max(1, round(TEST_FRACTION * len(x)))
+        return x[perm[n_test:]], x[perm[:n_test]]
     if name in DATASETS_2D:
         make = DATASETS_2D[name]
         return make(train_size, generator=g), make(test_size, generator=g)
@@ -154,18 +286,28 @@ def load_data(name: str, seed: int, train_size: int = 20000, test_size: int = 50
         x = load_digits_data()
         perm = torch.randperm(len(x), generator=g)
         return x[perm[300:]], x[perm[:300]]
-    raise DemoError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    raise DemoError(_unknown_data(name))
+
+
+def _unknown_data(name: str) -> str:
+    return (f"unknown data set {name!r}; choose from {', '.join(DATASETS)} or give a "
+            f"{', '.join(DATA_SUFFIXES[:-1])} or {DATA_SUFFIXES[-1]} file")
 
 
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
-def model_config(opts: TrainOptions) -> dict:
-    """The plain-Python description of the flow that a checkpoint stores."""
+def model_config(opts: TrainOptions, features: int | None = None) -> dict:
+    """The plain-Python description of the flow that a checkpoint stores. For a data file,
+    ``features`` is its number of columns, and the config records ``"data": "file"`` and the
+    file's absolute ``path``."""
     digits = opts.data == "digits"
-    return {
-        "data": opts.data,
-        "features": 64 if digits else 2,
+    file = is_data_file(opts.data)
+    if file and features is None:
+        raise ValueError("model_config needs the number of features of a data file")
+    config = {
+        "data": "file" if file else opts.data,
+        "features": features if file else 64 if digits else 2,
         "layers": int(opts.resolved("layers")),
         "components": int(opts.resolved("components")),
         "hidden": [int(h) for h in opts.resolved("hidden")],
@@ -173,6 +315,9 @@ def model_config(opts: TrainOptions) -> dict:
         "logit_alpha": 0.05 if digits else None,
         "levels": DIGIT_LEVELS if digits else None,
     }
+    if file:
+        config["path"] = str(Path(opts.data).resolve())
+    return config
 
 
 def build_flow(config: dict) -> Flow:
@@ -238,6 +383,16 @@ def draw_batch(data: torch.Tensor, size: int, generator: torch.Generator,
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal: progress bars are drawn by default only then (in a log
+    file or a pipe their frames would be clutter)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
 def _progress(steps: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -254,7 +409,8 @@ def fit(model: nn.Module, train: torch.Tensor, opts: TrainOptions, device: torch
     opt = torch.optim.Adam(model.parameters(), lr=float(opts.resolved("lr")))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     running = None
-    bar = _progress(steps, opts.progress and rank == 0)
+    show = stderr_is_terminal() if opts.progress is None else opts.progress
+    bar = _progress(steps, show and rank == 0)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         loss = loss_and_backward(model, draw_batch(train, shard, g, device))
@@ -287,19 +443,24 @@ def train(opts: TrainOptions, stdout=None) -> dict:
     Returns the metrics (nats and bits per dimension) and the paths written.
     """
     stdout = stdout or sys.stdout
-    if opts.data not in DATASETS:
-        raise DemoError(f"unknown data set {opts.data!r}; choose from {', '.join(DATASETS)}")
-    pyplot()  # fail before training, not after, when matplotlib is missing
+    if opts.data not in DATASETS and not is_data_file(opts.data):
+        raise DemoError(_unknown_data(opts.data))
+    if opts.dequant is not None and opts.data != "digits":
+        raise DemoError(f"--dequant applies only to --data digits, whose pixels are integer "
+                        f"grey levels; {opts.data} holds continuous values, used as given")
+    train_x, test_x = load_data(opts.data, opts.seed)  # a bad data file fails here
+    config = model_config(opts, features=train_x.shape[1])
+    if config["levels"] is not None or config["features"] == 2:
+        pyplot()  # fail before training, not after, when matplotlib is missing
     rank, world, device = init_distributed(resolve_device(opts.device))
     torch.manual_seed(opts.seed)
-    train_x, test_x = load_data(opts.data, opts.seed)
-    config = model_config(opts)
     if min(config["hidden"], default=0) < 1 or config["layers"] < 1 or config["components"] < 1:
         raise DemoError("--hidden sizes, --layers and --components must be positive")
     flow = build_flow(config)
     deq = None
     if config["levels"] is not None:
-        deq = make_dequantizer(opts.dequant, config["features"], config["levels"])
+        deq = make_dequantizer(opts.dequant or "uniform", config["features"],
+                               config["levels"])
     loss = NLLLoss(flow, deq).to(device)
     model = loss
     if world > 1:
@@ -307,7 +468,7 @@ def train(opts: TrainOptions, stdout=None) -> dict:
 
         model = DistributedDataParallel(loss, device_ids=[device] if device.type == "cuda"
                                         else None)
-    out = Path(opts.out) if opts.out else Path("runs") / opts.data
+    out = Path(opts.out) if opts.out else Path("runs") / data_label(opts.data)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
         print(f"fastflow train: {opts.data}, {len(train_x)} train / {len(test_x)} test, "
@@ -345,12 +506,19 @@ def _finish(loss: NLLLoss, config: dict, out: Path, train_x, test_x, device,
               file=stdout)
     ckpt = out / "checkpoint.pt"
     save_checkpoint(ckpt, loss.flow, config, metrics)
-    png = out / f"{config['data']}.png"
-    if config["levels"] is None:
+    print(f"wrote {ckpt}", file=stdout)
+    label = Path(config["path"]).stem if config["data"] == "file" else config["data"]
+    png = out / f"{label}.png"
+    if config["levels"] is not None:
+        plot_digits(loss.flow, config, test_x, png, device)
+    elif config["features"] == 2:
         plot_2d(loss.flow, train_x, png, device)
     else:
-        plot_digits(loss.flow, config, test_x, png, device)
-    print(f"wrote {ckpt}\nwrote {png}", file=stdout)
+        png = None
+        print(f"no picture: the data have {config['features']} features (pictures are drawn "
+              "for 2-D data)", file=stdout)
+    if png is not None:
+        print(f"wrote {png}", file=stdout)
     return {"metrics": metrics, "checkpoint": ckpt, "png": png}
 
 
@@ -366,12 +534,19 @@ def save_checkpoint(path: Path, flow: Flow, config: dict, metrics: dict) -> None
 def load_checkpoint(path: str | Path) -> tuple[Flow, dict]:
     """(flow, config) rebuilt from a checkpoint written by ``fastflow train``."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoint.pt"
+        hint = f"; did you mean {inside}?" if inside.is_file() else ""
+        raise DemoError(f"--checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise DemoError(f"no such checkpoint file: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign files fail in many ways (zip, pickle, EOF)
-        raise DemoError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+        what = "it is a numpy .npy file, not a checkpoint" if _starts_with(
+            path, b"\x93NUMPY") else "not a checkpoint written by fastflow train, or a damaged one"
+        raise DemoError(f"cannot read checkpoint {path}: {what} ({_first_sentence(e)})") \
+            from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DemoError(f"{path} is not a checkpoint written by fastflow train")
     try:
@@ -473,6 +648,23 @@ def plot_digits(flow: Flow, config: dict, data: torch.Tensor, path: Path,
     plt.close(fig)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _first_sentence(e: BaseException, limit: int = 100) -> str:
+    """The gist of a library's error: its message's first sentence on one line, prefixed with
+    the exception's type (a KeyError's bare key says nothing by itself). torch.load's
+    messages go on to advise weights_only=False, which is no advice for an unknown file."""
+    text = _one_line(e, 10_000).split(". ")[0]
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False

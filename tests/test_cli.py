@@ -19,14 +19,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastflow.cli import main
-from fastflow.data import smiley
+from fastflow.cli import build_parser, main
+from fastflow.data import smiley, two_moons
 from fastflow.demo import (
+    DEFAULTS,
     DemoError,
     NLLLoss,
     TrainOptions,
     build_flow,
     init_distributed,
+    load_checkpoint,
     loss_and_backward,
     model_config,
 )
@@ -131,6 +133,170 @@ def test_train_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
+# train --data FILE
+# ---------------------------------------------------------------------------------------------
+def write_data(path: Path, x) -> Path:
+    """Save an array the way each format is usually written: numpy.save, a CSV with a header
+    line of column names, torch.save of a tensor."""
+    x = np.asarray(x)
+    if path.suffix == ".npy":
+        np.save(path, x)
+    elif path.suffix == ".csv":
+        header = ",".join(f"x{j}" for j in range(x.shape[1]))
+        np.savetxt(path, x, delimiter=",", header=header, comments="")
+    else:
+        torch.save(torch.from_numpy(x), path)
+    return path
+
+
+def test_train_on_data_files_in_each_format(tmp_path, capsys):
+    """The same points from a .npy, .csv and .pt file train the same flow; the values are
+    used as given: the flow's NLL on the file's rows, computed here from the checkpoint,
+    is the reported train and test NLLs' average (240 and 60 rows)."""
+    x = two_moons(300, generator=torch.Generator().manual_seed(0)).numpy()
+    reports = {}
+    for suffix in (".npy", ".csv", ".pt"):
+        data = write_data(tmp_path / f"moons{suffix}", x)
+        out = tmp_path / suffix[1:]
+        code, stdout, err = run(capsys, "train", "--data", str(data), "--out", str(out), *TINY)
+        assert code == 0, err
+        assert f"fastflow train: {data}, 240 train / 60 test, D=2" in stdout
+        reports[suffix] = nlls(stdout)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert ckpt["config"]["data"] == "file" and ckpt["config"]["features"] == 2
+        assert ckpt["config"]["path"] == str(data.resolve())
+        assert (out / "moons.png").read_bytes()[:4] == b"\x89PNG"
+        flow, _ = load_checkpoint(out / "checkpoint.pt")
+        with torch.no_grad():
+            whole = (-flow.log_prob(torch.from_numpy(x)).mean() / 2).item()
+        (train, _), (test, _) = reports[suffix]["train"], reports[suffix]["test"]
+        assert whole == pytest.approx((240 * train + 60 * test) / 300, abs=2e-4)
+    assert reports[".npy"] == reports[".csv"] == reports[".pt"]
+
+
+def test_train_on_a_3d_file_writes_no_picture_and_samples_in_3d(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_data(tmp_path / "cube.npy", np.random.default_rng(0).normal(size=(50, 3)))
+    code, out, err = run(capsys, "train", "--data", "cube.npy", *TINY)
+    assert code == 0, err
+    assert "D=3" in out and "no picture: the data have 3 features" in out
+    run_dir = tmp_path / "runs" / "cube"  # the default folder is named after the file
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
+    code, _, err = run(capsys, "sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "-n",
+                       "5", "--out", "s.npy")
+    assert code == 0, err
+    assert np.load(tmp_path / "s.npy").shape == (5, 3)
+
+
+def _rows(n=20, d=2):
+    return np.random.default_rng(1).normal(size=(n, d))
+
+
+def _csv(text):
+    return lambda p: p.write_text(text)
+
+
+BAD_FILES = [
+    ("missing.npy", None, "no such file"),
+    ("folder.npy", lambda p: p.mkdir(), "not a file"),
+    ("garbage.npy", lambda p: p.write_bytes(b"not an array at all"), "cannot read it as a .npy"),
+    ("archive.npy", lambda p: np.savez(p.open("wb"), a=_rows()), "an .npz archive"),
+    ("words.npy", lambda p: np.save(p, np.array([["a", "b"]] * 20)), "not numbers"),
+    ("flat.npy", lambda p: np.save(p, np.zeros(20)), "got shape (20,)"),
+    ("cube.npy", lambda p: np.save(p, np.zeros((20, 2, 2))), "got shape (20, 2, 2)"),
+    ("empty_rows.npy", lambda p: np.save(p, np.zeros((20, 0))), "the rows have no values"),
+    ("few.npy", lambda p: np.save(p, _rows(9)), "9 rows; at least 10"),
+    ("nan.npy", lambda p: np.save(p, np.vstack([_rows(), [[np.nan, 0.0]]])),
+     "1 row(s) hold NaN or infinite values, the first row 20"),
+    ("huge.npy", lambda p: np.save(p, np.full((20, 2), 1e300)), "beyond float32's range"),
+    ("inf.csv", _csv("1,2\n" * 15 + "inf,0\n"), "NaN or infinite"),
+    ("words.csv", _csv("a,b\n" + "1,2\n" * 5 + "3,abc\n" + "1,2\n" * 10),
+     "line 7, column 2: 'abc' is not a number"),
+    ("ragged.csv", _csv("1,2\n3,4,5\n" + "1,2\n" * 10), "line 2 has 3 values but line 1 has 2"),
+    ("empty.csv", _csv(""), "no rows of numbers"),
+    ("binary.csv", lambda p: p.write_bytes(b"\xff\xfe\x00\x81" * 10), "not a text file"),
+    ("dict.pt", lambda p: torch.save({"x": torch.zeros(20, 2)}, p), "holds a dict, not a tensor"),
+    ("garbage.pt", lambda p: p.write_bytes(b"{"), "cannot read it with torch.load"),
+    ("flags.pt", lambda p: torch.save(torch.ones(20, 2, dtype=torch.bool), p), "not real numbers"),
+]
+
+
+@pytest.mark.parametrize("name, write, needle", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_data_files_are_one_line_errors_and_write_nothing(name, write, needle, tmp_path,
+                                                             capsys):
+    path = tmp_path / name
+    if write is not None:
+        write(path)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "train", "--data", str(path), "--out", str(out), *TINY)
+    assert_one_line_error(code, err, str(path), needle)
+    assert not out.exists() and "NLL" not in stdout
+
+
+def test_data_that_is_neither_a_name_nor_a_known_file_type(tmp_path, capsys):
+    (tmp_path / "points.txt").write_text("1 2\n" * 20)
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "points.txt"), "--out",
+                       str(tmp_path / "out"), *TINY)
+    assert_one_line_error(code, err, "two_moons", ".npy, .csv or .pt", "points.txt")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data", ["two_moons", "file"])
+def test_dequant_is_refused_where_it_does_not_apply(data, tmp_path, capsys):
+    if data == "file":
+        data = str(write_data(tmp_path / "pts.npy", _rows()))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "train", "--data", data, "--dequant", "variational", "--out",
+                       str(out), *TINY)
+    assert_one_line_error(code, err, "--dequant applies only to --data digits")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# help and progress
+# ---------------------------------------------------------------------------------------------
+def _subparsers():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_help_states_every_flags_default(command, capsys):
+    for action in _subparsers()[command]._actions:
+        if action.dest != "help" and not action.required:
+            assert "(default: " in action.help, action.option_strings
+        assert action.help, action.option_strings
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
+    if command == "train":
+        d2, dg = DEFAULTS["2d"], DEFAULTS["digits"]
+        assert f"optimizer steps (default: {d2['steps']}; digits: {dg['steps']})" in text
+        assert f"(default: {d2['lr']}; digits: {dg['lr']})" in text
+        assert f"(default: {','.join(map(str, d2['hidden']))}; digits: " in text
+        assert "(default: two_moons)" in text and "used as given" in text
+        assert "(default: only when stderr is a terminal)" in text
+    else:
+        assert "(default: 1000)" in text and "written by fastflow train" in text
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """capsys's stderr is no terminal: no bar unless asked for; as if it were one, a bar."""
+    argv = ["train", "--steps", "3", "--batch-size", "32", "--hidden", "16,16",
+            "--components", "2"]
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path / "a"))
+    assert code == 0 and err == "" and "NLL" in out
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "b"), "--progress")
+    assert code == 0 and "training" in err and "3/3" in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "c"))
+    assert code == 0 and "training" in err
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "d"), "--no-progress")
+    assert code == 0 and err == ""
+
+
+# ---------------------------------------------------------------------------------------------
 # sample
 # ---------------------------------------------------------------------------------------------
 def test_sample_writes_finite_points(moons_run, tmp_path, capsys):
@@ -175,6 +341,31 @@ def test_corrupt_checkpoint(content, tmp_path, capsys):
     code, _, err = run(capsys, "sample", "--checkpoint", str(bad), "-n", "3",
                        "--out", str(tmp_path / "x.npy"))
     assert_one_line_error(code, err, "cannot read checkpoint", "bad.pt")
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_checkpoint_that_is_a_directory(moons_run, tmp_path, capsys):
+    code, _, err = run(capsys, "sample", "--checkpoint", str(moons_run), "--out",
+                       str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, f"--checkpoint {moons_run} is a directory",
+                          f"did you mean {moons_run / 'checkpoint.pt'}?")
+    code, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path), "--out",
+                       str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, "is a directory, not a checkpoint file")
+    assert "did you mean" not in err and not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("name, write, needle", [
+    ("data.npy", lambda p: np.save(p, np.zeros((3, 2))), "it is a numpy .npy file"),
+    ("data.csv", lambda p: p.write_text("1,2\n3,4\n"), "not a checkpoint written by"),
+    ("tensor.pt", lambda p: torch.save(torch.zeros(3), p), "not a checkpoint written by"),
+])
+def test_non_checkpoint_files(name, write, needle, tmp_path, capsys):
+    write(tmp_path / name)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / name), "--out",
+                       str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, name, needle)
+    assert "weights_only" not in err  # torch.load's advice is no advice here
     assert not (tmp_path / "x.npy").exists()
 
 

@@ -1,5 +1,6 @@
 """Flow layers: MADE, masked autoregressive mixture-CDF flows, and their building blocks."""
 
+from .coupling import CouplingMixtureFlow
 from .dequantization import (
     UniformDequantization,
     VariationalDequantization,
@@ -23,6 +24,7 @@ __all__ = [
     "MADE",
     "AutoregressiveMixtureFlow",
     "Compose",
+    "CouplingMixtureFlow",
     "Flow",
     "FlowDistribution",
     "Logit",

@@ -1,0 +1,100 @@
+"""Coupling mixture-CDF layer (Flow++): one part of the features conditions the rest.
+
+The first ``features // 2`` features (the conditioner's half) pass through unchanged; a network
+reads them (and an optional context) and returns, for each of the other features, a
+K-component mixture whose CDF transforms that feature. Both directions are one network pass
+and one mixture op, so sampling costs what the density costs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._registry import _check_kind_output
+from ..functional import mixture_cdf, mixture_cdf_inverse
+from .made import check_context
+from .transforms import _MixtureTransform
+
+
+def coupling_network(in_features: int, out_features: int, hidden_features) -> nn.Sequential:
+    """The default conditioner: an MLP with ReLU, (..., in) -> (..., out)."""
+    sizes = [in_features, *hidden_features]
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(sizes[-1], out_features))
+    return nn.Sequential(*layers)
+
+
+class CouplingMixtureFlow(_MixtureTransform):
+    """Flow++'s coupling layer with a mixture-CDF transform of the second part.
+
+    Args:
+        features: D (at least 2).
+        components: K, the mixture's components per transformed feature.
+        hidden_features: hidden sizes of the default conditioner (ignored with ``network``).
+        kind: "logistic" or "gaussian".
+        output: "logit" (the only choice: the conditioner's half stays in R, so the layer
+            maps R^D to R^D).
+        context_features: size of an optional context, concatenated to the conditioner's
+            input.
+        network: a replacement conditioner, any module mapping
+            (..., D // 2 + context_features) to (..., (D - D // 2) * 3K); its outputs are read
+            per transformed feature as (logits, loc, log_scale), K each.
+    """
+
+    def __init__(self, features: int, components: int, hidden_features=(64, 64), *,
+                 kind: str = "logistic", output: str = "logit",
+                 context_features: int | None = None, network: nn.Module | None = None):
+        super().__init__()
+        if features < 2:
+            raise ValueError(f"features must be >= 2 for a coupling layer, got {features}")
+        if components < 1:
+            raise ValueError(f"components must be >= 1, got {components}")
+        _check_kind_output(kind, output)
+        if output != "logit":
+            raise ValueError("output must be 'logit' for a coupling layer: its conditioner's "
+                             "half stays in R, so the layer maps R^D to R^D")
+        self.features, self.components = features, components
+        self.kind, self.output = kind, output
+        self.context_features = context_features
+        self.split = features // 2
+        n_in = self.split + (context_features or 0)
+        n_out = (features - self.split) * 3 * components
+        if network is None:
+            network = coupling_network(n_in, n_out, list(hidden_features))
+            # Start the transformed features' locations spread over [-1, 1].
+            last = network[-1]
+            with torch.no_grad():
+                bias = last.bias.view(features - self.split, 3 * components)
+                bias[:, components:2 * components] = torch.linspace(-1.0, 1.0, components)
+        self.network = network
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, conditioner_features={self.split}"
+
+    def _params(self, kept, context):
+        inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], -1)
+        out = self.network(inputs)
+        expected = (self.features - self.split) * 3 * self.components
+        if out.shape[-1] != expected:
+            raise ValueError(f"the network must return {expected} outputs per row "
+                             f"((D - D // 2) * 3K), got {out.shape[-1]}")
+        out = out.reshape(*kept.shape[:-1], self.features - self.split, 3 * self.components)
+        return out.split(self.components, dim=-1)
+
+    def _transform(self, values, context, invert: bool):
+        check_context(context, self.context_features, values)
+        kept, moved = values[..., :self.split], values[..., self.split:]
+        op = mixture_cdf_inverse if invert else mixture_cdf
+        out, lad = op(moved, *self._params(kept, context), kind=self.kind, output=self.output)
+        return torch.cat([kept, out], -1), lad.sum(-1)
+
+    def forward(self, x, context=None):
+        self._check(x)
+        return self._transform(x, context, invert=False)
+
+    def inverse(self, z, context=None):
+        self._check(z, "z")
+        return self._transform(z, context, invert=True)
