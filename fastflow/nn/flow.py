@@ -227,7 +227,10 @@ class Flow(nn.Module):
             context = context.expand(n, *context.shape)
         z = _base_rsample(self.base, (n, *batch))
         x, lad = chain_inverse(self.transforms, z, context)  # lad = log|dx/dz|
-        log_p = self.base.log_prob(z) - lad
+        # A sample that overflowed (a scale past the dtype's range) has no representable
+        # density: -inf, as log_prob gives for it.
+        log_p = (self.base.log_prob(z) - lad).masked_fill(~torch.isfinite(x).all(-1),
+                                                          -math.inf)
         return x.reshape(*shape, *batch, self.features), log_p.reshape(shape + batch)
 
     def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:

@@ -362,7 +362,10 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
                      else _input_check(name, values, self.output))
             _validate_values([
                 given,
-                ("the network's mixture parameters", torch.isnan(side) | torch.isnan(lad),
+                # A side of +-inf with no logabsdet is an overflow (a scale past the dtype's
+                # range), not a diverged network; the flow scores such rows -inf.
+                ("the network's mixture parameters",
+                 torch.isnan(side) | (torch.isnan(lad) & torch.isfinite(side)),
                  f"are not finite for some rows of {name}"),
             ])
         return side.reshape(*lead, self.features), lad.reshape(*lead, self.features)
