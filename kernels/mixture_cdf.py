@@ -173,7 +173,9 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
     lad = log(f / (F (1 - F))) for "logit": a ratio of sums, so nothing cancels in the tails
     either), and in log space (:func:`_forward_eval_log`) for a tile with a row whose F,
     1 - F or f is below 1e-30 (1e-280 in float64), taken by those rows; for f, 1e-30 times
-    the largest 1/s (:func:`f_floor`).
+    the largest 1/s (:func:`f_floor`). Rows whose sums, or for "logit" whose f / (F (1 - F)),
+    are not finite (1/s overflowing: u = +-inf makes c / s = 0 * inf, and x == loc makes
+    u = 0 * inf) go there too: each test is written so that NaN fails it.
     """
     if KIND == 0 and FAST:
         if x.dtype == tl.float64:
@@ -183,9 +185,14 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
         inv_s = tl.exp(-log_scale)
         pi = fast_exp(log_pi, FAST)
         big_f, big_s, f, _ = _logistic_sums(x, pi, loc, inv_s, FAST)
-        need = f < f_floor(tiny, inv_s)
+        ok = (f >= f_floor(tiny, inv_s)) & (f < float("inf"))
         if OUTPUT != 2:
-            need = need | (big_f < tiny) | (big_s < tiny)
+            ok = ok & (big_f >= tiny) & (big_s >= tiny)
+        if OUTPUT == 1:
+            ratio = f * fast_rcp(big_f * big_s, FAST)
+            ok = ok & (ratio < float("inf"))
+            ratio = tl.where(ok, ratio, 1.0)
+        need = ~ok
         big_f = tl.where(need, 1.0, big_f)
         big_s = tl.where(need, 1.0, big_s)
         f = tl.where(need, 1.0, f)
@@ -196,7 +203,7 @@ def _forward_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.cons
             y = tl.where(big_f < 0.5, big_f, 1.0 - big_s)
         if OUTPUT == 1:
             y = sum_log(big_f * fast_rcp(big_s, FAST), FAST)
-            lad = sum_log(f * fast_rcp(big_f * big_s, FAST), FAST)
+            lad = sum_log(ratio, FAST)
         if tl.max(tl.where(need, 1, 0), axis=0) > 0:
             y_log, lad_log = _forward_eval_log(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
             y = tl.where(need, y_log, y)
@@ -212,9 +219,13 @@ def _forward_eval_log(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.
     """:func:`_forward_eval` in log space.
 
     Every logsumexp takes the components' log-free parts with their weights
-    (:func:`_component_parts`); for the logistic the weights are w or w^2.
+    (:func:`_component_parts`); for the logistic the weights are w or w^2. Where 1/s
+    overflows, u is +-inf, and 0 at x == loc (not 0 * inf); where every component lies
+    beyond float range on one side of x, the logit logabsdet takes its limit
+    (:func:`_saturated_logit_lad`).
     """
-    u = (x[:, None] - loc) * tl.exp(-log_scale)
+    d = x[:, None] - loc
+    u = tl.where(d == 0.0, 0.0, d * tl.exp(-log_scale))
     c_part, s_part, d_part, w = _component_parts(u, KIND, FAST)
     m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w, FAST)
     lad = m_f + s_f
@@ -246,9 +257,39 @@ def _forward_eval_log(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.
                 log_h = tl.where(side, c_part, s_part)
             else:
                 log_h = tl.where(side, gauss_log_hazard(u), gauss_log_hazard(-u))
+                # A component without responsibility adds nothing, also at u = +-inf
+                # where its hazard is +inf (the product is pi c / s over the sum: 0).
+                log_h = tl.where(resp == -float("inf"), 0.0, log_h)
             m_h, s_h = weighted_lse_parts(resp + log_h - log_scale, w * w, FAST)
             lad = (m_h + s_h) - tl.where(upper, log_F, log_S)
+            # 1 - F (y = +inf) or F (y = -inf) is 0 at a finite x: the hazard form is 0 / 0.
+            sat = (tl.abs(y) == float("inf")) & (tl.abs(x) < float("inf"))
+            if tl.max(tl.where(sat, 1, 0), axis=0) > 0:
+                lim = _saturated_logit_lad(x, log_pi, loc, log_scale, sat, KIND)
+                lad = tl.where(sat, lim, lad)
     return y, lad
+
+
+@triton.jit
+def _saturated_logit_lad(x, log_pi, loc, log_scale, sat, KIND: tl.constexpr):
+    """The logit logabsdet [BLOCK_N] of the rows ``sat``, where every component with pi > 0
+    lies beyond float range on one side of x (1 - F or F is 0; the other rows' values
+    are not meaningful).
+
+    The tail sum is dominated by the component with the smallest |u_k|,
+    k* = argmin_k log|x - loc_k| - log s_k (taken without forming u), and f / (1 - F) tends
+    to its hazard over its scale: lad = -log s_k* for the logistic (hazard -> 1),
+    log|x - loc_k*| - 2 log s_k* for the Gaussian (hazard -> |u|). Exact ties in log|u_k|
+    take the smallest candidate. Other rows' differences are masked to 1 (no log 0).
+    """
+    d = tl.where(sat[:, None], x[:, None] - loc, 1.0)
+    log_u = tl.where(log_pi == -float("inf"), float("inf"), tl.log(tl.abs(d)) - log_scale)
+    if KIND == 0:
+        lim = -log_scale
+    else:
+        lim = log_u - log_scale
+    nearest = log_u == tl.min(log_u, axis=1)[:, None]
+    return tl.min(tl.where(nearest, lim, float("inf")), axis=1)
 
 
 @triton.jit
@@ -257,10 +298,12 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
     """Per-component pieces of the forward's vector-Jacobian product at x.
 
     Returns (u, 1/s, resp_F, resp_S, resp_f, dlogF/du, dlogS/du negated, dlogf/du, log F,
-    log(1-F)), the derivative tiles already weighted by the responsibilities.
+    log(1-F)), the derivative tiles already weighted by the responsibilities. Where 1/s
+    overflows u is +-inf, and 0 at x == loc (not 0 * inf).
     """
     inv_s = tl.exp(-log_scale)
-    u = (x[:, None] - loc) * inv_s
+    d = x[:, None] - loc
+    u = tl.where(d == 0.0, 0.0, d * inv_s)
     c_part, s_part, d_part, w = _component_parts(u, KIND, FAST)
     v_f = log_pi + d_part - log_scale
     m_f, s_f = weighted_lse_parts(v_f, w * w, FAST)
@@ -283,6 +326,12 @@ def _vjp_terms(x, log_pi, loc, log_scale, KIND: tl.constexpr, OUTPUT: tl.constex
     du_cdf = resp_cdf * h_cdf
     du_sf = resp_sf * h_sf
     du_pdf = resp_f * dlog_pdf
+    if KIND == 1:
+        # At u = +-inf a Gaussian hazard and (log c)' = -u are infinite next to a zero
+        # responsibility: the exact term is 0 (the logistic's are at most 1 in size).
+        du_cdf = tl.where(resp_cdf == 0.0, 0.0, du_cdf)
+        du_sf = tl.where(resp_sf == 0.0, 0.0, du_sf)
+        du_pdf = tl.where(resp_f == 0.0, 0.0, du_pdf)
     return u, inv_s, resp_cdf, resp_sf, resp_f, du_cdf, du_sf, du_pdf, log_F, log_S
 
 
@@ -309,16 +358,108 @@ def _vjp_assemble(
     c_cdf, c_sf, c_pdf, log_pi,
     u, inv_s, resp_cdf, resp_sf, resp_f, du_cdf, du_sf, du_pdf,
 ):
-    """Grads to (x, logits, loc, log_scale) from cotangents on (log F, log(1-F), log f)."""
+    """Grads to (x, logits, loc, log_scale) from cotangents on (log F, log(1-F), log f).
+
+    A component beyond float range (u or 1/s infinite) has du = 0 exactly: its d/dloc and
+    the u du of its d/dlog s are 0, not inf * 0.
+    """
     du = c_cdf[:, None] * du_cdf - c_sf[:, None] * du_sf + c_pdf[:, None] * du_pdf
-    g_loc = -du * inv_s
+    zero_du = du == 0.0
+    g_loc = tl.where(zero_du, 0.0, -du * inv_s)
     g_x = -tl.sum(g_loc, axis=1)
-    g_log_scale = -u * du - c_pdf[:, None] * resp_f
+    g_log_scale = tl.where(zero_du, 0.0, -u * du) - c_pdf[:, None] * resp_f
     total = c_cdf + c_sf + c_pdf
     g_logit = (
         c_cdf[:, None] * resp_cdf + c_sf[:, None] * resp_sf + c_pdf[:, None] * resp_f
         - tl.exp(log_pi) * total[:, None]
     )
+    return g_x, g_logit, g_loc, g_log_scale
+
+
+@triton.jit
+def _times(c, v):
+    """c * v, and 0 wherever c is 0 even where v is infinite (an exact zero weight)."""
+    return tl.where(c == 0.0, 0.0, c * v)
+
+
+@triton.jit
+def _limit_vjp(gy, gl, x, log_pi, loc, log_scale, log_F, log_S, g_x, g_logit, g_loc,
+               g_log_scale, KIND: tl.constexpr, OUTPUT: tl.constexpr):
+    """The grads with, in the rows whose f is 0 at a finite x, the limits of the gradients
+    (the reference's ``_limit_vjp``, which derives them).
+
+    Every component with pi > 0 lies beyond float range there, so each C_k is 0 or 1; the
+    component nearest in units of its scale, k* = argmin_k log|u_k| (delta: one-hot there,
+    exact ties split by pi), dominates f and each tail sum that is 0. With H = 1 (logistic)
+    or |u*| (Gaussian): log f has d/dx = -sign(u*) H / s*, d/dlog s* = |u*| H and
+    d/dlogit = delta - pi; the saturated logit lad (-log s* + log H) has d/dx = 0 or
+    1 / (x - loc*) and d/dlog s* = -1 or -2, its y = +-inf dy/dx = e^lad,
+    dy/dlog s* = -u* H and dy/dlogit = sign(u*) (pi - delta); with components on both
+    sides of x only the logits move y (F = sum pi C is constant in x, loc and log s).
+    d/dloc_k = -delta_k d/dx throughout.
+    """
+    d = x[:, None] - loc
+    u = tl.where(d == 0.0, 0.0, d * tl.exp(-log_scale))
+    c_part, s_part, d_part, w = _component_parts(u, KIND, False)
+    m_f, s_f = weighted_lse_parts(log_pi + d_part - log_scale, w * w, False)
+    dead = ((m_f + s_f) == -float("inf")) & (tl.abs(x) < float("inf"))
+    d = tl.where(dead[:, None], d, 1.0)
+    log_u = tl.where(log_pi == -float("inf"), float("inf"), tl.log(tl.abs(d)) - log_scale)
+    nearest = log_u == tl.min(log_u, axis=1)[:, None]
+    lp = tl.where(nearest, log_pi, -float("inf"))
+    e = tl.exp(lp - tl.max(lp, axis=1)[:, None])
+    delta = e / tl.sum(e, axis=1)[:, None]
+    pi = tl.exp(log_pi)
+    # The nearest component's x - loc, log|u| and log s.
+    d_n = tl.sum(delta * d, axis=1)
+    log_u_n = tl.sum(tl.where(nearest, delta * log_u, 0.0), axis=1)
+    ls_n = tl.sum(delta * log_scale, axis=1)
+    sign = tl.where(d_n > 0.0, 1.0, -1.0)
+    if KIND == 1:
+        log_h = log_u_n
+    else:
+        log_h = log_u_n * 0.0
+    # (d/dx, d/dlog s of k*, d/dlogit) of the logabsdet (lad_*) and of y (y_*).
+    zero = tl.zeros_like(d_n)
+    lad_x = -sign * tl.exp(log_h - ls_n)
+    lad_s = tl.exp(log_u_n + log_h)
+    lad_l = delta - pi
+    y_x = zero
+    y_s = zero
+    y_l = tl.zeros_like(pi)
+    if OUTPUT != 2:
+        step = tl.where(d > 0.0, 1.0, 0.0)
+        pi_F = pi * step
+        pi_S = pi - pi_F
+        big_f = tl.sum(pi_F, axis=1)
+        if OUTPUT == 0:
+            y_l = pi * (step - big_f[:, None])
+        else:
+            resp_F = pi_F / big_f[:, None]
+            resp_S = pi_S / tl.sum(pi_S, axis=1)[:, None]
+            y_l = resp_F - resp_S
+            lad_l = delta + pi - resp_F - resp_S
+            sat = (log_F == -float("inf")) | (log_S == -float("inf"))
+            if KIND == 1:
+                sat_x = 1.0 / d_n
+                sat_s = zero - 2.0
+            else:
+                sat_x = zero
+                sat_s = zero - 1.0
+            y_x = tl.where(sat, tl.exp(log_h - ls_n), y_x)
+            y_s = tl.where(sat, -sign * tl.exp(log_u_n + log_h), y_s)
+            y_l = tl.where(sat[:, None], sign[:, None] * (pi - delta), y_l)
+            lad_x = tl.where(sat, sat_x, lad_x)
+            lad_s = tl.where(sat, sat_s, lad_s)
+            lad_l = tl.where(sat[:, None], 0.0, lad_l)
+    new_x = _times(gl, lad_x) + _times(gy, y_x)
+    new_s = _times(gl, lad_s) + _times(gy, y_s)
+    new_l = _times(gl[:, None], lad_l) + _times(gy[:, None], y_l)
+    dead2 = dead[:, None]
+    g_x = tl.where(dead, new_x, g_x)
+    g_logit = tl.where(dead2, new_l, g_logit)
+    g_loc = tl.where(dead2, _times(delta, -new_x[:, None]), g_loc)
+    g_log_scale = tl.where(dead2, _times(delta, new_s[:, None]), g_log_scale)
     return g_x, g_logit, g_loc, g_log_scale
 
 
@@ -397,6 +538,14 @@ def _mixture_cdf_bwd_kernel(
     g_x, g_logit, g_loc, g_log_scale = _vjp_assemble(
         c_cdf, c_sf, c_pdf, log_pi, u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf
     )
+    # An element whose f is 0 at a finite x (every component beyond float range) has 0 / 0
+    # responsibilities, which make its g_x NaN: such tiles take the gradients' limits.
+    dead = (g_x != g_x) & (tl.abs(x) < float("inf"))
+    if tl.max(tl.where(dead, 1, 0), axis=0) > 0:
+        g_x, g_logit, g_loc, g_log_scale = _limit_vjp(
+            gy, gl, x, log_pi, loc, log_scale, log_F, log_S,
+            g_x, g_logit, g_loc, g_log_scale, KIND, OUTPUT,
+        )
     tl.store(g_x_ptr + offs_n, g_x, mask=mask_n)
     _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
                        offs_n, mask, K, BLOCK_K, DENSE)

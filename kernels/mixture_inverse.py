@@ -135,7 +135,9 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     bracket and at least halves the step before last, else bisects. A lane stops once its
     Newton step is below cbrt(eps)/4 of its smallest component scale where the Halley step was
     taken (its error is then of order the step cubed) or sqrt(eps)/4 where Newton's was, its
-    step is a few ulps of x, or its bracket a few ulps wide; the tile stops when every lane
+    step is a few ulps of x from a residual at the rounding level, or its bracket is a few
+    ulps wide; any other step of a few ulps goes 2 eps (|x| + s_min) further, so that the next
+    evaluation closes the bracket if the root is that near. The tile stops when every lane
     has, or after MAX_STEPS iterations.
     """
     scale = tl.exp(log_scale)
@@ -168,6 +170,8 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     # A Halley step of size d leaves an error of order d^3 / s^2, a Newton step d^2 / s.
     tol_halley = 0.25 * cbrt_eps * s_min
     tol_newton = 0.25 * sqrt_eps * s_min
+    # The rounding level of logit F's evaluation (a few ulps of max(1, |t|)).
+    tol_h = 16.0 * eps * tl.maximum(tl.abs(t_s), 1.0)
     # Start from the pi-weighted mean of the components' inverses, clamped into the bracket.
     pi = tl.where(mask, fast_exp(log_pi, FAST), 0.0)
     pi_sum = tl.sum(pi, axis=1)
@@ -176,6 +180,9 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     x = tl.where(active, x, 0.0)
     dx_old = hi - lo
     dx = dx_old
+    # The residuals at the bracket's ends (inf: not evaluated).
+    h_lo = x * 0.0 + float("inf")
+    h_hi = h_lo
     if KIND == 0:
         # Loop invariants of the probability-space evaluation.
         inv_s = tl.exp(-log_scale)
@@ -199,8 +206,11 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
             g, g_lad, curv = _logit_slope_eval(x, log_pi, loc, log_scale, KIND, FAST)
             inv_slope = tl.exp(-g_lad)
         h = g - t_s
-        lo = tl.where(active & (h < 0.0), x, lo)
+        below = h < 0.0
+        lo = tl.where(active & below, x, lo)
         hi = tl.where(active & (h > 0.0), x, hi)
+        h_lo = tl.where(active & below, h, h_lo)
+        h_hi = tl.where(active & (h > 0.0), h, h_hi)
         # Halley's step: Newton's, divided by 1 + (Newton's) g''/(2 g'); Newton's where that
         # factor is outside [1/2, 2] (the safeguards below still apply). Convergence is
         # judged by Newton's step, the first-order distance to the root, whichever is taken.
@@ -208,13 +218,35 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         denom = 1.0 + 0.5 * step_n * curv
         halley = (denom >= 0.5) & (denom <= 2.0)
         newton = x + tl.where(halley, step_n / denom, step_n)
-        use_newton = ((newton >= lo) & (newton <= hi)
-                      & (2.0 * tl.abs(newton - x) <= tl.abs(dx_old)))
+        inside = (newton >= lo) & (newton <= hi)
+        use_newton = inside & (2.0 * tl.abs(newton - x) <= tl.abs(dx_old))
+        # Converged: an exact root; Newton's step within tol_halley or tol_newton (x is
+        # smooth on that scale); a step within a few ulps (`ulps`) from a residual at the
+        # rounding level (the step either stays on x's side of the root, where the residual
+        # is smaller still, or passes the root, within the step of it); or the bracket
+        # within two `ulps`. There x moves to the step's end inside the bracket, or, where
+        # an end's residual is at the rounding level, to the end with the smaller residual:
+        # in float32 a flat stretch of the map can put a sign change of the rounded residual
+        # a few ulps from a steep rise that the bracket also spans, so such a bracket need
+        # not hold the root, while that end is forward-exact. A step of a few ulps alone
+        # proves nothing: on the steep edge of a plateau (a narrow component's tail below
+        # the light components' mass) it can be a few ulps while the root lies far beyond.
+        ulps = 4.0 * eps * (tl.abs(x) + s_min)
+        short = use_newton & (tl.abs(newton - x) <= ulps)
+        converged = ((use_newton & (tl.abs(step_n) <= tl.where(halley, tol_halley, tol_newton)))
+                     | (short & (tl.abs(h) <= tol_h)))
+        closed = hi - lo <= 2.0 * ulps
+        done = converged | closed | (h == 0.0)
+        h_far = tl.abs(tl.where(below, h_hi, h_lo))
+        x_end = tl.where(tl.abs(h) <= h_far, x, tl.where(below, hi, lo))
+        x_end = tl.where(inside & (tl.minimum(tl.abs(h), h_far) > tol_h), newton, x_end)
+        # Any other step of a few ulps goes half an `ulps` further, so that if the root lies
+        # within it the next evaluation lands beyond the root and the bracket closes.
+        over = short & ~done
+        newton = tl.where(over, newton + tl.where(newton > x, 0.5, -0.5) * ulps, newton)
         x_next = tl.where(use_newton, newton, 0.5 * lo + 0.5 * hi)
+        x_next = tl.where(closed & ~converged, x_end, x_next)
         step = tl.abs(x_next - x)
-        done = ((h == 0.0) | (step <= 4.0 * eps * tl.abs(x))
-                | (use_newton & (tl.abs(step_n) <= tl.where(halley, tol_halley, tol_newton)))
-                | (hi - lo <= 8.0 * eps * (tl.abs(x) + s_min)))
         x = tl.where(active & (h != 0.0), x_next, x)
         dx_old = tl.where(active, dx, dx_old)
         dx = tl.where(active, step, dx)

@@ -599,3 +599,282 @@ def test_log_space_logistic_terms_exact_past_softplus_threshold():
     want = torch.tensor([-abs(v) - 2 * math.log1p(math.exp(-abs(v))) for v in u.tolist()],
                         dtype=torch.float64)
     torch.testing.assert_close(lad, want, rtol=1e-15, atol=0)
+
+
+# Scales beyond the dtype's range: 1/s = exp(-log_scale) overflows (log_scale below about
+# -88.7 in float32, -709.8 in float64), so u = (x - loc)/s is +-inf, or 0 * inf at x == loc.
+
+
+def _saturated_limit(x, loc, log_scale, kind):
+    """The logit output's logabsdet (float64 numpy) where every component lies beyond float
+    range on one side of x: 1 - F (or F) is dominated by the component with the smallest
+    |u_k|, k* = argmin_k log|x - loc_k| - log_scale_k, and f / (1 - F) tends to its hazard
+    over its scale. The logistic hazard c/(1 - C) tends to 1 (lad = -log s_k*), the
+    Gaussian's to |u| (lad = log|x - loc_k*| - 2 log s_k*)."""
+    x, loc, ls = (t.detach().double().cpu().numpy() for t in (x, loc, log_scale))
+    with np.errstate(divide="ignore"):  # x == loc: -inf, and never the limit's element
+        log_u = np.log(np.abs(x[..., None] - loc)) - ls
+    k = np.argmin(log_u, axis=-1)[..., None]
+    lim = -np.take_along_axis(ls, k, -1)[..., 0]
+    if kind == "gaussian":
+        lim = lim + np.take_along_axis(log_u, k, -1)[..., 0]
+    return lim
+
+
+SATURATING = [pytest.param(torch.float32, -90.0, id="fp32"),
+              pytest.param(torch.float64, -800.0, id="fp64")]
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,log_scale", SATURATING)
+def test_scale_beyond_float_range_gives_the_limits(backend, dtype, log_scale, kind, output):
+    """One component with 1/s beyond the dtype's range and x - loc = 2.5 or -1: u = +-inf.
+    y is +-inf (logit) or 1 and 0 (unit); log f is -inf (its exact value, about -|u|, is not
+    representable); the logit logabsdet is its exact finite limit, -log_scale (logistic) or
+    log|x - loc| - 2 log_scale (Gaussian), not NaN (the issue: logistic, float32, x - loc = 1,
+    log_scale = -90 gave y = inf and logabsdet = NaN; float64 gives 90)."""
+    x = torch.tensor([2.5, -1.0], dtype=dtype)
+    params = [torch.zeros(2, 1, dtype=dtype), torch.zeros(2, 1, dtype=dtype),
+              torch.full((2, 1), log_scale, dtype=dtype)]
+    y, lad = _fwd(x, params, kind, output)
+    inf = math.inf
+    if output == "logit":
+        torch.testing.assert_close(y, torch.tensor([inf, -inf], dtype=dtype))
+        want = [-log_scale, -log_scale]
+        if kind == "gaussian":
+            want = [math.log(2.5) - 2 * log_scale, -2 * log_scale]
+        torch.testing.assert_close(lad, torch.tensor(want, dtype=dtype), rtol=1e-6, atol=0)
+    else:
+        if y is not None:
+            torch.testing.assert_close(y, torch.tensor([1.0, 0.0], dtype=dtype))
+        torch.testing.assert_close(lad, torch.tensor([-inf, -inf], dtype=dtype))
+
+
+def _log_std(u: float, kind: str):
+    """(log C, log(1 - C), log c) of the standard component at a moderate u (float64)."""
+    if kind == "logistic":
+        log_c = -math.log1p(math.exp(-u))
+        log_s = -math.log1p(math.exp(u))
+        return log_c, log_s, log_c + log_s
+    r = u / math.sqrt(2)
+    return (math.log(0.5 * math.erfc(-r)), math.log(0.5 * math.erfc(r)),
+            -0.5 * u * u - 0.5 * math.log(2 * math.pi))
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,log_scale", SATURATING)
+def test_x_at_loc_with_scale_beyond_float_range(backend, dtype, log_scale, kind, output):
+    """x == loc exactly with 1/s beyond the dtype's range: u = 0, not 0 * inf = NaN, and
+    every output is finite: f is dominated by that component's c(0)/s. Element 0 mixes it
+    (pi = 1/2) with an ordinary component at u = -0.5; element 1 has two such components
+    (log_scale and log_scale - 5)."""
+    x = torch.tensor([0.25, -3.0], dtype=dtype)
+    logits = torch.zeros(2, 2, dtype=dtype)
+    loc = torch.tensor([[0.25, 0.75], [-3.0, -3.0]], dtype=dtype)
+    ls = torch.tensor([[log_scale, 0.0], [log_scale, log_scale - 5.0]], dtype=dtype)
+    y, lad = _fwd(x, [logits, loc, ls], kind, output)
+    # Exact values in float64 from the components' terms (log 1/2 each weight).
+    h = math.log(0.5)
+    lc0, ls0, lp0 = _log_std(0.0, kind)
+    lc1, ls1, lp1 = _log_std(-0.5, kind)
+    log_F = [np.logaddexp(h + lc0, h + lc1), lc0]
+    log_S = [np.logaddexp(h + ls0, h + ls1), ls0]
+    log_f = [np.logaddexp(h + lp0 - log_scale, h + lp1),
+             np.logaddexp(h + lp0 - log_scale, h + lp0 - log_scale + 5.0)]
+    if output == "logit":
+        want_y = [a - b for a, b in zip(log_F, log_S, strict=True)]
+        want_lad = [a - b - c for a, b, c in zip(log_f, log_F, log_S, strict=True)]
+    else:
+        want_y, want_lad = [math.exp(a) for a in log_F], log_f
+    torch.testing.assert_close(lad, torch.tensor(want_lad, dtype=dtype), rtol=1e-6, atol=1e-6)
+    if y is not None:
+        torch.testing.assert_close(y, torch.tensor(want_y, dtype=dtype), rtol=1e-6, atol=1e-6)
+
+
+def _extreme_batch(dtype, n=160, K=4):
+    """Random elements whose components mix ordinary scales (log_scale in [-1, 1]) with
+    scales beyond the dtype's range, log_scale in [-700, -80] (float32) or [-800, -700]
+    (float64), at |x - loc| in [1, 4]. Element i: i % 4 == 0, some extreme components and
+    at least one ordinary one near x; 1, all extreme on one side of x (1 - F or F is 0);
+    2, all extreme on both sides; 3 (float32 only), as 0 with x == loc on an extreme one.
+    Returns x, (logits, loc, log_scale) and the element types."""
+    lo, hi = (-700.0, -80.0) if dtype == torch.float32 else (-800.0, -700.0)
+    typ = torch.arange(n) % 4
+    if dtype == torch.float64:
+        typ = torch.where(typ == 3, 0, typ)
+    x = torch.randn(n, dtype=torch.float64)
+    logits = (torch.rand(n, K, dtype=torch.float64) * 2 - 1) * 3.0
+    extreme = torch.rand(n, K) < 0.5
+    extreme[:, -1] = False
+    extreme[:, 0] |= typ == 3
+    extreme |= ((typ == 1) | (typ == 2)).unsqueeze(-1)
+    dist = 1.0 + 3.0 * torch.rand(n, K, dtype=torch.float64)
+    sign = torch.where(torch.rand(n, K) < 0.5, -1.0, 1.0).double()
+    sign = torch.where((typ == 1).unsqueeze(-1), sign[:, :1], sign)
+    sign[:, 1] = torch.where(typ == 2, -sign[:, 0], sign[:, 1])
+    loc_far = x.unsqueeze(-1) - sign * dist
+    loc_near = x.unsqueeze(-1) + torch.randn(n, K, dtype=torch.float64)
+    loc = torch.where(extreme, loc_far, loc_near)
+    loc[:, 0] = torch.where(typ == 3, x, loc[:, 0])
+    ls_far = lo + (hi - lo) * torch.rand(n, K, dtype=torch.float64)
+    ls_near = torch.rand(n, K, dtype=torch.float64) * 2 - 1
+    log_scale = torch.where(extreme, ls_far, ls_near)
+    x, logits, loc, log_scale = (t.to(dtype) for t in (x, logits, loc, log_scale))
+    loc[:, 0] = torch.where(typ == 3, x, loc[:, 0])  # exactly, after rounding
+    return x, [logits, loc, log_scale], typ
+
+
+def _all_extreme_expected(x, logits, loc, log_scale, kind):
+    """(log F, log(1 - F), log f) in float64 numpy of elements whose components all have
+    |u| above 1e300. The side of each C and 1 - C near 1 is exactly 1; the other side and
+    the density c are e^-|u| (logistic: log(1 + e^-|u|) = 0 there; -inf once |u|
+    overflows) or carry e^(-u^2 / 2) = 0 (Gaussian). Each sum is then the sum of its
+    terms' logarithms' maximum, or of the weights on its side of x."""
+    x, logits, loc, ls = (t.detach().double().cpu().numpy() for t in (x, logits, loc, log_scale))
+    log_pi = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    d = x[..., None] - loc
+    with np.errstate(over="ignore"):
+        abs_u = np.exp(np.log(np.abs(d)) - ls)
+    assert (abs_u > 1e300).all()
+    tail = -abs_u if kind == "logistic" else np.full_like(abs_u, -np.inf)
+    log_F = np.logaddexp.reduce(log_pi + np.where(d > 0, 0.0, tail), axis=-1)
+    log_S = np.logaddexp.reduce(log_pi + np.where(d < 0, 0.0, tail), axis=-1)
+    log_f = np.max(log_pi + tail - ls, axis=-1)
+    return log_F, log_S, log_f
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_random_scales_beyond_float_range_match_float64(backend, dtype, kind, output):
+    """No NaN anywhere, and the exact values as far as the dtype represents them. float32:
+    float64 at the same inputs (its 1/s is finite down to log_scale = -709), cast to
+    float32 (so values beyond float32's range are +-inf), and where float64 saturates too
+    (Gaussian, u^2 past float64's range) the analytic limit of the logit logabsdet.
+    float64, where no wider dtype helps: an extreme component is then a step function of x
+    (its C is exactly 0 or 1 and its density term e^-|u| / s is 0 next to an ordinary
+    component's), which float64 at log_scale = -700 reproduces where an ordinary component
+    is present; elements all of whose components are extreme take the step model
+    (``_all_extreme_expected``), and on one side of x the analytic limit."""
+    from fastflow.reference import mixture_cdf as ref
+
+    x, params, typ = _extreme_batch(dtype)
+    y, lad = _fwd(x, params, kind, output)
+    assert not torch.isnan(lad).any()
+    if y is not None:
+        assert not torch.isnan(y).any()
+    if output == "logit":
+        assert torch.isfinite(lad[typ != 2]).all()
+    x64, (logits64, loc64, ls64) = x.double(), [p.double() for p in params]
+    if dtype == torch.float64:
+        ls64 = ls64.clamp(min=-700.0)
+    with torch.no_grad():
+        y64, lad64 = ref._forward(x64, logits64, loc64, ls64, kind, output)
+    if dtype == torch.float64:
+        far = typ != 0
+        log_F, log_S, log_f = (torch.from_numpy(a) for a in _all_extreme_expected(
+            x[far], *(p[far] for p in params), kind))
+        if output == "logit":
+            y64[far], lad64[far] = log_F - log_S, log_f - log_F - log_S
+        else:
+            lad64[far] = log_f
+            if y64 is not None:
+                y64[far] = torch.exp(log_F)
+    if output == "logit":
+        # Also where float64's y is finite but its tail sum is a single e^-|u| (all on one
+        # side of x): the logistic hazard 1 - e^-|u| is 1 there, and log f - log(1 - F)
+        # cancels in the step model.
+        limit = torch.from_numpy(_saturated_limit(x, params[1], params[2], kind))
+        lad64 = torch.where(torch.isinf(y64) | (typ == 1), limit, lad64)
+    torch.testing.assert_close(lad.double(), lad64.to(dtype).double(), rtol=1e-5, atol=1e-5)
+    if y is not None:
+        torch.testing.assert_close(y.double(), y64.to(dtype).double(), rtol=1e-5, atol=1e-6)
+
+
+def _grads_of_finite_outputs(x, params, kind, output):
+    """Grads of sum(w y) + sum(w' lad) over the finite outputs only (random weights w, w'),
+    and the outputs: an infinite y or lad gets a zero cotangent."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    y, lad = _fwd(leaves[0], leaves[1:], kind, output)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    w_lad = torch.randn(lad.shape, generator=gen, dtype=torch.float64).to(lad)
+    loss = torch.where(torch.isfinite(lad), lad * w_lad, 0.0).sum()
+    w_y = torch.randn(lad.shape, generator=gen, dtype=torch.float64).to(lad)
+    if y is not None:
+        loss = loss + torch.where(torch.isfinite(y), y * w_y, 0.0).sum()
+    return y, lad, w_lad, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,log_scale", SATURATING)
+def test_gradients_beyond_float_range_are_the_limits(backend, dtype, log_scale, kind,
+                                                     output):
+    """The issue's elements (one component, x - loc = 2.5 and -1, 1/s overflowing), with a
+    second component farther out (log_scale - 3 at x - loc = 2 and -1.5), and an element
+    with x == loc. The logit logabsdet, -log s* (logistic) or log|x - loc*| - 2 log s*
+    (Gaussian), has those gradients; "unit" y (1 or 0) and the density have none; at
+    x == loc the logits' and log-scales' gradients are finite (x's and loc's overflow)."""
+    x = torch.tensor([2.5, -1.0, 0.25], dtype=dtype)
+    logits = torch.tensor([[0.3, -0.2]] * 3, dtype=dtype)
+    loc = torch.tensor([[0.0, 0.5], [0.0, 0.5], [0.25, 0.75]], dtype=dtype)
+    ls = torch.tensor([[log_scale, log_scale - 3.0]] * 2 + [[log_scale, 0.0]], dtype=dtype)
+    y, lad, w, grads = _grads_of_finite_outputs(x, [logits, loc, ls], kind, output)
+    for g in grads:
+        assert not torch.isnan(g).any()
+    g_x, g_logits, g_loc, g_ls = (g[:2] for g in grads)
+    zero = torch.zeros(2, dtype=dtype)
+    if output == "logit":
+        d = torch.tensor([2.5, -1.0], dtype=dtype)
+        want_x = w[:2] / d if kind == "gaussian" else zero
+        want_ls = w[:2] * (-2.0 if kind == "gaussian" else -1.0)
+    else:
+        want_x = want_ls = zero
+    torch.testing.assert_close(g_x, want_x)
+    torch.testing.assert_close(g_loc, torch.stack([-want_x, zero], -1))
+    torch.testing.assert_close(g_ls, torch.stack([want_ls, zero], -1))
+    torch.testing.assert_close(g_logits, torch.zeros(2, 2, dtype=dtype))
+    assert torch.isfinite(grads[1][2]).all() and torch.isfinite(grads[3][2]).all()
+
+
+@pytest.mark.parametrize("output", [*OUTPUTS, "density"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_random_gradients_beyond_float_range(backend, monkeypatch, dtype, kind, output):
+    """``_extreme_batch``'s elements, the loss over the finite outputs: no gradient is NaN.
+    With an ordinary component present (type 0) they are float64's (the reference at
+    float64 inputs, log_scale clamped to -700 for float64: extreme components are steps
+    either way, with zero gradients in x, loc and log_scale); logit elements all on one
+    side of x (type 1) with y = +-inf have the logabsdet limit's gradients (k* as in
+    ``_saturated_limit``: d/dlog s* = -1, or -2 with d/dx = -d/dloc* = 1 / (x - loc*) for
+    the Gaussian)."""
+    x, params, typ = _extreme_batch(dtype)
+    x64, params64 = x.double(), [p.double() for p in params]
+    if dtype == torch.float64:
+        params64[2] = params64[2].clamp(min=-700.0)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    _, _, _, want = _grads_of_finite_outputs(x64, params64, kind, output)
+    monkeypatch.setenv("FASTFLOW_BACKEND", backend)
+    y, lad, w, grads = _grads_of_finite_outputs(x, params, kind, output)
+    for g in grads:
+        assert not torch.isnan(g).any()
+    near = typ == 0
+    for g, g64 in zip(grads, want, strict=True):
+        assert torch.isfinite(g[near]).all()
+        torch.testing.assert_close(g[near].double(), g64[near], rtol=1e-4, atol=1e-4)
+    if output == "logit":
+        one = (typ == 1) & torch.isinf(y)  # else a finite y's gradient (about 1/s) adds in
+        x1, loc1, ls1 = x[one].double(), params[1][one].double(), params[2][one].double()
+        k = (torch.log((x1.unsqueeze(-1) - loc1).abs()) - ls1).argmin(-1, keepdim=True)
+        hot = torch.zeros_like(ls1).scatter_(-1, k, 1.0)
+        w1 = w[one].double()
+        d = (x1 - loc1.gather(-1, k).squeeze(-1))
+        g_x = w1 / d if kind == "gaussian" else torch.zeros_like(w1)
+        g_ls = w1.unsqueeze(-1) * hot * (-2.0 if kind == "gaussian" else -1.0)
+        torch.testing.assert_close(grads[0][one].double(), g_x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1][one].double(), torch.zeros_like(hot))
+        torch.testing.assert_close(grads[2][one].double(), -g_x.unsqueeze(-1) * hot,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[3][one].double(), g_ls, rtol=1e-5, atol=1e-6)

@@ -372,3 +372,122 @@ def test_kernel_inverse_stops_early(kind):
     finite = torch.ones(shape, dtype=torch.bool, device=DEVICE)
     finite[0, :3] = False
     torch.testing.assert_close(x[finite], x0[finite], rtol=1e-4, atol=1e-4)
+
+
+def search_problems(kind, output, n, K, gen):
+    """n float32 inverse problems over the accuracy contract's ranges, K components each:
+    logits uniform in +-50, log_scale uniform in [-10, 10], loc normal with a spread drawn per
+    element log-uniformly in [1, 1000] (the other tests' 3 and well beyond: a wide spread puts
+    roots where the smallest scale is a few ulps of x or less), and targets: for "logit" half
+    uniform in [-80, 80], half the forward map of an x near a random component (within 80
+    logistic or 12 Gaussian scales, where that component's own logit is within that range),
+    clamped to it; for "unit" z log-uniform in [1e-30, 1/2] or 1 - z log-uniform in
+    [1e-7, 1/2].
+    Returns (y, logits, loc, log_scale) on the CPU; ``gen`` a torch.Generator."""
+    from fastflow.reference import mixture_cdf as ref
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
+
+    logits = uniform(-50.0, 50.0, n, K)
+    log_scale = uniform(-10.0, 10.0, n, K)
+    spread = 10.0 ** uniform(0.0, 3.0, n, 1)
+    loc = torch.randn((n, K), generator=gen, dtype=torch.float64) * spread
+    params = [p.float() for p in (logits, loc, log_scale)]
+    half = n // 2
+    if output == "logit":
+        j = torch.randint(0, K, (n - half, 1), generator=gen)
+        u_max = 80.0 if kind == "logistic" else 12.0
+        x = (loc[half:].gather(1, j) + log_scale[half:].gather(1, j).exp()
+             * uniform(-u_max, u_max, n - half, 1)).squeeze(1)
+        y_x, _ = ref.mixture_cdf_fwd(x.float(), *(p[half:] for p in params), kind, "logit")
+        y = torch.cat([uniform(-80.0, 80.0, half).float(), y_x.clamp(-80.0, 80.0)])
+    else:
+        lower = 10.0 ** uniform(-30.0, np.log10(0.5), half)
+        upper = 1.0 - 10.0 ** uniform(-7.0, np.log10(0.5), n - half)
+        y = torch.cat([lower, upper]).float()
+    return [y, *params]
+
+
+def search_misses(x, y, logits, loc, log_scale, kind, output):
+    """Per element, whether the float32 solution x misses the accuracy contract: neither
+    within 1e-5 (|x| + min_k s_k) of the float64 root (the float64 map at x -+ that tolerance
+    must bracket the target) nor, where the map is flat, forward-exact (the float64 map at x
+    within 1e-5 max(1, |t|) of t). Judged in logit space for both outputs (t = logit z for
+    "unit"): stricter than the unit contract's 1e-5 in z. A boolean numpy array."""
+    x64 = x.detach().double().cpu()
+    t = y.detach().double().cpu()
+    if output == "unit":
+        t = torch.log(t) - torch.log1p(-t)
+    s_min = log_scale.detach().double().cpu().exp().amin(-1)
+    tol = 1e-5 * (x64.abs() + s_min)
+    g = {d: oracle(x64 + d * tol, logits, loc, log_scale, kind)["logit"] for d in (-1, 0, 1)}
+    tn = t.numpy()
+    bracketed = (g[-1] <= tn) & (tn <= g[1])
+    exact = np.abs(g[0] - tn) <= 1e-5 * np.maximum(1.0, np.abs(tn))
+    return ~((bracketed | exact) & np.isfinite(x64.numpy()))
+
+
+# A heavy Gaussian component of scale 6e-5 at -111.3: beyond it logit F plateaus at 33.156 (the
+# light components' mass), and the root of t = 33.995 lies at 69.087. Newton's first step from
+# the plateau's steep edge is a few ulps of x, which once passed for convergence.
+_PLATEAU_EDGE = (
+    [33.99474334716797],
+    [24.521706, 58.288429, 5.980287, -17.986403, 4.762485, 24.331228, 14.294946],
+    [69.087662, -111.335091, 19.214783, -41.554214, 30.870413, 20.592421, 101.224831],
+    [-7.702768, -9.732655, -8.554873, 9.038186, -9.052904, -3.997133, -6.525165],
+)
+# logit F rises steeply past a narrow component at 313.63 onto a plateau whose level rounds to
+# t + 1.2e-7 in float32 while it lies 9e-9 below t (the float64 root is at 502.84): a bracket a
+# few ulps wide closes on the rise, and a point inside it has a residual of 0.04, while its
+# upper end is forward-exact.
+_ROUNDED_PLATEAU = (
+    [0.7490131855010986],
+    [44.96665573120117, 39.484004974365234, 36.94327163696289, 34.9424934387207,
+     34.706756591796875, 33.6651725769043, 45.4165153503418, 42.28727340698242,
+     -31.77665901184082, 46.64724349975586, 28.19918441772461, 33.58414077758789,
+     38.907405853271484],
+    [502.8587646484375, 1096.413330078125, -811.7891845703125, 91.02235412597656,
+     -459.5018310546875, -144.1816864013672, 1900.6341552734375, -983.0616455078125,
+     -1903.2381591796875, 313.6300964355469, 1298.9630126953125, -363.1048583984375,
+     -1834.26513671875],
+    [-5.6268439292907715, -8.22437858581543, 4.433351039886475, -9.312561988830566,
+     -6.564741134643555, 0.2850496470928192, -0.3531346321105957, -6.233400821685791,
+     -4.706264495849609, -9.799763679504395, -9.206276893615723, 3.977633476257324,
+     4.7315568923950195],
+)
+
+
+@pytest.mark.parametrize("case", [_PLATEAU_EDGE, _ROUNDED_PLATEAU],
+                         ids=["plateau-edge", "rounded-plateau"])
+def test_fp32_inverse_near_a_narrow_components_plateau(backend, case):
+    """Regressions (Gaussian, float32, logit output): a Newton step of a few ulps is not
+    convergence, and a bracket a few ulps wide need not hold the root where float32 rounds a
+    plateau's level across the target. x must meet the accuracy contract (within
+    1e-5 (|x*| + min_k s_k) of the float64 root, or forward-exact to 1e-5 max(1, |t|))."""
+    y, logits, loc, log_scale = (torch.tensor([v], device=DEVICE) for v in case)
+    y = y[0]
+    x, lad = fastflow.mixture_cdf_inverse(y, logits, loc, log_scale, kind="gaussian",
+                                          output="logit")
+    assert torch.isfinite(x).all() and torch.isfinite(lad).all()
+    miss = search_misses(x, y, logits, loc, log_scale, "gaussian", "logit")
+    x_star = oracle_root(y, logits, loc, log_scale, "gaussian", "logit")
+    assert not miss.any(), f"x = {x.tolist()}, float64 root {x_star.tolist()}"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_inverse_random_search(backend, kind, output):
+    """A randomized search over the accuracy contract's ranges (``search_problems``; the same
+    search at any size: ``python bench/inverse_search.py``): every float32 solution within
+    1e-5 (|x*| + min_k s_k) of the float64 root or forward-exact in logit space."""
+    n = 4096 if backend == "reference" else 512
+    gen = torch.Generator().manual_seed(KINDS.index(kind) * 2 + OUTPUTS.index(output))
+    for K in (2, 9, 64):
+        y, *params = search_problems(kind, output, n, K, gen)
+        x, _ = fastflow.mixture_cdf_inverse(*(v.to(DEVICE) for v in (y, *params)), kind=kind,
+                                            output=output)
+        miss = search_misses(x, y, *params, kind, output)
+        i = np.flatnonzero(miss)[:3]
+        assert not miss.any(), (f"K = {K}: {miss.sum()} of {n} missed, e.g. y = {y[i].tolist()}, "
+                                f"x = {x.cpu()[i].tolist()}")

@@ -75,8 +75,16 @@ def component_terms(u: torch.Tensor, kind: str):
 
 
 def _standardize(x, logits, loc, log_scale):
+    """log pi and u = (x - loc) / s of the log-space formulas.
+
+    Where 1/s = exp(-log_scale) overflows (log_scale below about -88.7 in float32, -709.8
+    in float64) u is +-inf, and at x == loc the product is 0 * inf: u is exactly 0 there.
+    Only that case is replaced, so autograd sees (x - loc) / s everywhere else.
+    """
     log_pi = torch.log_softmax(logits, dim=-1)
-    u = (x.unsqueeze(-1) - loc) * torch.exp(-log_scale)
+    d = x.unsqueeze(-1) - loc
+    inv_s = torch.exp(-log_scale)
+    u = torch.where((d == 0) & torch.isinf(inv_s), 0.0, d * inv_s)
     return log_pi, u
 
 
@@ -103,14 +111,43 @@ def _forward(x, logits, loc, log_scale, kind: str, output: str):
         return z, log_f
     y = log_F - log_S
     # log(f / (1-F)) = logsumexp_k(resp_k(1-F) + log hazard_k - log s_k), and symmetrically.
-    log_f_over_S = torch.logsumexp(
-        torch.log_softmax(v_sf, dim=-1) + log_h_sf - log_scale, dim=-1
-    )
-    log_f_over_F = torch.logsumexp(
-        torch.log_softmax(v_cdf, dim=-1) + log_h_cdf - log_scale, dim=-1
-    )
+    log_f_over_S = torch.logsumexp(_resp_hazard(v_sf, log_h_sf) - log_scale, dim=-1)
+    log_f_over_F = torch.logsumexp(_resp_hazard(v_cdf, log_h_cdf) - log_scale, dim=-1)
     lad = torch.where(y > 0, log_f_over_S - log_F, log_f_over_F - log_S)
-    return y, lad
+    return y, _saturated_logit_lad(lad, y, x, log_pi, loc, log_scale, kind)
+
+
+def _resp_hazard(v, log_h):
+    """log responsibility + log hazard of each component (v: log pi C or log pi (1 - C)).
+
+    A component without responsibility adds nothing, also where its hazard is infinite (a
+    Gaussian component at u = +-inf: -inf + inf): their product is pi c / s over the sum,
+    and c is 0 there.
+    """
+    resp = torch.log_softmax(v, dim=-1)
+    return torch.where(resp == -math.inf, -math.inf, resp + log_h)
+
+
+def _saturated_logit_lad(lad, y, x, log_pi, loc, log_scale, kind: str):
+    """The logit output's logabsdet where 1 - F (y = +inf) or F (y = -inf) is 0 at finite x.
+
+    There every component with pi > 0 lies beyond float range on one side of x (1/s or u^2
+    overflows), the responsibilities are 0 / 0 and the hazard form is NaN. The exact value
+    is finite: the tail sum is dominated by the component with the smallest |u_k|,
+    k* = argmin_k log|x - loc_k| - log s_k (taken without forming u), and f / (1 - F) tends
+    to its hazard over its scale: lad = -log s_k* for the logistic (hazard -> 1) and
+    log|x - loc_k*| - 2 log s_k* for the Gaussian (hazard -> |u|). Exact ties in log|u_k|
+    take the smallest candidate. Written without data-dependent control flow (the fixed
+    inverse schedule compiles as one graph); elsewhere the inputs to the logarithm are
+    masked to 1 so that the unselected branch stays finite under autograd.
+    """
+    sat = torch.isinf(y) & torch.isfinite(x)
+    d = torch.where(sat.unsqueeze(-1), x.unsqueeze(-1) - loc, 1.0)
+    log_u = torch.where(log_pi == -math.inf, math.inf, torch.log(d.abs()) - log_scale)
+    lim = -log_scale if kind == "logistic" else log_u - log_scale
+    nearest = log_u == log_u.amin(-1, keepdim=True)
+    lim = torch.where(nearest, lim, math.inf).amin(-1)
+    return torch.where(sat, lim, lad)
 
 
 def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
@@ -128,6 +165,12 @@ def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
     pi = torch.softmax(logits, dim=-1)
     inv_s = log_scale.neg().exp_()
     u = (x.unsqueeze(-1) - loc).mul_(inv_s)
+    if for_vjp:
+        # |u| beyond float range with 1/s finite (|x - loc| s^-1 overflowing): the element
+        # keeps finite sums, and the component's terms are exactly 0, but the VJP's
+        # (log c)'(u) pi c and u du would be inf * 0. Any finite stand-in gives the zeros.
+        big = torch.finfo(u.dtype).max
+        u.clamp_(-big, big)
     q = {"pi": pi, "inv_s": inv_s, "u": u if for_vjp else None, "dlog": None}
     if kind == "logistic":
         c_lo = torch.sigmoid(u)
@@ -227,7 +270,7 @@ def _vjp_pieces(x, logits, loc, log_scale, kind: str, output: str):
         dlog_pdf = -u
     resp_f = torch.softmax(log_pi + log_pdf - log_scale, dim=-1)
     p = {"u": u, "inv_s": torch.exp(-log_scale), "pi": torch.exp(log_pi),
-         "resp_f": resp_f, "du_pdf": resp_f * dlog_pdf}
+         "resp_f": resp_f, "du_pdf": _times(resp_f, dlog_pdf)}
     if output == "density":
         zero = torch.zeros_like(resp_f)
         return {**p, "resp_cdf": zero, "resp_sf": zero, "du_cdf": zero, "du_sf": zero,
@@ -235,8 +278,16 @@ def _vjp_pieces(x, logits, loc, log_scale, kind: str, output: str):
     v_cdf, v_sf = log_pi + log_cdf, log_pi + log_sf
     resp_cdf, resp_sf = torch.softmax(v_cdf, dim=-1), torch.softmax(v_sf, dim=-1)
     return {**p, "resp_cdf": resp_cdf, "resp_sf": resp_sf,
-            "du_cdf": resp_cdf * torch.exp(log_h_cdf), "du_sf": resp_sf * torch.exp(log_h_sf),
+            "du_cdf": _times(resp_cdf, torch.exp(log_h_cdf)),
+            "du_sf": _times(resp_sf, torch.exp(log_h_sf)),
             "log_F": torch.logsumexp(v_cdf, -1), "log_S": torch.logsumexp(v_sf, -1)}
+
+
+def _times(c, v):
+    """c * v, and 0 wherever c is 0 even where v is infinite: a component beyond float range
+    (u = +-inf) has zero responsibilities and du next to infinite hazards, (log c)'(u), u and
+    1/s, and its exact terms are 0."""
+    return torch.where(c == 0, 0.0, c * v)
 
 
 def _output_coefs(grad_y, grad_lad, p, output: str):
@@ -257,8 +308,8 @@ def _vjp_assemble(c_cdf, c_sf, c_pdf, p):
     """Grads to (x, logits, loc, log_scale) from cotangents on (log F, log(1-F), log f)."""
     c_cdf, c_sf, c_pdf = c_cdf.unsqueeze(-1), c_sf.unsqueeze(-1), c_pdf.unsqueeze(-1)
     du = c_cdf * p["du_cdf"] - c_sf * p["du_sf"] + c_pdf * p["du_pdf"]
-    g_loc = -du * p["inv_s"]
-    g_log_scale = -p["u"] * du - c_pdf * p["resp_f"]
+    g_loc = _times(du, -p["inv_s"])
+    g_log_scale = _times(du, -p["u"]) - c_pdf * p["resp_f"]
     g_logits = (c_cdf * p["resp_cdf"] + c_sf * p["resp_sf"] + c_pdf * p["resp_f"]
                 - p["pi"] * (c_cdf + c_sf + c_pdf))
     return [-g_loc.sum(-1), g_logits, g_loc, g_log_scale]
@@ -308,11 +359,90 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
                     if output == "unit" else None)
             grads = _prob_vjp(*_output_coefs(gy, gl, logs, output), q)
         if bool(bad.any()):
-            p = _vjp_pieces(*(a[bad] for a in args), kind, output)
+            sub = [a[bad] for a in args]
+            p = _vjp_pieces(*sub, kind, output)
             fixed = _vjp_assemble(*_output_coefs(gy[bad], gl[bad], p, output), p)
+            _limit_vjp(fixed, gy[bad], gl[bad], *sub, p, kind, output)
             for g, g_bad in zip(grads, fixed, strict=True):
                 g[bad] = g_bad
         return grads
+
+
+def _limit_vjp(grads, grad_y, grad_lad, x, logits, loc, log_scale, p, kind: str, output: str):
+    """Overwrite, in ``grads`` (from ``_vjp_assemble``), the elements whose f is 0 at a finite
+    x with the limits of their gradients.
+
+    There every component with pi > 0 lies beyond float range (u, or u^2 for the Gaussian,
+    overflows): each C_k is exactly 0 or 1, the density's responsibilities are 0 / 0 and
+    the formulas' products inf * 0. The component nearest in units of its scale,
+    k* = argmin_k log|u_k| (delta: one-hot there, exact ties split by pi), dominates f and
+    each tail sum that is 0, and with H = 1 (logistic) or |u*| (Gaussian):
+
+    - log f: d/dx = -sign(u*) H / s*, d/dloc_k = -delta_k d/dx,
+      d/dlog s_k = delta_k (|u*| H - 1) (the 1 is below the dtype's resolution there),
+      d/dlogit = delta - pi.
+    - "logit" with 1 - F = 0 (or F = 0): lad -> log H - log s* (``_saturated_logit_lad``):
+      d/dx = 0 (1 / (x - loc*) Gaussian), d/dlog s_k = -delta_k (-2 delta_k); y -> +-inf:
+      dy/dx = f / (F (1 - F)) = e^lad, dy/dloc_k = -delta_k e^lad,
+      dy/dlog s_k = -delta_k u* H, dy/dlogit = sign(u*) (pi - delta).
+    - components on both sides of x: F = sum_k pi_k C_k is constant in x, loc and log s;
+      dy/dlogit = pi C / F - pi (1 - C) / (1 - F) ("logit") or pi (C - F) ("unit"), and the
+      logit lad, log f - log F - log(1 - F), takes log f's gradient less those.
+
+    Each product of a cotangent or delta with a limit is 0 where that factor is 0.
+    """
+    log_pi, u = _standardize(x, logits, loc, log_scale)
+    log_pdf = component_terms(u, kind)[2]
+    dead = (torch.logsumexp(log_pi + log_pdf - log_scale, -1) == -math.inf) & torch.isfinite(x)
+    if not bool(dead.any()):
+        return
+    gy, gl = grad_y[dead].unsqueeze(-1), grad_lad[dead].unsqueeze(-1)
+    log_pi, loc, log_scale = log_pi[dead], loc[dead], log_scale[dead]
+    d = x[dead].unsqueeze(-1) - loc
+    log_u = torch.where(log_pi == -math.inf, math.inf, torch.log(d.abs()) - log_scale)
+    nearest = log_u == log_u.amin(-1, keepdim=True)
+    delta = torch.softmax(torch.where(nearest, log_pi, -math.inf), -1)
+    pi = torch.exp(log_pi)
+    # The nearest component's d, log|u| and log s, as (rows, 1) columns.
+    d_n, log_u_n, ls_n = (_times(delta, v).sum(-1, keepdim=True)
+                          for v in (d, log_u, log_scale))
+    sign = torch.sign(d_n)
+    log_h = log_u_n if kind == "gaussian" else torch.zeros_like(log_u_n)
+    zero = torch.zeros_like(d_n)
+    # (d/dx, d/dlog s of component k*, d/dlogit) of log f, lad and y.
+    f_parts = (-sign * torch.exp(log_h - ls_n), torch.exp(log_u_n + log_h), delta - pi)
+    if output == "density":
+        lad_parts, y_parts = f_parts, None
+    else:
+        step = (d > 0).to(d.dtype)
+        F = (pi * step).sum(-1, keepdim=True)
+        if output == "unit":
+            lad_parts, y_parts = f_parts, (zero, zero, pi * (step - F))
+        else:
+            # 1 - F summed on its own side, not formed by subtraction.
+            pi_S = pi * (1.0 - step)
+            resp_F, resp_S = pi * step / F, pi_S / pi_S.sum(-1, keepdim=True)
+            y_parts = (zero, zero, resp_F - resp_S)
+            lad_parts = (f_parts[0], f_parts[1], delta + pi - resp_F - resp_S)
+            sat = ((p["log_F"] == -math.inf) | (p["log_S"] == -math.inf))[dead].unsqueeze(-1)
+            if kind == "gaussian":
+                sat_lad = (1.0 / d_n, -2.0 + zero, torch.zeros_like(pi))
+            else:
+                sat_lad = (zero, -1.0 + zero, torch.zeros_like(pi))
+            e_lad = torch.exp(log_h - ls_n)
+            sat_y = (e_lad, -sign * torch.exp(log_u_n + log_h), sign * (pi - delta))
+            lad_parts = [torch.where(sat, a, b) for a, b in zip(sat_lad, lad_parts, strict=True)]
+            y_parts = [torch.where(sat, a, b) for a, b in zip(sat_y, y_parts, strict=True)]
+    parts = [(gl, lad_parts)] + ([] if y_parts is None else [(gy, y_parts)])
+    g_x, g_ls, g_logits = zero, zero, torch.zeros_like(pi)
+    for c, (dx, dls, dlogit) in parts:
+        g_x = g_x + _times(c, dx)
+        g_ls = g_ls + _times(c, dls)
+        g_logits = g_logits + _times(c, dlogit)
+    grads[0][dead] = g_x.squeeze(-1)
+    grads[1][dead] = g_logits
+    grads[2][dead] = _times(delta, -g_x)
+    grads[3][dead] = _times(delta, g_ls)
 
 
 def _logit_forward(x, log_pi, loc, inv_scale, kind):
@@ -362,26 +492,38 @@ def _finish_inverse(x, t, lad, dtype):
 
 
 def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
-    """Root of logit F(x) = t in log space: bisection, then safeguarded Newton steps."""
+    """Root of logit F(x) = t in log space: bisection, then safeguarded Newton steps, each
+    inside the bracket. Where an end of the final bracket has a residual at the rounding level
+    of logit F, that end instead (the one with the smaller residual): a flat stretch of the
+    map can put a sign change of the rounded residual an ulp from a steep rise, and the point
+    inside such a bracket need not be near the root, while that end is forward-exact."""
     log_pi = torch.log_softmax(logits, dim=-1)
     inv_scale = torch.exp(-log_scale)
     scale = torch.exp(log_scale)
     lo, hi = _bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale, kind, -1)
+    # The residuals at the bracket's ends (inf: not evaluated).
+    h_lo = torch.full_like(lo, math.inf)
+    h_hi = h_lo.clone()
+
+    def narrow(x, h, lo, hi, h_lo, h_hi):
+        below = h < 0
+        return (torch.where(below, x, lo), torch.where(below, hi, x),
+                torch.where(below, h, h_lo), torch.where(below, h_hi, h))
+
     for _ in range(bisect_steps):
         mid = 0.5 * lo + 0.5 * hi
-        below = _logit_forward(mid, log_pi, loc, inv_scale, kind) < t
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
+        h = _logit_forward(mid, log_pi, loc, inv_scale, kind) - t
+        lo, hi, h_lo, h_hi = narrow(mid, h, lo, hi, h_lo, h_hi)
     x = 0.5 * lo + 0.5 * hi
     for _ in range(newton_steps):
         g, lad = _forward(x, logits, loc, log_scale, kind, "logit")
-        below = g < t
-        lo = torch.where(below, x, lo)
-        hi = torch.where(below, hi, x)
+        lo, hi, h_lo, h_hi = narrow(x, g - t, lo, hi, h_lo, h_hi)
         x_new = x - (g - t) * torch.exp(-lad)
         inside = (x_new > lo) & (x_new < hi)
         x = torch.where(inside, x_new, 0.5 * lo + 0.5 * hi)
-    return x
+    tol_h = 16.0 * torch.finfo(t.dtype).eps * t.abs().clamp(min=1.0)
+    end = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
+    return torch.where(torch.minimum(h_lo.abs(), h_hi.abs()) <= tol_h, end, x)
 
 
 def mixture_cdf_inverse_fixed(
@@ -439,8 +581,13 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
     tol_newton = 0.25 * math.sqrt(eps) * s_min
+    # The rounding level of logit F's evaluation (a few ulps of max(1, |t|)).
+    tol_h = 16.0 * eps * t_plain.abs().clamp(min=1.0)
     dx_old = hi - lo
     dx = dx_old
+    # The residuals at the bracket's ends (inf: not evaluated).
+    h_lo = torch.full_like(x, math.inf)
+    h_hi = h_lo.clone()
     active = plain.clone()
     for _ in range(max_steps):
         if not bool(active.any()):
@@ -449,17 +596,38 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
         h = g - t_plain
         below = h < 0
         lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
+        h_lo, h_hi = torch.where(below, h, h_lo), torch.where(below, h_hi, h)
         d = h / slope
         newton = x - d
-        use_newton = (newton >= lo) & (newton <= hi) & (2.0 * d.abs() <= dx_old)
+        inside = (newton >= lo) & (newton <= hi)
+        use_newton = inside & (2.0 * d.abs() <= dx_old)
+        # Converged: an exact root; Newton's step within tol_newton (x is smooth on that
+        # scale: the next error is about eps s_min); a step within a few ulps (`ulps`) from a
+        # residual at the rounding level (the step either stays on x's side of the root,
+        # where the residual is smaller still, or passes the root, within the step of it);
+        # or the bracket within two `ulps`. There x moves to Newton's estimate inside the
+        # bracket, or, where an end's residual is at the rounding level, to the end with the
+        # smaller residual: in float32 a flat stretch of the map can put a sign change of
+        # the rounded residual a few ulps from a steep rise that the bracket also spans, so
+        # such a bracket need not hold the root, while that end is forward-exact. A step of
+        # a few ulps alone proves nothing: on the steep edge of a plateau (a narrow
+        # component's tail below the light components' mass) Newton's step is a few ulps
+        # while the root lies far beyond.
+        ulps = (x.abs() + s_min).mul_(4.0 * eps)
+        short = use_newton & (d.abs() <= ulps)
+        converged = (use_newton & (d.abs() <= tol_newton)) | (short & (h.abs() <= tol_h))
+        closed = hi - lo <= 2.0 * ulps
+        done = converged | closed | (h == 0)
+        # Any other step of a few ulps goes half an `ulps` further, so that if the root lies
+        # within it the next evaluation lands beyond the root and the bracket closes.
+        over = short & ~done
+        newton = torch.where(over, newton - d.sign() * 0.5 * ulps, newton)
         x_next = torch.where(use_newton, newton, torch.lerp(lo, hi, 0.5))
+        h_far = torch.where(below, h_hi, h_lo).abs()
+        x_end = torch.where(h.abs() <= h_far, x, torch.where(below, hi, lo))
+        x_end = torch.where(inside & (torch.minimum(h.abs(), h_far) > tol_h), x - d, x_end)
+        x_next = torch.where(closed & ~converged, x_end, x_next)
         step = (x_next - x).abs()
-        # Converged: a bisection step within a few ulps of |x| + s_min (x is an end of the
-        # bracket, so that is the bracket's width), a Newton step within the larger of that
-        # and tol_newton, or an exact root.
-        tol = (x.abs() + s_min).mul_(4.0 * eps)
-        tol = torch.where(use_newton, torch.maximum(tol, tol_newton), tol)
-        done = (step <= tol) | (h == 0)
         x = torch.where(active & (h != 0), x_next, x)
         dx_old, dx = torch.where(active, dx, dx_old), torch.where(active, step, dx)
         active &= ~done
@@ -486,13 +654,16 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
     space (cheap, and each exact in its own tail), kept inside the bracket of the components'
     own inverses and falling back to bisection whenever a step leaves the bracket or fails to
     halve (Numerical Recipes' rtsafe). An element stops once its Newton step is below
-    sqrt(eps)/4 of the smallest component scale (the next error is then about eps of it) or
-    a bisection step (the bracket's half-width) is below 4 eps (|x| + that scale): typically
-    3-6 evaluations instead of a fixed schedule's 44 (the kernels iterate the same way, in
-    log space, per tile). Targets so far out that the tail mass nears underflow, and any
-    element still unconverged after ``max_steps``, are solved in log space by the fixed
-    schedule (:func:`mixture_cdf_inverse_fixed`). The logabsdet is taken in log space at the
-    solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward logabsdet at x.
+    sqrt(eps)/4 of the smallest component scale (the next error is then about eps of it), its
+    step is below 4 eps (|x| + that scale) from a residual at the rounding level, or its
+    bracket is below 8 eps (|x| + that scale) wide; any other step that short goes
+    2 eps (|x| + that scale) further, so that the next evaluation closes the bracket if the
+    root is that near. Typically 3-6 evaluations instead of a fixed schedule's 44 (the kernels
+    iterate the same way, in log space, per tile). Targets so far out that the tail mass nears
+    underflow, and any element still unconverged after ``max_steps``, are solved in log space
+    by the fixed schedule (:func:`mixture_cdf_inverse_fixed`). The logabsdet is taken in log
+    space at the solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward
+    logabsdet at x.
     """
     with torch.no_grad():
         y_c, logits_c, loc_c, log_scale_c = _upcast(y, logits, loc, log_scale)
