@@ -247,12 +247,6 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         self.made = MADE(features, hidden_features, 3 * components, order=order,
                          hidden_degrees=hidden_degrees, residual=residual,
                          context_features=context_features, seed=seed)
-        # The first dimension in the order sees no input: its mixture is the output bias
-        # alone. Start every dimension's locations spread over [-1, 1], as MixtureCDFFlow's
-        # are, rather than at the default bias (all within 1/sqrt(fan_in) of 0).
-        with torch.no_grad():
-            bias = self.made.output.bias.view(features, 3 * components)
-            bias[:, components:2 * components] = torch.linspace(-1.0, 1.0, components)
 
     def extra_repr(self) -> str:
         hidden = [layer.out_features for layer in self.made.layers]
