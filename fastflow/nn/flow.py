@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributions import Distribution, constraints
 
 from ..distributions import as_size
-from .transforms import Compose, Transform, chain_inverse
+from .transforms import Compose, Transform, chain_inverse, check_float_tensor
 
 
 def _broadcast_context(context, x):
@@ -160,12 +160,7 @@ class Flow(nn.Module):
         return self._dtype_device()[1]
 
     def _prepare(self, x, name: str = "x") -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            kind = type(x)
-            raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
-                             f"{kind.__qualname__} (convert it with torch.as_tensor)")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        check_float_tensor(x, name)
         dtype, device = self._dtype_device()
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but the flow is on {device}; move one "

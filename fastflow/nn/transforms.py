@@ -27,6 +27,16 @@ from ..reference.autoregressive import autoregressive_solve as reference_solve
 from .made import MADE, check_context, route
 
 
+def check_float_tensor(x, name: str) -> None:
+    """ValueError naming ``name`` unless x is a floating-point torch.Tensor."""
+    if not isinstance(x, torch.Tensor):
+        kind = type(x)
+        raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
+                         f"{kind.__qualname__} (convert it with torch.as_tensor)")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
 class Transform(nn.Module):
     """Base class: checks the feature count and dtype of what it is given.
 
@@ -41,12 +51,7 @@ class Transform(nn.Module):
     codomain = None
 
     def _check(self, x: torch.Tensor, name: str = "x") -> None:
-        if not isinstance(x, torch.Tensor):
-            kind = type(x)
-            raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
-                             f"{kind.__qualname__} (convert it with torch.as_tensor)")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        check_float_tensor(x, name)
         if x.dim() < 1 or x.shape[-1] != self.features:
             raise ValueError(
                 f"{name} must have {self.features} features in its last dimension, "
