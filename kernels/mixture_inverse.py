@@ -60,6 +60,24 @@ def _component_quantile(t, KIND: tl.constexpr):
 
 
 @triton.jit
+def _key_mid(lo, hi):
+    """The midpoint of [lo, hi] in the floats' integer order (the float whose key, its
+    magnitude's bits negated for negative values, is the keys' mean): one bisection step per
+    bit of the dtype leaves adjacent floats, however wide the bracket."""
+    if lo.dtype == tl.float64:
+        a = tl.abs(lo).to(tl.int64, bitcast=True)
+        b = tl.abs(hi).to(tl.int64, bitcast=True)
+    else:
+        a = tl.abs(lo).to(tl.int32, bitcast=True)
+        b = tl.abs(hi).to(tl.int32, bitcast=True)
+    a = tl.where(lo < 0.0, -a, a)
+    b = tl.where(hi < 0.0, -b, b)
+    k = (a >> 1) + (b >> 1) + (a & b & 1)
+    mag = tl.abs(k).to(lo.dtype, bitcast=True)
+    return tl.where(k < 0, -mag, mag)
+
+
+@triton.jit
 def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.constexpr):
     """logit F(x), the log of its slope g' = f / (F (1 - F)) and g''/g', for Halley's step.
 
@@ -152,21 +170,32 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         sqrt_eps = 1.4901161193847656e-08
         cbrt_eps = 6.055454452393343e-06
         tiny = 1e-280
+        big = 8.988465674311579e+307  # half the largest float64
     else:
         eps = 1.1920928955078125e-07
         sqrt_eps = 0.00034526698300124393
         cbrt_eps = 0.004921566601151848
         tiny = 1e-30
+        big = 1.7014117331926443e+38  # half the largest float32
     # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step.
     active = row_mask & (tl.abs(t) < float("inf"))
     t_s = tl.where(active, t, 0.0)
     u_t = _component_quantile(t_s, KIND)[:, None]
-    lo = tl.min(tl.where(mask, loc + scale * (u_t - pad), float("inf")), axis=1)
-    hi = tl.max(tl.where(mask, loc + scale * (u_t + pad), -float("inf")), axis=1)
-    lo = tl.where(active, lo, 0.0)
-    hi = tl.where(active, hi, 0.0)
+    # The components' ends; an infinite scale at the quantile 0 (inf * 0 = NaN) allows any x.
+    lo_k = loc + scale * (u_t - pad)
+    hi_k = loc + scale * (u_t + pad)
+    lo_k = tl.where(lo_k == lo_k, lo_k, -float("inf"))
+    hi_k = tl.where(hi_k == hi_k, hi_k, float("inf"))
+    lo = tl.min(tl.where(mask, lo_k, float("inf")), axis=1)
+    hi = tl.max(tl.where(mask, hi_k, -float("inf")), axis=1)
+    # A bracket past the dtype's range (a scale, or scale times the quantile, overflowed):
+    # the search spans [-big, big] (x - loc stays finite), bisecting in the floats' integer
+    # order; a root past it is +-inf.
+    wide = active & ((lo < -big) | (hi > big))
+    lo = tl.where(active, tl.maximum(lo, -big), 0.0)
+    hi = tl.where(active, tl.minimum(hi, big), 0.0)
     s_min = tl.min(tl.where(mask, scale, float("inf")), axis=1)
-    s_min = tl.where(active, s_min, 1.0)
+    s_min = tl.where(active, tl.minimum(s_min, big), 1.0)
     # A Halley step of size d leaves an error of order d^3 / s^2, a Newton step d^2 / s.
     tol_halley = 0.25 * cbrt_eps * s_min
     tol_newton = 0.25 * sqrt_eps * s_min
@@ -183,6 +212,19 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     # The residuals at the bracket's ends (inf: not evaluated).
     h_lo = x * 0.0 + float("inf")
     h_hi = h_lo
+    beyond = x * 0.0
+    if tl.max(tl.where(wide, 1, 0), axis=0) > 0:
+        g_lo, _, _ = _logit_slope_eval(lo, log_pi, loc, log_scale, KIND, FAST)
+        g_hi, _, _ = _logit_slope_eval(hi, log_pi, loc, log_scale, KIND, FAST)
+        h_lo = tl.where(wide, g_lo - t_s, h_lo)
+        h_hi = tl.where(wide, g_hi - t_s, h_hi)
+        beyond = tl.where(wide & (h_hi < 0.0), float("inf"), beyond)
+        beyond = tl.where(wide & (h_lo > 0.0), -float("inf"), beyond)
+        active = active & (beyond == 0.0)
+        wide = wide & active
+        x = tl.where(wide, _key_mid(lo, hi), x)
+        dx_old = tl.where(wide, float("inf"), dx_old)
+        dx = dx_old
     if KIND == 0:
         # Loop invariants of the probability-space evaluation.
         inv_s = tl.exp(-log_scale)
@@ -244,7 +286,8 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         # within it the next evaluation lands beyond the root and the bracket closes.
         over = short & ~done
         newton = tl.where(over, newton + tl.where(newton > x, 0.5, -0.5) * ulps, newton)
-        x_next = tl.where(use_newton, newton, 0.5 * lo + 0.5 * hi)
+        x_next = tl.where(use_newton, newton,
+                          tl.where(wide, _key_mid(lo, hi), 0.5 * lo + 0.5 * hi))
         x_next = tl.where(closed & ~converged, x_end, x_next)
         step = tl.abs(x_next - x)
         x = tl.where(active & (h != 0.0), x_next, x)
@@ -270,10 +313,11 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     else:
         _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
         lad = -lad
-    # Boundary targets map to +-inf with logabsdet +inf; NaN targets stay NaN.
-    infinite = tl.abs(t) == float("inf")
-    x = tl.where(infinite, t, x)
-    lad = tl.where(infinite, float("inf"), lad)
+    # Boundary targets, and roots past the searched range, map to +-inf with logabsdet +inf;
+    # NaN targets stay NaN.
+    x = tl.where(beyond != 0.0, beyond, x)
+    x = tl.where(tl.abs(t) == float("inf"), t, x)
+    lad = tl.where(tl.abs(x) == float("inf"), float("inf"), lad)
     nan = t != t
     x = tl.where(nan, t, x)
     lad = tl.where(nan, t, lad)

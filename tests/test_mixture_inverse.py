@@ -491,3 +491,45 @@ def test_fp32_inverse_random_search(backend, kind, output):
         i = np.flatnonzero(miss)[:3]
         assert not miss.any(), (f"K = {K}: {miss.sum()} of {n} missed, e.g. y = {y[i].tolist()}, "
                                 f"x = {x.cpu()[i].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_inverse_where_a_scale_overflows(backend, kind, output, dtype):
+    """A dominant component whose scale exp(log_scale) is past the dtype's range (a network
+    far outside its data gave it log_scale 822.5) makes logit F flat at 0 over every finite
+    x: target 0 is met anywhere (x must be forward-exact), any other target only at +-inf
+    (logabsdet +inf). Regression: the bracket was inf * 0 = NaN and x, logabsdet NaN. With
+    every scale overflowing the map is flat everywhere; with one past float32's range only
+    (log_scale 92) float32 finds the root within its range (t = 1e-3: about 1e37) and
+    returns -inf for the one past it (t = -5: about -3e40)."""
+    rows = [
+        ([7.9, 652.9], [589.85, 513.84], [429.8, 822.5]),
+        ([0.3, -0.2], [1.0, -2.0], [800.0, 900.0]),
+        ([7.9, 652.9], [589.85, 513.84], [-3.0, 92.0]),
+    ]
+    t = torch.tensor([0.0, 1e-3, -5.0], dtype=torch.float64)
+    y = t if output == "logit" else torch.sigmoid(t)
+    for logits, loc, log_scale in rows:
+        params = [torch.tensor([v] * 3, dtype=torch.float64) for v in (logits, loc, log_scale)]
+        x, lad = fastflow.mixture_cdf_inverse(
+            y.to(dtype).to(DEVICE), *(p.to(dtype).to(DEVICE) for p in params), kind=kind,
+            output=output)
+        x, lad = x.cpu().double(), lad.cpu().double()
+        assert not (x.isnan().any() or lad.isnan().any()), (log_scale, x, lad)
+        finite = torch.isfinite(x)
+        if log_scale[1] < 100.0 and dtype == torch.float64:
+            assert finite.all()
+        elif log_scale[1] < 100.0:
+            assert finite.tolist() == [True, True, False]
+        else:
+            assert finite.tolist() == [True, False, False]
+            assert x[1] == float("inf") and x[2] == -float("inf")
+        assert (lad[~finite] == float("inf")).all() and torch.isfinite(lad[finite]).all()
+        # Each finite root is forward-exact, in float64, to float32's rounding of t.
+        g, g_lad = fastflow.reference.mixture_cdf_fwd(
+            x[finite], *(p[finite] for p in params), kind, "logit")
+        torch.testing.assert_close(g, t[finite], rtol=0, atol=2e-6)
+        torch.testing.assert_close(lad[finite], -g_lad - (0 if output == "logit" else
+                                   (torch.log(y * (1 - y)))[finite]), rtol=1e-4, atol=1e-4)

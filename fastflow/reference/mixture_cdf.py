@@ -469,22 +469,71 @@ def component_quantile(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _bracket(z, scale, kind, dim):
-    """[lo, hi] holding the root for a logit target t, from the components' own inverses
-    z = loc + scale component_quantile(t) along ``dim`` (padded by GAUSS_BRACKET_PAD scales
-    for the Gaussian quantile's approximation error)."""
+    """(lo, hi, wide): [lo, hi] holding the root for a logit target t, from the components'
+    own inverses z = loc + scale component_quantile(t) along ``dim`` (padded by
+    GAUSS_BRACKET_PAD scales for the Gaussian quantile's approximation error). ``wide`` marks
+    the elements where some end is not finite (a scale, or scale times the quantile, past the
+    dtype's range): their bracket is the whole finite range, which :func:`_solve_wide`
+    searches."""
     if kind == "gaussian":
-        return (torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD).amin(dim),
-                torch.add(z, scale, alpha=GAUSS_BRACKET_PAD).amax(dim))
-    return z.amin(dim), z.amax(dim)
+        lo_k = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD)
+        hi_k = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD)
+    else:
+        lo_k = hi_k = z
+    # inf * 0 (an infinite scale at the quantile 0) is NaN: that component allows any x.
+    lo = lo_k.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amin(dim)
+    hi = hi_k.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf).amax(dim)
+    wide = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    return lo, hi, wide
+
+
+def _float_key(x: torch.Tensor) -> torch.Tensor:
+    """An integer that orders as x does (its magnitude's bits, negated for negative x)."""
+    bits = x.abs().view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+    return torch.where(x < 0, -bits, bits)
+
+
+def _key_float(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float whose :func:`_float_key` is k."""
+    value = k.abs().view(dtype)
+    return torch.where(k < 0, -value, value)
+
+
+def _solve_wide(t, logits, loc, log_scale, kind):
+    """Roots of logit F(x) = t (flat finite targets (N,), parameters (N, K)) for brackets
+    past the dtype's range: +-inf where F at half the largest finite float is still short of
+    the target (or past it at minus that), otherwise bisection over the floats between in
+    their integer order, which halves the count of floats in the bracket each step, so that one
+    step per bit of the dtype leaves adjacent floats; the end whose residual is smaller is
+    returned (forward-exact to the dtype)."""
+    # Half the largest float: x - loc stays finite for any loc within the other half.
+    big = 0.5 * torch.finfo(t.dtype).max
+    log_pi = torch.log_softmax(logits, dim=-1)
+    inv_scale = torch.exp(-log_scale)
+    lo, hi = torch.full_like(t, -big), torch.full_like(t, big)
+    h_lo = _logit_forward(lo, log_pi, loc, inv_scale, kind) - t
+    h_hi = _logit_forward(hi, log_pi, loc, inv_scale, kind) - t
+    bits = 64 if t.dtype == torch.float64 else 32
+    for _ in range(bits):
+        k_lo, k_hi = _float_key(lo), _float_key(hi)
+        mid = _key_float((k_lo >> 1) + (k_hi >> 1) + (k_lo & k_hi & 1), t.dtype)
+        h = _logit_forward(mid, log_pi, loc, inv_scale, kind) - t
+        # An exact root closes the bracket on itself (on a flat map, the first one found).
+        below, above = h <= 0, h >= 0
+        lo, hi = torch.where(below, mid, lo), torch.where(above, mid, hi)
+        h_lo, h_hi = torch.where(below, h, h_lo), torch.where(above, h, h_hi)
+    x = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
+    x = torch.where(h_hi < 0, math.inf, x)
+    return torch.where(h_lo > 0, -math.inf, x)
 
 
 def _finish_inverse(x, t, lad, dtype):
     """The inverse's logabsdet from the forward's at x, and the boundary (+-inf) and NaN
-    targets."""
+    targets. An infinite x (a boundary target, or a root past the dtype's range) has
+    logabsdet +inf."""
     lad = -lad
-    infinite = torch.isinf(t)
-    x = torch.where(infinite, t, x)
-    lad = torch.where(infinite, torch.full_like(lad, math.inf), lad)
+    x = torch.where(torch.isinf(t), t, x)
+    lad = torch.where(torch.isinf(x), torch.full_like(lad, math.inf), lad)
     nan = torch.isnan(t)
     x = torch.where(nan, t, x)
     lad = torch.where(nan, t, lad)
@@ -500,7 +549,9 @@ def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
     log_pi = torch.log_softmax(logits, dim=-1)
     inv_scale = torch.exp(-log_scale)
     scale = torch.exp(log_scale)
-    lo, hi = _bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale, kind, -1)
+    lo, hi, wide = _bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale,
+                            kind, -1)
+    lo, hi = lo.masked_fill(wide, 0.0), hi.masked_fill(wide, 0.0)
     # The residuals at the bracket's ends (inf: not evaluated).
     h_lo = torch.full_like(lo, math.inf)
     h_hi = h_lo.clone()
@@ -523,7 +574,11 @@ def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
         x = torch.where(inside, x_new, 0.5 * lo + 0.5 * hi)
     tol_h = 16.0 * torch.finfo(t.dtype).eps * t.abs().clamp(min=1.0)
     end = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
-    return torch.where(torch.minimum(h_lo.abs(), h_hi.abs()) <= tol_h, end, x)
+    x = torch.where(torch.minimum(h_lo.abs(), h_hi.abs()) <= tol_h, end, x)
+    wide &= torch.isfinite(t)
+    if bool(wide.any()):
+        x[wide] = _solve_wide(t[wide], logits[wide], loc[wide], log_scale[wide], kind)
+    return x
 
 
 def mixture_cdf_inverse_fixed(
@@ -577,7 +632,11 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     t_plain = torch.where(plain, t, 0.0)
     # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
-    lo, hi = _bracket(z, scale, kind, 0)
+    lo, hi, wide = _bracket(z, scale, kind, 0)
+    # Brackets past the dtype's range go to the log-space solver, which handles them.
+    plain &= ~wide
+    t_plain = torch.where(plain, t, 0.0)
+    lo, hi = lo.masked_fill(~plain, 0.0), hi.masked_fill(~plain, 0.0)
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
     tol_newton = 0.25 * math.sqrt(eps) * s_min
