@@ -11,8 +11,8 @@ matplotlib, a PNG of fastflow's speedup against problem size for W1-W3.
 
 Workloads (DESIGN section 5): W1 mixture CDF forward + logabsdet, W2 forward + backward,
 W3 inverse (with its round-trip error), W4 a training step of an autoregressive
-mixture-of-logistics flow, W5 sampling that flow against its log_prob (C1 is W5 at the CPU
-size). Sizes: "full" (DESIGN's, for a GPU), "cpu" (C1 and a reduced set) and "tiny" (a smoke
+mixture-of-logistics flow, W5 sampling that flow against its log_prob, and the same for a
+two-layer coupling flow of the same sizes (C1 is W5 at the CPU size). Sizes: "full" (DESIGN's, for a GPU), "cpu" (C1 and a reduced set) and "tiny" (a smoke
 run).
 
     fastflow bench                       # full on a GPU, cpu otherwise
@@ -301,6 +301,16 @@ def flow_model(features, hidden, components, device):
                                            seed=0)], StandardNormal(features)).to(device)
 
 
+def coupling_model(features, hidden, components, device):
+    """W5's coupling flow: two Flow++ coupling layers (each transforms half the features,
+    the Reverse between them the other half) with W4/W5's hidden sizes and components."""
+    from fastflow.flows import Coupling
+
+    torch.manual_seed(0)
+    return Coupling(features, transforms=2, components=components,
+                    hidden_features=hidden).to(device)
+
+
 def _peer(name: str):
     try:
         return importlib.import_module(name)
@@ -394,6 +404,11 @@ def w5(size, device, skipped: list[str]) -> list[Variant]:
                    note="one pass (one kernel launch on a GPU)"),
            Variant("fastflow-sample-d-pass", no_grad(lambda: d_pass.sample(batch)), slow=True,
                    note="the same model by D network passes (what peers do)")]
+    coupling = coupling_model(D, hidden, K, device)
+    out += [Variant("coupling-log_prob", no_grad(lambda: coupling.log_prob(x)),
+                    note="fastflow.flows.Coupling, 2 transforms, same hidden sizes"),
+            Variant("coupling-sample", no_grad(lambda: coupling.sample(batch)),
+                    note="one conditioner pass per transform")]
     zmaf = _zuko_maf(D, hidden, device)
     if zmaf is None:
         skipped.append("zuko-maf: zuko is not installed (pip install -e '.[bench]')")
@@ -482,6 +497,8 @@ def ratios(results: list[Result]) -> list[tuple[str, str, float]]:
         ("W5", "fastflow-log_prob"))
     add("W5", "sample speedup vs D-pass sampling", ("W5", "fastflow-sample-d-pass"),
         ("W5", "fastflow-sample"))
+    add("W5", "coupling sample / log_prob (lower is better)", ("W5", "coupling-sample"),
+        ("W5", "coupling-log_prob"))
     for peer in ("zuko-maf", "nflows-maf"):
         add("W5", f"{peer} sample / log_prob (lower is better)", ("W5", f"{peer}-sample"),
             ("W5", f"{peer}-log_prob"))

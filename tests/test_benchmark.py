@@ -20,8 +20,11 @@ def test_ratios_from_one_run():
            Result("W5", "fastflow-log_prob", "tiny", 4.0, 4.0),
            Result("W5", "torch-eager-log_prob", "tiny", 6.0, 6.0),
            Result("W5", "fastflow-sample", "tiny", 10.0, 10.0),
-           Result("W5", "zuko-maf-sample", "tiny", 300.0, 300.0)]
+           Result("W5", "zuko-maf-sample", "tiny", 300.0, 300.0),
+           Result("W5", "coupling-log_prob", "tiny", 3.0, 3.0),
+           Result("W5", "coupling-sample", "tiny", 4.5, 4.5)]
     got = {(w, c): r for w, c, r in ratios(res)}
+    assert got[("W5", "coupling sample / log_prob (lower is better)")] == pytest.approx(1.5)
     assert got[("W1", "speedup vs torch eager")] == pytest.approx(3.0)
     assert got[("W1", "bandwidth / copy bandwidth")] == pytest.approx(0.5)
     assert got[("W3", "inverse time / W1 time")] == pytest.approx(2.5)
@@ -43,7 +46,8 @@ def test_tiny_run_writes_csv_markdown_and_plot(tmp_path, capsys):
                  ("W3", "torch-eager"), ("W4", "torch-compile"), ("W5", "fastflow-sample"),
                  ("W5", "torch-eager-log_prob"), ("W5", "fastflow-sample-d-pass"),
                  ("W4", "zuko-maf"), ("W4", "nflows-maf"),
-                 ("W5", "zuko-maf-sample"), ("W5", "nflows-maf-sample")]:
+                 ("W5", "zuko-maf-sample"), ("W5", "nflows-maf-sample"),
+                 ("W5", "coupling-log_prob"), ("W5", "coupling-sample")]:
         assert want in variants
     assert all(float(r["min_ms"]) > 0 for r in rows)
     md = stem.with_suffix(".md").read_text()
