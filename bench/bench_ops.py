@@ -12,7 +12,7 @@ import torch
 
 import fastflow
 from fastflow import _registry
-from fastflow.reference import mixture_cdf as ref
+from fastflow.reference import naive
 
 from conftest import sync
 
@@ -24,12 +24,12 @@ def _bytes(*tensors):
 
 
 def _reference_forward(x, logits, loc, log_scale):
-    return ref._forward(x, logits, loc, log_scale, KIND, OUTPUT)
+    return naive.forward(x, logits, loc, log_scale, KIND, OUTPUT)
 
 
 def _reference_inverse(y, logits, loc, log_scale):
-    return ref.mixture_cdf_inverse_fixed(y, logits, loc, log_scale, KIND, OUTPUT,
-                                       _registry.BISECT_STEPS, _registry.NEWTON_STEPS)
+    return naive.inverse_fixed(y, logits, loc, log_scale, KIND, OUTPUT,
+                               _registry.BISECT_STEPS, _registry.NEWTON_STEPS)
 
 
 def _fastflow_forward(x, logits, loc, log_scale):

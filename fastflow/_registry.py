@@ -24,11 +24,11 @@ import os
 import torch
 
 from . import reference
-from .reference import mixture_cdf as _ref_cdf
+from .reference import naive
 
 # The inverse's iteration budget. The kernels iterate safeguarded Halley per tile until every
 # element has converged, capped at MAX_STEPS iterations (a compile-time constant: the worst
-# case of the earlier fixed schedule). reference.mixture_cdf's mixture_cdf_inverse_fixed runs
+# case of the earlier fixed schedule). reference.naive's inverse_fixed runs
 # that fixed schedule (BISECT_STEPS bisection, then NEWTON_STEPS Newton steps) and serves as a
 # benchmark baseline; the CPU reference iterates to convergence.
 BISECT_STEPS = 40
@@ -160,8 +160,8 @@ def cdf_map(kind: str, output: str):
     """(x, logits, loc, log_scale) -> (y, logabsdet) (or logabsdet alone for "density"),
     in the compute dtype, with the parameters broadcast inside (their gradients summed)."""
     def fn(x, logits, loc, log_scale):
-        x, logits, loc, log_scale = _ref_cdf._upcast(x, logits, loc, log_scale)
-        y, lad = _ref_cdf._forward(x, *expand_params(x, logits, loc, log_scale), kind, output)
+        x, logits, loc, log_scale = naive.upcast(x, logits, loc, log_scale)
+        y, lad = naive.forward(x, *expand_params(x, logits, loc, log_scale), kind, output)
         return lad if output == "density" else (y, lad)
     return fn
 
@@ -181,20 +181,20 @@ def newton_inverse(x_star: torch.Tensor, kind: str, output: str):
     g as the target (a fixed point), so that no inf or NaN reaches a gradient.
     """
     def fn(y, logits, loc, log_scale):
-        y, logits, loc, log_scale = _ref_cdf._upcast(y, logits, loc, log_scale)
+        y, logits, loc, log_scale = naive.upcast(y, logits, loc, log_scale)
         logits, loc, log_scale = expand_params(y, logits, loc, log_scale)
         finite = torch.isfinite(x_star)
         with torch.no_grad():
             x_far = loc.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
             x = torch.where(finite, x_star.to(y.dtype), x_far)
-            t_far = _ref_cdf._forward(x, logits, loc, log_scale, kind, "logit")[0]
+            t_far = naive.forward(x, logits, loc, log_scale, kind, "logit")[0]
         # The target, with y masked before the logit (its derivative is infinite at 0, 1).
         safe = torch.where(finite, y, 0.5 if output == "unit" else 0.0)
-        t = torch.where(finite, _ref_cdf.target_logit(safe, output), t_far)
+        t = torch.where(finite, naive.target_logit(safe, output), t_far)
         for _ in range(2):
-            g, log_slope = _ref_cdf._forward(x, logits, loc, log_scale, kind, "logit")
+            g, log_slope = naive.forward(x, logits, loc, log_scale, kind, "logit")
             x = x - (g - t) * torch.exp(-log_slope)
-        lad = -_ref_cdf._forward(x, logits, loc, log_scale, kind, output)[1]
+        lad = -naive.forward(x, logits, loc, log_scale, kind, output)[1]
         # Only derivatives are read from these outputs; at the boundary, the solver's values.
         return (torch.where(finite, x, x_star.to(x.dtype)),
                 torch.where(finite, lad, torch.inf))
@@ -381,7 +381,7 @@ def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return reference.mixture_cdf.compute_dtype(dtype)
+    return naive.compute_dtype(dtype)
 
 
 def _empty_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ def no_input_checks():
 
 
 def _plain_mixture_cdf(x, logits, loc, log_scale, *, kind, output, validate_args=None):
-    from fastflow.reference.mixture_cdf import _forward
+    from fastflow.reference.naive import forward as _forward
 
     return _forward(x, logits, loc, log_scale, kind, output)
 
@@ -209,7 +209,7 @@ def _compiled(fn, enabled: bool):
 
 def w1(n, device, compile_: bool) -> list[Variant]:
     import fastflow
-    from fastflow.reference import mixture_cdf as ref
+    from fastflow.reference import naive
 
     x, logits, loc, log_scale = op_inputs(n, device)
     nbytes = _nbytes(x, logits, loc, log_scale) + 2 * _nbytes(x)
@@ -219,7 +219,7 @@ def w1(n, device, compile_: bool) -> list[Variant]:
                                     validate_args=False)
 
     def eager(*a):
-        return ref._forward(*a, KIND, OUTPUT)
+        return naive.forward(*a, KIND, OUTPUT)
 
     src = torch.zeros(nbytes // 8, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -235,7 +235,7 @@ def w1(n, device, compile_: bool) -> list[Variant]:
 
 def w2(n, device, compile_: bool) -> list[Variant]:
     import fastflow
-    from fastflow.reference import mixture_cdf as ref
+    from fastflow.reference import naive
 
     base = op_inputs(n, device)
     leaves = [t.clone().requires_grad_() for t in base]
@@ -251,7 +251,7 @@ def w2(n, device, compile_: bool) -> list[Variant]:
         return fastflow.mixture_cdf(*a, kind=KIND, output=OUTPUT, validate_args=False)
 
     def eager_fwd(*a):
-        return ref._forward(*a, KIND, OUTPUT)
+        return naive.forward(*a, KIND, OUTPUT)
 
     out = [Variant("fastflow", step(fast_fwd), nbytes),
            Variant("torch-eager", step(eager_fwd), nbytes)]
@@ -265,7 +265,7 @@ def w3(n, device, compile_: bool) -> tuple[list[Variant], float]:
     """Variants and the round-trip error max |F(F^-1(y)) - y| / max(1, |y|) of fastflow's."""
     import fastflow
     from fastflow import _registry
-    from fastflow.reference import mixture_cdf as ref
+    from fastflow.reference import naive
 
     x, logits, loc, log_scale = op_inputs(n, device)
     y, _ = fastflow.mixture_cdf(x, logits, loc, log_scale, kind=KIND, output=OUTPUT)
@@ -276,8 +276,8 @@ def w3(n, device, compile_: bool) -> tuple[list[Variant], float]:
                                             validate_args=False)
 
     def fixed(*a):
-        return ref.mixture_cdf_inverse_fixed(*a, KIND, OUTPUT, _registry.BISECT_STEPS,
-                                             _registry.NEWTON_STEPS)
+        return naive.inverse_fixed(*a, KIND, OUTPUT, _registry.BISECT_STEPS,
+                                   _registry.NEWTON_STEPS)
 
     x_back, _ = fast()
     y_back, _ = fastflow.mixture_cdf(x_back, logits, loc, log_scale, kind=KIND, output=OUTPUT)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastflow
+from fastflow.reference import naive
 
 from conftest import DEVICE, HAS_CUDA
 from helpers import (
@@ -154,7 +155,6 @@ def test_unit_output_gradients_relatively_exact_in_the_lower_tail(backend, kind)
     """float32 gradients of y = F(x) for F down to 1e-19, against float64 autograd through
     the log-space forward: dF = F dlog F there (through 1 - F, dF = -(1 - F) dlog(1 - F)
     would lose everything). Relative to each row's largest, 1e-5."""
-    from fastflow.reference import mixture_cdf as ref
 
     n = 64
     params = [torch.tensor(v, device=DEVICE).expand(n, 3).clone()
@@ -164,7 +164,7 @@ def test_unit_output_gradients_relatively_exact_in_the_lower_tail(backend, kind)
     y, _ = fastflow.mixture_cdf(*leaves, kind=kind, output="unit")
     got = torch.autograd.grad(y.sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, *params)]
-    y64, _ = ref._forward(*leaves64, kind, "unit")
+    y64, _ = naive.forward(*leaves64, kind, "unit")
     want = torch.autograd.grad(y64.sum(), leaves64)
     for name, g, w in zip(("x", "logits", "loc", "log_scale"), got, want, strict=True):
         scale = w.abs() if w.dim() == 1 else w.abs().amax(-1, keepdim=True)
@@ -380,7 +380,8 @@ def test_property_logabsdet_equals_autograd(kind, output, K, x, seed):
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_written_out_vjp_equals_autograd(kind, output):
     """The reference's written-out gradients against torch autograd through its forward."""
-    from fastflow.reference.mixture_cdf import _forward, mixture_cdf_bwd
+    from fastflow.reference.mixture_cdf import mixture_cdf_bwd
+    from fastflow.reference.naive import forward as _forward
 
     params = random_mixture((5, 9), 4, dtype=torch.float64, logit_spread=4.0,
                             log_scale_range=(-2.0, 2.0))
@@ -506,8 +507,8 @@ def test_cpu_path_sends_exactly_the_underflowing_elements_to_log_space(monkeypat
         tails[:2] = [-10.5, 10.5]
     x = torch.tensor([-2.0, 0.0, 0.5, 2.5, *tails])
     seen = []
-    forward, pieces = ref._forward, ref._vjp_pieces
-    monkeypatch.setattr(ref, "_forward", lambda *a: seen.append(a[0].numel()) or forward(*a))
+    forward, pieces = naive.forward, ref._vjp_pieces
+    monkeypatch.setattr(naive, "forward", lambda *a: seen.append(a[0].numel()) or forward(*a))
     monkeypatch.setattr(ref, "_vjp_pieces",
                         lambda *a: seen.append(a[0].numel()) or pieces(*a))
     y, lad = ref.mixture_cdf_fwd(x, *params, kind, output)
@@ -549,7 +550,7 @@ def test_cpu_path_tiny_scales_take_log_space(kind, output, log_scale, u):
         loc[0, 1] = 1e4  # a second component too far out to matter
     args = [x, logits, loc, ls]
     y, lad = ref.mixture_cdf_fwd(*args, kind, output)
-    y64, lad64 = ref._forward(*(a.double() for a in args), kind, output)
+    y64, lad64 = naive.forward(*(a.double() for a in args), kind, output)
     assert torch.isfinite(lad).all()
     torch.testing.assert_close(lad.double(), lad64, rtol=2e-6, atol=0)
     if y is not None:
@@ -567,14 +568,13 @@ def test_flushed_density_terms_with_tiny_scales_match_float64(backend, output):
     back up leaves f far above any fixed floor yet missing its largest term (GPUs flush at
     the smallest normal number, the emulated approximations too). The forward and the
     inverse must send such rows to log space."""
-    from fastflow.reference import mixture_cdf as ref
 
     s, u = math.exp(-60.0), 89.5
     x = torch.tensor([u * s])
     logits, loc = torch.zeros(1, 2), torch.tensor([[0.0, u * s + 42.5]])
     ls = torch.tensor([[-60.0, 0.0]])
     args64 = [a.double() for a in (x, logits, loc, ls)]
-    y64, lad64 = ref._forward(*args64, "logistic", output)
+    y64, lad64 = naive.forward(*args64, "logistic", output)
     if output == "density":
         lad = fastflow.mixture_log_prob(x, logits, loc, ls, kind="logistic")
     else:
@@ -583,7 +583,7 @@ def test_flushed_density_terms_with_tiny_scales_match_float64(backend, output):
         # The inverse's logabsdet at its solution is minus the float64 forward's there.
         x_inv, lad_inv = fastflow.mixture_cdf_inverse(y, logits, loc, ls, kind="logistic",
                                                       output=output)
-        _, lad_at = ref._forward(x_inv.double(), *args64[1:], "logistic", output)
+        _, lad_at = naive.forward(x_inv.double(), *args64[1:], "logistic", output)
         torch.testing.assert_close(-lad_inv.double(), lad_at, rtol=2e-6, atol=0)
     torch.testing.assert_close(lad.double(), lad64, rtol=2e-6, atol=0)
 
@@ -591,11 +591,10 @@ def test_flushed_density_terms_with_tiny_scales_match_float64(backend, output):
 def test_log_space_logistic_terms_exact_past_softplus_threshold():
     """float64 log C(u), log(1 - C(u)) beyond |u| = 20, where softplus's default threshold
     drops e^-|u|: the density of one logistic component, -|u| - 2 log(1 + e^-|u|) - log s."""
-    from fastflow.reference import mixture_cdf as ref
 
     u = torch.tensor([-35.0, -25.0, -21.0, 21.0, 30.0], dtype=torch.float64)
     zero = torch.zeros(5, 1, dtype=torch.float64)
-    _, lad = ref._forward(u, zero, zero, zero, "logistic", "density")
+    _, lad = naive.forward(u, zero, zero, zero, "logistic", "density")
     want = torch.tensor([-abs(v) - 2 * math.log1p(math.exp(-abs(v))) for v in u.tolist()],
                         dtype=torch.float64)
     torch.testing.assert_close(lad, want, rtol=1e-15, atol=0)
@@ -758,7 +757,6 @@ def test_random_scales_beyond_float_range_match_float64(backend, dtype, kind, ou
     component's), which float64 at log_scale = -700 reproduces where an ordinary component
     is present; elements all of whose components are extreme take the step model
     (``_all_extreme_expected``), and on one side of x the analytic limit."""
-    from fastflow.reference import mixture_cdf as ref
 
     x, params, typ = _extreme_batch(dtype)
     y, lad = _fwd(x, params, kind, output)
@@ -771,7 +769,7 @@ def test_random_scales_beyond_float_range_match_float64(backend, dtype, kind, ou
     if dtype == torch.float64:
         ls64 = ls64.clamp(min=-700.0)
     with torch.no_grad():
-        y64, lad64 = ref._forward(x64, logits64, loc64, ls64, kind, output)
+        y64, lad64 = naive.forward(x64, logits64, loc64, ls64, kind, output)
     if dtype == torch.float64:
         far = typ != 0
         log_F, log_S, log_f = (torch.from_numpy(a) for a in _all_extreme_expected(

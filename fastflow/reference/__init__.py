@@ -1,6 +1,7 @@
-"""Pure-PyTorch implementations: the CPU path and the oracle for every kernel test."""
+"""Pure-PyTorch implementations: the CPU path of every op, and :mod:`.naive`, the mixture
+CDF's log-space oracle that the kernels and the CPU path are tested against."""
 
-from . import autoregressive, made
+from . import autoregressive, made, naive
 from .made import masked_linear_fwd
 from .mixture_cdf import (
     mixture_cdf_bwd,
@@ -12,6 +13,7 @@ from .mixture_cdf import (
 __all__ = [
     "autoregressive",
     "made",
+    "naive",
     "mixture_cdf_bwd",
     "mixture_cdf_fwd",
     "mixture_cdf_inverse_bwd",

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .mixture_cdf import compute_dtype, inverse_component_major, mixture_cdf_fwd
+from .mixture_cdf import inverse_component_major, mixture_cdf_fwd
+from .naive import compute_dtype
 
 ACTIVATIONS = {"relu": torch.relu, "identity": lambda a: a}
 

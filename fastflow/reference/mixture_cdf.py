@@ -1,24 +1,21 @@
-"""Pure-PyTorch mixture-CDF transform: the CPU path and the oracle for the Triton kernels.
+"""The CPU path of the mixture-CDF ops: forward, VJP, inverse and the inverse's VJP in
+plain PyTorch, faster than the oracle and held to it by the tests.
 
 Every function here takes tensors that are already validated and broadcast: ``x`` of shape
 ``S`` and parameters of shape ``S + (K,)`` (expanded views are fine), all of one floating
 dtype. Half-precision inputs are computed in float32 and returned in their own dtype.
 
-Two formulations of the forward and its VJP:
-
-- log space (``_forward``, ``_vjp_pieces`` / ``_vjp_assemble``), the numerical contract of
-  the design notes: log-sum-exps throughout, 1 - F never formed by subtraction, the logit
-  log-derivative from the components' responsibilities and hazard rates so that it does not
-  cancel in the tails. The oracle: the tests hold it to autograd, finite differences,
-  quadrature and scipy, and the CPU path to it.
-- probability space (``_prob_terms``, ``_prob_vjp``), what ``mixture_cdf_fwd`` /
-  ``mixture_cdf_bwd`` run: F, 1 - F and f as sums of positive terms (each exact to a few
-  ulps until its terms underflow) in a third of the passes over the components, with the
-  elements where terms may have underflowed (far tails, tiny scales) or sums are not finite
-  recomputed in log space.
+- The forward and its VJP in probability space (``_prob_terms``, ``_prob_vjp``): F, 1 - F and
+  f as sums of positive terms (each exact to a few ulps until its terms underflow) in a third
+  of the passes over the components, with the elements where terms may have underflowed (far
+  tails, tiny scales) or sums are not finite recomputed in log space by the oracle
+  (:mod:`fastflow.reference.naive`), whose formulas the written-out log-space VJP
+  (``_vjp_pieces`` / ``_vjp_assemble``) differentiates.
+- The inverse by safeguarded Newton iteration to convergence on a component-major layout,
+  falling back to the oracle's fixed log-space schedule.
 
 Gradients are written out (the same formulas as the kernels, checked by the tests against
-autograd through ``_forward`` and finite differences); gradients of the inverse use implicit
+autograd through the oracle and finite differences); gradients of the inverse use implicit
 differentiation of the forward at the solution.
 """
 
@@ -27,127 +24,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-LOG_2 = math.log(2.0)
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-HALF_LOG_HALF_PI = 0.5 * math.log(0.5 * math.pi)
-INV_SQRT2 = 1.0 / math.sqrt(2.0)
-
-# Abramowitz & Stegun 26.2.23: the upper-tail normal quantile to |error| < 4.5e-4.
-_AS_NUM = (2.515517, 0.802853, 0.010328)
-_AS_DEN = (1.432788, 0.189269, 0.001308)
-# Bracket padding, in units of a component's scale, covering that approximation's error.
-GAUSS_BRACKET_PAD = 1e-3
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _gauss_log_hazard(u: torch.Tensor) -> torch.Tensor:
-    """log(phi(u) / Phi(-u)), stable for all u (no cancellation for u >> 0)."""
-    u_pos = u.clamp(min=0.0)
-    pos = -torch.log(torch.special.erfcx(u_pos * INV_SQRT2)) - HALF_LOG_HALF_PI
-    u_neg = u.clamp(max=0.0)
-    neg = -0.5 * u_neg * u_neg - HALF_LOG_2PI - torch.special.log_ndtr(-u_neg)
-    return torch.where(u >= 0, pos, neg)
-
-
-def log_cdf_sf(u: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """log C(u) and log(1 - C(u)) of the standard component."""
-    if kind == "logistic":
-        # softplus's default threshold (20) returns x itself above it, an error of e^-20
-        # (2e-9) that float64 sees; at 40 the error is below float64's resolution.
-        return -F.softplus(-u, threshold=40.0), -F.softplus(u, threshold=40.0)
-    return torch.special.log_ndtr(u), torch.special.log_ndtr(-u)
-
-
-def component_terms(u: torch.Tensor, kind: str):
-    """(log C, log(1-C), log c, log c/(1-C), log c/C) of the standard component at u."""
-    log_cdf, log_sf = log_cdf_sf(u, kind)
-    if kind == "logistic":
-        # c = C (1 - C): the hazard c/(1-C) is C and the reverse hazard c/C is 1-C.
-        return log_cdf, log_sf, log_cdf + log_sf, log_cdf, log_sf
-    log_pdf = -0.5 * u * u - HALF_LOG_2PI
-    return log_cdf, log_sf, log_pdf, _gauss_log_hazard(u), _gauss_log_hazard(-u)
-
-
-def _standardize(x, logits, loc, log_scale):
-    """log pi and u = (x - loc) / s of the log-space formulas.
-
-    Where 1/s = exp(-log_scale) overflows (log_scale below about -88.7 in float32, -709.8
-    in float64) u is +-inf, and at x == loc the product is 0 * inf: u is exactly 0 there.
-    Only that case is replaced, so autograd sees (x - loc) / s everywhere else.
-    """
-    log_pi = torch.log_softmax(logits, dim=-1)
-    d = x.unsqueeze(-1) - loc
-    inv_s = torch.exp(-log_scale)
-    u = torch.where((d == 0) & torch.isinf(inv_s), 0.0, d * inv_s)
-    return log_pi, u
-
-
-def _upcast(*tensors):
-    dtype = compute_dtype(tensors[0].dtype)
-    return [t.to(dtype) for t in tensors]
-
-
-def _forward(x, logits, loc, log_scale, kind: str, output: str):
-    """The forward map in the compute dtype; autograd flows through it."""
-    log_pi, u = _standardize(x, logits, loc, log_scale)
-    log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf = component_terms(u, kind)
-    log_f = torch.logsumexp(log_pi + log_pdf - log_scale, dim=-1)
-    if output == "density":
-        return None, log_f
-    v_cdf = log_pi + log_cdf
-    v_sf = log_pi + log_sf
-    log_F = torch.logsumexp(v_cdf, dim=-1)
-    log_S = torch.logsumexp(v_sf, dim=-1)
-    if output == "unit":
-        # F from whichever of F, 1-F is below one half, so that the value and its gradient
-        # (dF = -(1-F) dlog(1-F)) stay exact in the upper tail.
-        z = torch.where(log_F < -LOG_2, torch.exp(log_F), -torch.expm1(log_S))
-        return z, log_f
-    y = log_F - log_S
-    # log(f / (1-F)) = logsumexp_k(resp_k(1-F) + log hazard_k - log s_k), and symmetrically.
-    log_f_over_S = torch.logsumexp(_resp_hazard(v_sf, log_h_sf) - log_scale, dim=-1)
-    log_f_over_F = torch.logsumexp(_resp_hazard(v_cdf, log_h_cdf) - log_scale, dim=-1)
-    lad = torch.where(y > 0, log_f_over_S - log_F, log_f_over_F - log_S)
-    return y, _saturated_logit_lad(lad, y, x, log_pi, loc, log_scale, kind)
-
-
-def _resp_hazard(v, log_h):
-    """log responsibility + log hazard of each component (v: log pi C or log pi (1 - C)).
-
-    A component without responsibility adds nothing, also where its hazard is infinite (a
-    Gaussian component at u = +-inf: -inf + inf): their product is pi c / s over the sum,
-    and c is 0 there.
-    """
-    resp = torch.log_softmax(v, dim=-1)
-    return torch.where(resp == -math.inf, -math.inf, resp + log_h)
-
-
-def _saturated_logit_lad(lad, y, x, log_pi, loc, log_scale, kind: str):
-    """The logit output's logabsdet where 1 - F (y = +inf) or F (y = -inf) is 0 at finite x.
-
-    There every component with pi > 0 lies beyond float range on one side of x (1/s or u^2
-    overflows), the responsibilities are 0 / 0 and the hazard form is NaN. The exact value
-    is finite: the tail sum is dominated by the component with the smallest |u_k|,
-    k* = argmin_k log|x - loc_k| - log s_k (taken without forming u), and f / (1 - F) tends
-    to its hazard over its scale: lad = -log s_k* for the logistic (hazard -> 1) and
-    log|x - loc_k*| - 2 log s_k* for the Gaussian (hazard -> |u|). Exact ties in log|u_k|
-    take the smallest candidate. Written without data-dependent control flow (the fixed
-    inverse schedule compiles as one graph); elsewhere the inputs to the logarithm are
-    masked to 1 so that the unselected branch stays finite under autograd.
-    """
-    sat = torch.isinf(y) & torch.isfinite(x)
-    d = torch.where(sat.unsqueeze(-1), x.unsqueeze(-1) - loc, 1.0)
-    log_u = torch.where(log_pi == -math.inf, math.inf, torch.log(d.abs()) - log_scale)
-    lim = -log_scale if kind == "logistic" else log_u - log_scale
-    nearest = log_u == log_u.amin(-1, keepdim=True)
-    lim = torch.where(nearest, lim, math.inf).amin(-1)
-    return torch.where(sat, lim, lad)
+from . import naive
+from .naive import (
+    HALF_LOG_2PI,
+    INV_SQRT2,
+    LOG_2,
+    bracket,
+    component_quantile,
+    component_terms,
+    finish_inverse,
+    solve_fixed,
+    standardize,
+    target_logit,
+    upcast,
+)
 
 
 def _prob_terms(x, logits, loc, log_scale, kind: str, output: str,
@@ -233,10 +124,10 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
     The CPU path: F, 1 - F and f summed in probability space (``_prob_terms``), a third of
     the log-space formulas' passes over the components; the elements ``_log_space_rows``
     picks (terms that may have underflowed, results that are not finite) are evaluated by
-    the log-space forward (``_forward``, the oracle the tests hold both to).
+    the log-space forward (``naive.forward``, the oracle the tests hold both to).
     """
     with torch.no_grad():
-        args = _upcast(x, logits, loc, log_scale)
+        args = upcast(x, logits, loc, log_scale)
         q = _prob_terms(*args, kind, output)
         f = q["f"]
         if output == "density":
@@ -248,7 +139,7 @@ def mixture_cdf_fwd(x, logits, loc, log_scale, kind: str, output: str):
             y, lad = torch.log(q["F"] / q["S"]), torch.log(f / (q["F"] * q["S"]))
         bad = _log_space_rows(q, output)
         if bool(bad.any()):
-            y_bad, lad_bad = _forward(*(a[bad] for a in args), kind, output)
+            y_bad, lad_bad = naive.forward(*(a[bad] for a in args), kind, output)
             lad[bad] = lad_bad
             if y is not None:
                 y[bad] = y_bad
@@ -262,7 +153,7 @@ def _vjp_pieces(x, logits, loc, log_scale, kind: str, output: str):
     responsibilities: d log F/du_k = a_k c_k/C_k, d log(1-F)/du_k = -b_k c_k/(1-C_k),
     d log f/du_k = r_k (log c)'(u_k); hazards come from their stable log forms.
     """
-    log_pi, u = _standardize(x, logits, loc, log_scale)
+    log_pi, u = standardize(x, logits, loc, log_scale)
     log_cdf, log_sf, log_pdf, log_h_sf, log_h_cdf = component_terms(u, kind)
     if kind == "logistic":
         dlog_pdf = torch.exp(log_sf) - torch.exp(log_cdf)
@@ -346,7 +237,7 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
     check both against autograd through the log-space forward.
     """
     with torch.no_grad():
-        args = _upcast(x, logits, loc, log_scale)
+        args = upcast(x, logits, loc, log_scale)
         gl = grad_lad.to(args[0].dtype)
         gy = gl if grad_y is None else grad_y.to(gl.dtype)
         q = _prob_terms(*args, kind, output, for_vjp=True)
@@ -391,7 +282,7 @@ def _limit_vjp(grads, grad_y, grad_lad, x, logits, loc, log_scale, p, kind: str,
 
     Each product of a cotangent or delta with a limit is 0 where that factor is 0.
     """
-    log_pi, u = _standardize(x, logits, loc, log_scale)
+    log_pi, u = standardize(x, logits, loc, log_scale)
     log_pdf = component_terms(u, kind)[2]
     dead = (torch.logsumexp(log_pi + log_pdf - log_scale, -1) == -math.inf) & torch.isfinite(x)
     if not bool(dead.any()):
@@ -445,156 +336,6 @@ def _limit_vjp(grads, grad_y, grad_lad, x, logits, loc, log_scale, p, kind: str,
     grads[3][dead] = _times(delta, g_ls)
 
 
-def _logit_forward(x, log_pi, loc, inv_scale, kind):
-    """logit F(x) only: the quantity bisection compares against the target."""
-    log_cdf, log_sf = log_cdf_sf((x.unsqueeze(-1) - loc) * inv_scale, kind)
-    return torch.logsumexp(log_pi + log_cdf, -1) - torch.logsumexp(log_pi + log_sf, -1)
-
-
-def target_logit(y: torch.Tensor, output: str) -> torch.Tensor:
-    """The target in logit space: y itself, or log z - log(1 - z) for unit targets."""
-    if output == "logit":
-        return y
-    return torch.log(y) - torch.log1p(-y)
-
-
-def component_quantile(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """u with logit C(u) = t for the standard component (Gaussian: to about 4.5e-4)."""
-    if kind == "logistic":
-        return t
-    w = torch.sqrt(2.0 * F.softplus(t.abs()))
-    num = _AS_NUM[0] + w * (_AS_NUM[1] + w * _AS_NUM[2])
-    den = 1.0 + w * (_AS_DEN[0] + w * (_AS_DEN[1] + w * _AS_DEN[2]))
-    return torch.sign(t) * (w - num / den)
-
-
-def _bracket(z, scale, kind, dim):
-    """(lo, hi, wide): [lo, hi] holding the root for a logit target t, from the components'
-    own inverses z = loc + scale component_quantile(t) along ``dim`` (padded by
-    GAUSS_BRACKET_PAD scales for the Gaussian quantile's approximation error). ``wide`` marks
-    the elements where some end is not finite (a scale, or scale times the quantile, past the
-    dtype's range): their bracket is the whole finite range, which :func:`_solve_wide`
-    searches."""
-    if kind == "gaussian":
-        lo_k = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD)
-        hi_k = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD)
-    else:
-        lo_k = hi_k = z
-    # inf * 0 (an infinite scale at the quantile 0) is NaN: that component allows any x.
-    lo = lo_k.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amin(dim)
-    hi = hi_k.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf).amax(dim)
-    wide = ~(torch.isfinite(lo) & torch.isfinite(hi))
-    return lo, hi, wide
-
-
-def _float_key(x: torch.Tensor) -> torch.Tensor:
-    """An integer that orders as x does (its magnitude's bits, negated for negative x)."""
-    bits = x.abs().view(torch.int64 if x.dtype == torch.float64 else torch.int32)
-    return torch.where(x < 0, -bits, bits)
-
-
-def _key_float(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float whose :func:`_float_key` is k."""
-    value = k.abs().view(dtype)
-    return torch.where(k < 0, -value, value)
-
-
-def _solve_wide(t, logits, loc, log_scale, kind):
-    """Roots of logit F(x) = t (flat finite targets (N,), parameters (N, K)) for brackets
-    past the dtype's range: +-inf where F at half the largest finite float is still short of
-    the target (or past it at minus that), otherwise bisection over the floats between in
-    their integer order, which halves the count of floats in the bracket each step, so that one
-    step per bit of the dtype leaves adjacent floats; the end whose residual is smaller is
-    returned (forward-exact to the dtype)."""
-    # Half the largest float: x - loc stays finite for any loc within the other half.
-    big = 0.5 * torch.finfo(t.dtype).max
-    log_pi = torch.log_softmax(logits, dim=-1)
-    inv_scale = torch.exp(-log_scale)
-    lo, hi = torch.full_like(t, -big), torch.full_like(t, big)
-    h_lo = _logit_forward(lo, log_pi, loc, inv_scale, kind) - t
-    h_hi = _logit_forward(hi, log_pi, loc, inv_scale, kind) - t
-    bits = 64 if t.dtype == torch.float64 else 32
-    for _ in range(bits):
-        k_lo, k_hi = _float_key(lo), _float_key(hi)
-        mid = _key_float((k_lo >> 1) + (k_hi >> 1) + (k_lo & k_hi & 1), t.dtype)
-        h = _logit_forward(mid, log_pi, loc, inv_scale, kind) - t
-        # An exact root closes the bracket on itself (on a flat map, the first one found).
-        below, above = h <= 0, h >= 0
-        lo, hi = torch.where(below, mid, lo), torch.where(above, mid, hi)
-        h_lo, h_hi = torch.where(below, h, h_lo), torch.where(above, h, h_hi)
-    x = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
-    x = torch.where(h_hi < 0, math.inf, x)
-    return torch.where(h_lo > 0, -math.inf, x)
-
-
-def _finish_inverse(x, t, lad, dtype):
-    """The inverse's logabsdet from the forward's at x, and the boundary (+-inf) and NaN
-    targets. An infinite x (a boundary target, or a root past the dtype's range) has
-    logabsdet +inf."""
-    lad = -lad
-    x = torch.where(torch.isinf(t), t, x)
-    lad = torch.where(torch.isinf(x), torch.full_like(lad, math.inf), lad)
-    nan = torch.isnan(t)
-    x = torch.where(nan, t, x)
-    lad = torch.where(nan, t, lad)
-    return x.to(dtype), lad.to(dtype)
-
-
-def _solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
-    """Root of logit F(x) = t in log space: bisection, then safeguarded Newton steps, each
-    inside the bracket. Where an end of the final bracket has a residual at the rounding level
-    of logit F, that end instead (the one with the smaller residual): a flat stretch of the
-    map can put a sign change of the rounded residual an ulp from a steep rise, and the point
-    inside such a bracket need not be near the root, while that end is forward-exact."""
-    log_pi = torch.log_softmax(logits, dim=-1)
-    inv_scale = torch.exp(-log_scale)
-    scale = torch.exp(log_scale)
-    lo, hi, wide = _bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale,
-                            kind, -1)
-    lo, hi = lo.masked_fill(wide, 0.0), hi.masked_fill(wide, 0.0)
-    # The residuals at the bracket's ends (inf: not evaluated).
-    h_lo = torch.full_like(lo, math.inf)
-    h_hi = h_lo.clone()
-
-    def narrow(x, h, lo, hi, h_lo, h_hi):
-        below = h < 0
-        return (torch.where(below, x, lo), torch.where(below, hi, x),
-                torch.where(below, h, h_lo), torch.where(below, h_hi, h))
-
-    for _ in range(bisect_steps):
-        mid = 0.5 * lo + 0.5 * hi
-        h = _logit_forward(mid, log_pi, loc, inv_scale, kind) - t
-        lo, hi, h_lo, h_hi = narrow(mid, h, lo, hi, h_lo, h_hi)
-    x = 0.5 * lo + 0.5 * hi
-    for _ in range(newton_steps):
-        g, lad = _forward(x, logits, loc, log_scale, kind, "logit")
-        lo, hi, h_lo, h_hi = narrow(x, g - t, lo, hi, h_lo, h_hi)
-        x_new = x - (g - t) * torch.exp(-lad)
-        inside = (x_new > lo) & (x_new < hi)
-        x = torch.where(inside, x_new, 0.5 * lo + 0.5 * hi)
-    tol_h = 16.0 * torch.finfo(t.dtype).eps * t.abs().clamp(min=1.0)
-    end = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
-    x = torch.where(torch.minimum(h_lo.abs(), h_hi.abs()) <= tol_h, end, x)
-    wide &= torch.isfinite(t)
-    if bool(wide.any()):
-        x[wide] = _solve_wide(t[wide], logits[wide], loc[wide], log_scale[wide], kind)
-    return x
-
-
-def mixture_cdf_inverse_fixed(
-    y, logits, loc, log_scale, kind: str, output: str, bisect_steps: int, newton_steps: int
-):
-    """A fixed schedule in log space: bisection steps in logit space, then safeguarded
-    Newton steps (the kernels' earlier algorithm; now the CPU solver's fallback and a
-    benchmark baseline). No data-dependent control flow (it compiles as one graph)."""
-    with torch.no_grad():
-        y_c, logits_c, loc_c, log_scale_c = _upcast(y, logits, loc, log_scale)
-        t = target_logit(y_c, output)
-        x = _solve_fixed(t, logits_c, loc_c, log_scale_c, kind, bisect_steps, newton_steps)
-        _, lad = _forward(x, logits_c, loc_c, log_scale_c, kind, output)
-        return _finish_inverse(x, t, lad, y.dtype)
-
-
 def _logit_and_slope(x, pi, w_f, loc, inv_scale, kind):
     """logit F(x), its derivative f / (F (1 - F)) and f, with the component axis *first*:
     x (N,), parameters (K, N) (pi the weights, w_f = pi / s). F, 1 - F and f are each summed
@@ -632,7 +373,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     t_plain = torch.where(plain, t, 0.0)
     # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
-    lo, hi, wide = _bracket(z, scale, kind, 0)
+    lo, hi, wide = bracket(z, scale, kind, 0)
     # Brackets past the dtype's range go to the log-space solver, which handles them.
     plain &= ~wide
     t_plain = torch.where(plain, t, 0.0)
@@ -693,7 +434,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     rest = (active | ~plain) & torch.isfinite(t)
     if bool(rest.any()):
         cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
-        x[rest] = _solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
+        x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
     # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
     # (no cancellation); in log space wherever f is too small for that.
     _, slope, dens = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
@@ -701,7 +442,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     redo = rest | ~(dens > 1e8 * finfo.tiny)
     if bool(redo.any()):
         cols = (logits[:, redo].T, loc[:, redo].T, log_scale[:, redo].T)
-        lad[redo] = _forward(x[redo], *cols, kind, output)[1]
+        lad[redo] = naive.forward(x[redo], *cols, kind, output)[1]
     return x, lad
 
 
@@ -719,13 +460,14 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
     2 eps (|x| + that scale) further, so that the next evaluation closes the bracket if the
     root is that near. Typically 3-6 evaluations instead of a fixed schedule's 44 (the kernels
     iterate the same way, in log space, per tile). Targets so far out that the tail mass nears
-    underflow, and any element still unconverged after ``max_steps``, are solved in log space
-    by the fixed schedule (:func:`mixture_cdf_inverse_fixed`). The logabsdet is taken in log
-    space at the solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward
+    underflow, brackets past the dtype's range, and any element still unconverged after
+    ``max_steps``, are solved in log space by the fixed schedule
+    (:func:`fastflow.reference.naive.inverse_fixed`). The logabsdet is taken in log space at
+    the solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward
     logabsdet at x.
     """
     with torch.no_grad():
-        y_c, logits_c, loc_c, log_scale_c = _upcast(y, logits, loc, log_scale)
+        y_c, logits_c, loc_c, log_scale_c = upcast(y, logits, loc, log_scale)
         K = logits_c.shape[-1]
         params = (p.reshape(-1, K).T.contiguous() for p in (logits_c, loc_c, log_scale_c))
         x, lad = inverse_component_major(y_c.reshape(-1), *params, kind, output, max_steps,
@@ -740,7 +482,7 @@ def inverse_component_major(y, logits, loc, log_scale, kind: str, output: str,
     GEMM produces them so). Returns (x, logabsdet), (N,) each."""
     t = target_logit(y, output)
     x, lad = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps, fallback_steps)
-    return _finish_inverse(x, t, lad, y.dtype)
+    return finish_inverse(x, t, lad, y.dtype)
 
 
 def mixture_cdf_inverse_bwd(
@@ -753,10 +495,10 @@ def mixture_cdf_inverse_bwd(
     log_scale in the compute dtype; zero where x is infinite (the boundary targets).
     """
     with torch.no_grad():
-        x, logits, loc, log_scale = _upcast(x, logits, loc, log_scale)
+        x, logits, loc, log_scale = upcast(x, logits, loc, log_scale)
         finite = torch.isfinite(x)
         x = torch.where(finite, x, 0.0)
-        _, lad = _forward(x, logits, loc, log_scale, kind, output)
+        _, lad = naive.forward(x, logits, loc, log_scale, kind, output)
         p = _vjp_pieces(x, logits, loc, log_scale, kind, output)
         ones, zero = torch.ones_like(lad), torch.zeros_like(lad)
         dlad_dx = _vjp_assemble(*_output_coefs(zero, ones, p, output), p)[0]
