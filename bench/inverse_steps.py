@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastflow.kernels import mixture_cdf, mixture_inverse  # noqa: E402
+from fastflow.kernels import launch, mixture_cdf, mixture_inverse  # noqa: E402
 
 from fastflow import benchmark  # noqa: E402
 from fastflow._registry import MAX_STEPS  # noqa: E402
@@ -43,17 +43,17 @@ def _tile_steps(n: int, kind: str):
     y, _ = mixture_cdf.mixture_cdf_fwd(x, *params, kind, benchmark.OUTPUT)
     # the GPU's tiles, also under the interpreter (whose launcher default is one big tile)
     lanes = mixture_inverse.LAUNCH["lanes"]
-    block_k = mixture_cdf.block_sizes(logits.shape[-1], lanes)[1]
-    saved = mixture_cdf.block_sizes
+    block_k = launch.block_sizes(logits.shape[-1], lanes)[1]
+    saved = launch.block_sizes
     gpu_tiles = lambda K, _lanes=None: (max(16, lanes // block_k), block_k)  # noqa: E731
-    mixture_cdf.block_sizes = mixture_inverse.block_sizes = gpu_tiles
+    launch.block_sizes = gpu_tiles
     try:
         programs = mixture_inverse.num_programs(n, logits.shape[-1])
         steps = torch.zeros(programs, dtype=torch.int32, device=device)
         back, _ = mixture_inverse.mixture_cdf_inverse_fwd(
             y, *params, kind, benchmark.OUTPUT, MAX_STEPS, steps_out=steps)
     finally:
-        mixture_cdf.block_sizes = mixture_inverse.block_sizes = saved
+        launch.block_sizes = saved
     err = ((back - x).abs() / (1 + x.abs())).max().item()
     return steps.cpu(), err
 
@@ -61,7 +61,7 @@ def _tile_steps(n: int, kind: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1 << 14)
-    parser.add_argument("--kind", choices=list(mixture_cdf.KINDS), default=benchmark.KIND)
+    parser.add_argument("--kind", choices=list(launch.KINDS), default=benchmark.KIND)
     parser.add_argument("--lanes", type=int, default=None, help="override LAUNCH['lanes']")
     args = parser.parse_args(argv)
     steps, err = tile_steps(args.n, args.kind, args.lanes)

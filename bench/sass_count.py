@@ -1,12 +1,12 @@
 """Instructions per element of the W1-W3 kernels, from their SASS, without a GPU.
 
 Compiles the specialisations that W1 (forward), W2 (backward) and W3 (inverse) launch at
-DESIGN's shapes (K = 8, contiguous fp32 parameters) for sm_90, for both component kinds, and
+the benchmark shapes (K = 8, contiguous fp32 parameters) for sm_90, for both component kinds, and
 prints per kernel: registers, the instructions one thread executes (static count; the
 forward and backward kernels have no loops, the inverse's Newton loop body is counted once),
 that count per element, and the special-function (MUFU) instructions per element. A proxy for
 time, not a measurement: the elementwise kernels are instruction-bound on an H200 (see
-bench/TUNING.md), so fewer instructions per element is the direction to go.
+docs/tuning.md), so fewer instructions per element is the direction to go.
 
     python bench/sass_count.py [--arch 90] [--lanes 1024] [--warps 4] [--sass DIR] [--flows]
 
@@ -20,7 +20,7 @@ import argparse
 import tempfile
 
 import torch
-from fastflow.kernels import mixture_cdf, mixture_inverse
+from fastflow.kernels import launch, mixture_cdf, mixture_inverse
 
 from fastflow import compile_check
 from fastflow.benchmark import K_OPS, OUTPUT, op_inputs
@@ -30,7 +30,7 @@ def _table(arch, sass_dir, x, params, inverse: bool):
     """Compile the launches of both kinds for x and params; print a row per kernel."""
     print("| kernel | kind | registers | instructions / thread | per element | MUFU / element |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for kind in mixture_cdf.KINDS:
+    for kind in launch.KINDS:
         specs = []
         with compile_check.recording(specs):
             mixture_cdf.mixture_cdf_fwd(x, *params, kind, OUTPUT)

@@ -15,8 +15,8 @@ torch.func transforms (:func:`apply_cdf` and friends), which cost less host time
 Higher derivatives. The backward ops compute first derivatives only. Where the backward is
 itself recorded for a later derivative (``_registry.recorded``: ``create_graph=True`` with
 inputs that require grad, nested torch.func transforms, forward mode), the gradients are
-taken instead by ``torch.func.vjp`` through the reference's log-space forward
-(``reference.mixture_cdf._forward``, plain PyTorch, differentiable to any order); the
+taken instead by ``torch.func.vjp`` through the oracle's log-space forward
+(``reference.naive.forward``, plain PyTorch, differentiable to any order); the
 inverse's through two differentiable Newton steps from its solution
 (``_registry.newton_inverse``). The forward mode (``jvp``: ``jacfwd``, ``hessian``) goes
 through the same formulations by ``torch.func.jvp``. The first-order backward, including

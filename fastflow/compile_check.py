@@ -165,7 +165,7 @@ def _cdf_launches(record):
 
 def _made_launches(record):
     from .kernels import made
-    from .kernels.mixture_cdf import KINDS, OUTPUTS
+    from .kernels.launch import KINDS, OUTPUTS
     from .nn.made import MADE
 
     for act, bias, dtype, tf32 in itertools.product(
@@ -186,7 +186,7 @@ def _made_launches(record):
 
 def _solve_launches(record):
     from .kernels.autoregressive import autoregressive_solve
-    from .kernels.mixture_cdf import KINDS
+    from .kernels.launch import KINDS
     from .nn import AutoregressiveMixtureFlow
 
     for kind, output, invert, residual, dtype in itertools.product(

@@ -1,11 +1,12 @@
 """One-pass solve of a degree-sorted MADE's sequential direction: one launch, D steps.
 
-Each program owns BLOCK_B batch rows and runs the whole loop of DESIGN section 4 for them
-(the algorithm and the plan's tensors are described in ``fastflow/reference/autoregressive.py``,
-the oracle for this kernel). Step t computes the units of degree t of every hidden layer —
-a few rows of each weight, streamed from L2, against the already computed prefix of the layer
-below, through tl.dot — then the 3K mixture parameters of the dimension with degree t + 1,
-then its transform (the Newton inverse, or the forward map) in registers.
+Each program owns BLOCK_B batch rows and runs the whole loop for them (docs/design.md, MADE
+degrees and the one-pass solve; the algorithm and the plan's tensors are described in
+``fastflow/reference/autoregressive.py``, the oracle for this kernel). Step t computes the
+units of degree t of every hidden layer — a few rows of each weight, streamed from L2, against
+the already computed prefix of the layer below, through tl.dot — then the 3K mixture
+parameters of the dimension with degree t + 1, then its transform (the safeguarded Halley
+inverse, or the forward map) in registers.
 
 Activations live in a per-row scratch buffer ``[solved values in degree order | layer 0 |
 layer 1 | ...]`` written and re-read by the same program (L2-resident at these sizes); a
@@ -16,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import forward_eval
+from .launch import KINDS, OUTPUTS, cdiv, next_pow2, tl_dtype
 from .made import _head_params
-from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype, cdiv, next_pow2
 from .mixture_inverse import _solve, _target_logit
 
 # Launch parameters on a GPU (bench/tune_gpu.py sweeps them): rows per program (at most), the
@@ -94,7 +96,7 @@ def _autoregressive_solve_kernel(
             r, lad, _ = _solve(_target_logit(v, OUTPUT), log_pi, loc, log_scale, mask, mask_b,
                                KIND, OUTPUT, MAX_STEPS, True)
         else:
-            r, lad = _forward_eval(v, log_pi, loc, log_scale, KIND, OUTPUT, True)
+            r, lad = forward_eval(v, log_pi, loc, log_scale, KIND, OUTPUT, True)
         tl.store(scr_ptr + offs_b * s_sb + t, r, mask=mask_b)
         tl.store(r_ptr + offs_b * D + col, r, mask=mask_b)
         tl.store(lad_ptr + offs_b * D + col, lad, mask=mask_b)
@@ -142,7 +144,7 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
         b_packed.stride(0) if per_row else 0, out_bias.stride(0) if out_bias.shape[0] > 1 else 0,
         B, D, len(weights), components, widths[-1],
         KIND=KINDS[kind], OUTPUT=OUTPUTS[output], INVERT=invert, RESIDUAL=residual,
-        CDT=_tl_dtype(values.dtype),
+        CDT=tl_dtype(values.dtype),
         IEEE=cdt == torch.float64 or not torch.backends.cuda.matmul.allow_tf32,
         MAX_STEPS=max_steps,
         BLOCK_B=block_b, BLOCK_N=LAUNCH["block_n"], BLOCK_H=LAUNCH["block_h"],

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._math import lse_parts
-from .mixture_cdf import KINDS, OUTPUTS, _forward_eval, _tl_dtype, cdiv, next_pow2
+from .device import forward_eval
+from .launch import KINDS, OUTPUTS, cdiv, next_pow2, tl_dtype
 
 ACTIVATIONS = {"identity": 0, "relu": 1}
 
@@ -188,7 +189,7 @@ def _made_head_fwd_kernel(
         CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K, True,
     )
     x = tl.load(x_ptr + offs_b * s_xb + d * s_xd, mask=mask_b, other=0.0).to(CDT)
-    y, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, True)
+    y, lad = forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, True)
     tl.store(y_ptr + offs_b * D + d, y, mask=mask_b)
     tl.store(lad_ptr + offs_b * D + d, lad, mask=mask_b)
 
@@ -210,7 +211,7 @@ def made_head_fwd(h, weight, bias, limits, x, components: int, kind: str, output
         h, weight, bias, limits, x, y, lad,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
         B, D, H, components,
-        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype), IEEE=ieee,
+        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=tl_dtype(x.dtype), IEEE=ieee,
         BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=LAUNCH["head_warps"],
     )
     return y, lad

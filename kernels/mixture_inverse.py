@@ -15,26 +15,28 @@ import triton
 import triton.language as tl
 
 from ._math import fast_exp, fast_rcp, log1p, softplus, sum_log, weighted_lse_parts
-from .mixture_cdf import (
+from .device import (
+    component_parts,
+    f_floor,
+    forward_eval,
+    hazards,
+    load_mixture,
+    logistic_sums,
+    output_coefs,
+    store_param_grads,
+    vjp_assemble,
+    vjp_terms,
+)
+from .launch import (
     KINDS,
     OUTPUTS,
-    _component_parts,
-    _forward_eval,
-    _hazards,
-    _load_mixture,
-    _logistic_sums,
-    _output_coefs,
-    _store_param_grads,
-    _tl_dtype,
-    _vjp_assemble,
-    _vjp_terms,
     alloc_grads,
     cdiv,
     cotangent,
-    f_floor,
     param_views,
     tile,
     tile_rows,
+    tl_dtype,
 )
 
 # Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py). On an
@@ -84,13 +86,13 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
     The slope as log f - log F - log(1 - F): in a far tail that difference cancels to an
     absolute error of a few ulps of |logit F|, a relative error of the slope that only slows
     the iteration negligibly (the root itself is set by logit F, exact in log space). Cheaper
-    than ``_forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
+    than ``forward_eval``'s hazard-rate form, which the logabsdet at the solution still uses.
     g''/g' = d log g'/dx = f'/f - f/F + f/(1 - F), with f'/f the responsibility-weighted
     d log c/du / s of the components: (1 - C) - C for the logistic, -u for the Gaussian.
     """
     inv_s = tl.exp(-log_scale)
     u = (x[:, None] - loc) * inv_s
-    c_part, s_part, d_part, w = _component_parts(u, KIND, FAST)
+    c_part, s_part, d_part, w = component_parts(u, KIND, FAST)
     m_c, s_c = weighted_lse_parts(log_pi + c_part, w, FAST)
     m_s, s_s = weighted_lse_parts(log_pi + s_part, w, FAST)
     log_F = m_c + s_c
@@ -101,7 +103,7 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
     m_f = tl.where(m_f == -float("inf"), 0.0, m_f)
     terms = fast_exp(v_f - m_f[:, None], FAST) * (w * w)
     total = tl.sum(terms, axis=1)
-    _, _, dlog_c = _hazards(u, w, KIND, FAST)
+    _, _, dlog_c = hazards(u, w, KIND, FAST)
     df_f = tl.sum(terms * dlog_c * inv_s, axis=1) / total
     log_f = m_f + sum_log(total, FAST)
     curv = df_f - tl.exp(log_f - log_F) + tl.exp(log_f - log_S)
@@ -111,13 +113,13 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
 @triton.jit
 def _logistic_prob_eval(x, pi, loc, inv_s, tiny, f_min, FAST: tl.constexpr):
     """A logistic mixture's logit F(x), the inverse slope 1/g' = F (1 - F) / f of g = logit F,
-    and g''/g' = f'/f - f/F + f/(1 - F), from :func:`_logistic_sums`, with whether that is
+    and g''/g' = f'/f - f/F + f/(1 - F), from :func:`logistic_sums`, with whether that is
     exact enough: False for a lane whose F or 1 - F is below ``tiny``, or f below ``f_min``
     (:func:`f_floor`: far enough down that a term which underflowed could matter), which
     then needs :func:`_logit_slope_eval`'s log space. One logarithm per element instead of the log
     space's logsumexps; also returns f.
     """
-    big_f, big_s, f, df = _logistic_sums(x, pi, loc, inv_s, FAST)
+    big_f, big_s, f, df = logistic_sums(x, pi, loc, inv_s, FAST)
     need = (big_f < tiny) | (big_s < tiny) | (f < f_min)
     big_f = tl.where(need, 1.0, big_f)
     big_s = tl.where(need, 1.0, big_s)
@@ -300,7 +302,7 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     if KIND == 0:
         # lad = -log g'(x) = log(F (1 - F) / f) (logit) or -log f (unit), from probability-
         # space sums without cancellation (each C, 1 - C, c is a product); log space's hazard
-        # form (_forward_eval) for lanes whose sums are too small for that.
+        # form (forward_eval) for lanes whose sums are too small for that.
         _, inv_slope, _, need, f = _logistic_prob_eval(x, pi, loc, inv_s, tiny, f_min, FAST)
         if OUTPUT == 1:
             lad = tl.log(inv_slope)
@@ -308,10 +310,10 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
             lad = -tl.log(f)
         need = row_mask & need
         if tl.max(tl.where(need, 1, 0), axis=0) > 0:
-            _, lad_log = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
+            _, lad_log = forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
             lad = tl.where(need, -lad_log, lad)
     else:
-        _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
+        _, lad = forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, FAST)
         lad = -lad
     # Boundary targets, and roots past the searched range, map to +-inf with logabsdet +inf;
     # NaN targets stay NaN.
@@ -339,7 +341,7 @@ def _mixture_cdf_inverse_fwd_kernel(
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     t = _target_logit(tl.load(y_ptr + offs_n, mask=mask_n, other=0.5).to(CDT), OUTPUT)
-    log_pi, loc, log_scale, mask = _load_mixture(
+    log_pi, loc, log_scale, mask = load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
         offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, True,
     )
@@ -372,27 +374,27 @@ def _mixture_cdf_inverse_bwd_kernel(
     x = tl.where(finite, x, 0.0)
     cx = tl.where(finite, tl.load(gx_ptr + offs_n * s_gx, mask=mask_n, other=0.0).to(CDT), 0.0)
     cl = tl.where(finite, tl.load(gl_ptr + offs_n * s_gl, mask=mask_n, other=0.0).to(CDT), 0.0)
-    log_pi, loc, log_scale, mask = _load_mixture(
+    log_pi, loc, log_scale, mask = load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
         offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, False,
     )
-    _, lad = _forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, False)
-    u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = _vjp_terms(
+    _, lad = forward_eval(x, log_pi, loc, log_scale, KIND, OUTPUT, False)
+    u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf, log_F, log_S = vjp_terms(
         x, log_pi, loc, log_scale, KIND, OUTPUT, False
     )
     # d lad / dx of the forward: its VJP with cotangents (0, 1).
-    c_cdf, c_sf, c_pdf = _output_coefs(cx * 0.0, cx * 0.0 + 1.0, log_F, log_S, OUTPUT)
-    dlad_dx, _, _, _ = _vjp_assemble(
+    c_cdf, c_sf, c_pdf = output_coefs(cx * 0.0, cx * 0.0 + 1.0, log_F, log_S, OUTPUT)
+    dlad_dx, _, _, _ = vjp_assemble(
         c_cdf, c_sf, c_pdf, log_pi, u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf
     )
     # Implicit differentiation: grad_y = w, grad_theta = forward VJP with cotangents (-w, -cl).
     w = tl.where(finite, (cx - cl * dlad_dx) * tl.exp(-lad), 0.0)
-    c_cdf, c_sf, c_pdf = _output_coefs(-w, -cl, log_F, log_S, OUTPUT)
-    _, g_logit, g_loc, g_log_scale = _vjp_assemble(
+    c_cdf, c_sf, c_pdf = output_coefs(-w, -cl, log_F, log_S, OUTPUT)
+    _, g_logit, g_loc, g_log_scale = vjp_assemble(
         c_cdf, c_sf, c_pdf, log_pi, u, inv_s, r_cdf, r_sf, r_f, du_cdf, du_sf, du_pdf
     )
     tl.store(g_y_ptr + offs_n, w, mask=mask_n)
-    _store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
+    store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g_log_scale,
                        offs_n, mask, K, BLOCK_K, DENSE)
 
 
@@ -416,7 +418,7 @@ def mixture_cdf_inverse_fwd(
     _mixture_cdf_inverse_fwd_kernel[(grid,)](
         y_flat, *views, x, lad, x if steps_out is None else steps_out,
         *strides, N, cols, K,
-        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(y.dtype),
+        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=tl_dtype(y.dtype),
         DENSE=mode,
         MAX_STEPS=max_steps, COUNT=steps_out is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
@@ -445,7 +447,7 @@ def mixture_cdf_inverse_bwd(grad_x, grad_lad, x, logits, loc, log_scale, kind: s
     _mixture_cdf_inverse_bwd_kernel[(cdiv(N, block_n),)](
         gx, gl, x_flat, *views, g_y, *g_params,
         s_gx, s_gl, *strides, N, cols, K,
-        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=_tl_dtype(x.dtype),
+        KIND=KINDS[kind], OUTPUT=OUTPUTS[output], CDT=tl_dtype(x.dtype),
         DENSE=mode,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=LAUNCH["num_warps"],
     )

@@ -86,7 +86,8 @@ MULTI_PROGRAM_CASES = [
 def test_backward_kernel_over_several_programs_matches_reference(monkeypatch, shape, K):
     """The backward kernel where the launch has more than one program: each program must read
     and write its own tile of elements (most other cases fit in one tile when interpreted)."""
-    from fastflow.kernels.mixture_cdf import LAUNCH, cdiv, param_views, tile
+    from fastflow.kernels.launch import cdiv, param_views, tile
+    from fastflow.kernels.mixture_cdf import LAUNCH
 
     params = random_mixture(shape, K, dtype=torch.float64, device=DEVICE)
     x = sample_x(*params, shape, 6.0)
@@ -268,7 +269,7 @@ def test_broadcast_cotangents_give_the_materialised_gradients(op, monkeypatch):
     """The gradient of a sum reaches the backward ops as one value expanded over x's shape,
     which the kernels read in place (stride 0) rather than copied; a partly expanded one is
     copied. Either way the gradients are those of the same values stored in full."""
-    from fastflow.kernels.mixture_cdf import cotangent
+    from fastflow.kernels.launch import cotangent
 
     shape, K = (6, 40), 4
     params = [p.expand(*shape, K) for p in random_mixture(shape, K, device=DEVICE)]
@@ -398,7 +399,7 @@ def test_reference_written_out_vjp_equals_autograd(kind, output):
 def test_dense_loads_only_for_contiguous_power_of_two_components():
     """The kernels' DENSE path indexes parameters as n * K + k: it must be chosen exactly when
     that is where the components are."""
-    from fastflow.kernels.mixture_cdf import dense, param_views
+    from fastflow.kernels.launch import dense, param_views
 
     def views(x, *params):
         return param_views(x, *params)[3]
@@ -414,7 +415,7 @@ def test_dense_loads_only_for_contiguous_power_of_two_components():
     assert not dense(views(x, transposed, p4[1], p4[2]), 4)
     # DENSE 1 shares a row among threads; DENSE 2 (the inverse) and 0 keep rows whole, so
     # their tiles hold at least one row per thread
-    from fastflow.kernels.mixture_cdf import tile
+    from fastflow.kernels.launch import tile
 
     launch = {"lanes": 512, "num_warps": 4}
     assert tile(views(x, *p4), launch)[2] == 1
@@ -427,7 +428,7 @@ def test_launch_arithmetic_agrees_with_triton():
     """The launchers' plain-Python next_pow2 and cdiv (Triton's own cost host time per call)
     give Triton's results wherever the launchers use them (n >= 1; cdiv of n >= 0)."""
     import triton
-    from fastflow.kernels.mixture_cdf import cdiv, next_pow2
+    from fastflow.kernels.launch import cdiv, next_pow2
 
     for n in range(1, 3000):
         assert next_pow2(n) == triton.next_power_of_2(n)

@@ -161,7 +161,8 @@ def test_kernel_matches_reference(monkeypatch, dtype, shape, K, shared, kind, ou
 def test_backward_kernel_over_several_programs_matches_reference(monkeypatch, shape, K):
     """The inverse's backward kernel where the launch has more than one program: each program
     must read and write its own tile of elements (float64, at a given solution x)."""
-    from fastflow.kernels.mixture_cdf import LAUNCH, cdiv, param_views, tile
+    from fastflow.kernels.launch import cdiv, param_views, tile
+    from fastflow.kernels.mixture_cdf import LAUNCH
 
     params = random_mixture(shape, K, dtype=torch.float64, device=DEVICE)
     x = sample_x(*params, shape, 6.0)
