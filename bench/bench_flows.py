@@ -1,5 +1,5 @@
-"""W4 (DESIGN section 5): one maximum-likelihood training step of an autoregressive MoL flow;
-W5 / C1: sampling that flow against its log_prob on the same batch.
+"""W4 (docs/design.md, Benchmark workloads): one maximum-likelihood training step of an
+autoregressive MoL flow; W5 / C1: sampling that flow against its log_prob on the same batch.
 
 fastflow's model (Triton kernels on a GPU) against the same model in plain PyTorch (dense
 MADE, the mixture CDF's log-space formulas under autograd) in eager mode and under

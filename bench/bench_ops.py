@@ -1,5 +1,6 @@
-"""W1-W3 (DESIGN section 5): the mixture-CDF op against the same computation in plain PyTorch
-eager and under torch.compile, and W1 against a device copy of the same bytes.
+"""W1-W3 (docs/design.md, Benchmark workloads): the mixture-CDF op against the same
+computation in plain PyTorch eager and under torch.compile, and W1 against a device copy of the
+same bytes.
 
     pytest bench --benchmark-enable                      # CPU sizes, or full size on a GPU
     pytest bench --benchmark-enable --benchmark-group-by=group --benchmark-sort=mean

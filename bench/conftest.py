@@ -1,8 +1,8 @@
 """Benchmark set-up: workload sizes by device and mode, and the shared W1-W3 inputs.
 
-Sizes: "full" on a GPU (DESIGN's W1: N = 2^24 elements), "cpu" on a CPU (about a minute for
-the whole file), "tiny" whenever benchmarking is disabled (CI runs the code once so it cannot
-rot). Override with FASTFLOW_BENCH_SIZE=tiny|cpu|full.
+Sizes: "full" on a GPU (W1: N = 2^24 elements; docs/design.md, Benchmark workloads), "cpu" on
+a CPU (about a minute for the whole file), "tiny" whenever benchmarking is disabled (CI runs
+the code once so it cannot rot). Override with FASTFLOW_BENCH_SIZE=tiny|cpu|full.
 """
 
 import os

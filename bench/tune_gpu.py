@@ -222,7 +222,7 @@ def _tables(args, argv, only, device, out) -> None:
         routes = [{"linear": a, "head": b} for a, b in pairs]  # autograd records: training
         routes_inf = [{"linear_inference": a, "head_inference": b} for a, b in pairs]
         # The "kernel" routes lost to dense by 2x (linear) and 5x (head) on the first GPU runs
-        # (TUNING.md); --only W4tiles still times the masked-linear kernel.
+        # (docs/tuning.md); --only W4tiles still times the masked-linear kernel.
         table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
 
         sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",

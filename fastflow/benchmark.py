@@ -1,4 +1,4 @@
-"""The benchmark runner behind ``fastflow bench``: DESIGN's workloads measured in one run.
+"""The benchmark runner behind ``fastflow bench``: the benchmark workloads measured in one run.
 
 Every workload times its variants in one process, in interleaved rounds (each variant once
 per round, so that the machine's drifts hit them alike; min and median over rounds), and every
@@ -9,11 +9,11 @@ The elementwise ops are also reported as achieved GB/s next to a device-to-devic
 same bytes. Writes CSV and markdown (device, versions, date and the command on top) and, with
 matplotlib, a PNG of fastflow's speedup against problem size for W1-W3.
 
-Workloads (DESIGN section 5): W1 mixture CDF forward + logabsdet, W2 forward + backward,
-W3 inverse (with its round-trip error), W4 a training step of an autoregressive
-mixture-of-logistics flow, W5 sampling that flow against its log_prob, and the same for a
-two-layer coupling flow of the same sizes (C1 is W5 at the CPU size). Sizes: "full" (DESIGN's, for a GPU), "cpu" (C1 and a reduced set) and "tiny" (a smoke
-run).
+Workloads (defined in docs/design.md, Benchmark workloads): W1 mixture CDF forward +
+logabsdet, W2 forward + backward, W3 inverse (with its round-trip error), W4 a training step
+of an autoregressive mixture-of-logistics flow, W5 sampling that flow against its log_prob,
+and the same for a two-layer coupling flow of the same sizes (C1 is W5 at the CPU size).
+Sizes: "full" (for a GPU), "cpu" (C1 and a reduced set) and "tiny" (a smoke run).
 
     fastflow bench                       # full on a GPU, cpu otherwise
     fastflow bench --size tiny --workloads W1,W5 --out runs/bench

@@ -87,8 +87,8 @@ def test_cli_bench_runs_the_runner(capsys):
 
 
 def test_inverse_steps_script_counts_tiles():
-    """bench/inverse_steps.py (the iteration counts README and TUNING quote) runs, counts
-    every tile of the GPU's size and round-trips W1's inputs."""
+    """bench/inverse_steps.py (the iteration counts docs/numerics.md and docs/tuning.md quote)
+    runs, counts every tile of the GPU's size and round-trips W1's inputs."""
     module = _script("inverse_steps")
     steps, err = module.main(["--n", "2048"])
     from fastflow.kernels.mixture_inverse import LAUNCH
@@ -111,7 +111,7 @@ def test_cpu_sampler_script_times_a_checkout(capsys):
 
 
 def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
-    """bench/made_blocks.py (TUNING's per-layer table) runs, prints a row per layer and
+    """bench/made_blocks.py (docs/tuning.md's per-layer table) runs, prints a row per layer and
     batch, and leaves the route and plan settings as it found them."""
     from fastflow.nn import _blocked as blocked
     from fastflow.nn import made as made_nn
@@ -175,9 +175,9 @@ def _script(name: str):
 
 
 def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
-    """bench/host_overhead.py (the host times in TUNING) times the op and the W4 step, and puts
-    back the backend switch, the kernels, the routes, the input checks, the threads and the
-    random state."""
+    """bench/host_overhead.py (the host times in docs/tuning.md) times the op and the W4 step,
+    and puts back the backend switch, the kernels, the routes, the input checks, the threads
+    and the random state."""
     import torch
     from fastflow.kernels import mixture_cdf as cdf_kernels
 

@@ -80,7 +80,7 @@ def test_compile_check_reports_what_the_interpreter_accepts(tmp_path):
 
 
 def test_sass_count_reports_every_w1_to_w3_kernel():
-    """bench/sass_count.py (the instruction counts TUNING.md quotes) runs and covers the
+    """bench/sass_count.py (the instruction counts docs/tuning.md quotes) runs and covers the
     forward, backward and inverse kernels for both kinds."""
     script = Path(__file__).resolve().parent.parent / "bench" / "sass_count.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,12 +1,13 @@
 """Masked linear layers and MADE (masked autoencoder for distribution estimation).
 
-Degrees follow DESIGN section 4: input i has degree d(i) in 1..D (its place in the order);
-hidden units have degrees in [1, D - 1]; a hidden unit sees inputs with d(i) <= m(j); an output
-for dimension d sees hidden units with m(j) < d. Each dimension's ``out_multiplier`` outputs
-share its degree, so the outputs for dimension d depend only on the inputs that come before d
-in the order (and on the context, which enters every hidden layer and the output
-layer unmasked). Hidden units are
-kept sorted by degree, which makes every mask block-triangular.
+Degrees as in MADE (Germain et al., 2015, "MADE: Masked Autoencoder for Distribution
+Estimation"; docs/design.md, MADE degrees and the one-pass solve): input i has degree d(i) in
+1..D (its place in the order); hidden units have degrees in [1, D - 1]; a hidden unit sees
+inputs with d(i) <= m(j); an output for dimension d sees hidden units with m(j) < d. Each
+dimension's ``out_multiplier`` outputs share its degree, so the outputs for dimension d depend
+only on the inputs that come before d in the order (and on the context, which enters every
+hidden layer and the output layer unmasked). Hidden units are kept sorted by degree, which
+makes every mask block-triangular.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ._blocked import PrefixLinear, plan_blocks, prefix_limits
 # the training step at W4's sizes was fastest all dense (blocks: 1.2-1.6x slower), the density
 # at W5's sizes fastest with a blocks head (12% under all dense); the fused head made the
 # density 3x slower than dense on an H200, the masked-linear kernel 2x. On a CPU "blocks" is
-# measured faster (bench/TUNING.md). FASTFLOW_BACKEND=reference always takes "dense": the
+# measured faster (docs/tuning.md). FASTFLOW_BACKEND=reference always takes "dense": the
 # plain model, the tests' oracle.
 GPU_ROUTE = {"linear": "dense", "head": "dense",
              "linear_inference": "dense", "head_inference": "blocks"}

@@ -1,4 +1,5 @@
-"""One-pass solve of a degree-sorted MADE's sequential direction (DESIGN section 4).
+"""One-pass solve of a degree-sorted MADE's sequential direction (docs/design.md, MADE
+degrees and the one-pass solve).
 
 Sampling a MAF (and evaluating an IAF on external data) is sequential: dimension d's mixture
 parameters depend on the dimensions before it in the order. Solving it with D full network
