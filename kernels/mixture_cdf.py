@@ -26,11 +26,8 @@ from .launch import KINDS, OUTPUTS, alloc_grads, cdiv, cotangent, param_views, t
 
 # Tile lanes (BLOCK_N * BLOCK_K) and warps per program of the elementwise kernels on a GPU
 # (bench/tune_gpu.py sweeps them): "num_warps" for the forward, "bwd_warps" for the backward.
-# On an H100 (bench/results/tune-2026-11-26-h100.md) W1's forward runs at the copy's time
-# with any tile up to 2048 lanes; 2 warps for both kernels took W2's forward + backward from
-# 2.10 to 1.99 ms. In the SASS 2 warps cut the backward from 824 to 788 instructions per
-# element but raise the forward's from 664 to 888 (`python bench/sass_count.py --warps N`),
-# so the forward keeps 4 for the places where it is not memory-bound.
+# The backward takes fewer warps (fewer instructions per element); the forward keeps 4 where
+# it is not memory-bound. Measurements and history: docs/tuning.md.
 LAUNCH = {"lanes": 1024, "num_warps": 4, "bwd_warps": 2}
 
 

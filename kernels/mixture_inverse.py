@@ -39,10 +39,9 @@ from .launch import (
     tl_dtype,
 )
 
-# Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py). On an
-# H100 (bench/results/tune-2026-11-26-h100.md) one warp of 32 whole elements per program took
-# W3 from 1.01 ms (64 rows, 2 warps) to 0.88 ms. The inverse's backward kernel launches with
-# the same table; its time on the GPU has not been measured on its own.
+# Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py): one
+# warp of whole elements per program, the fastest W3 measured; the backward launches with the
+# same table. Measurements and history: docs/tuning.md.
 LAUNCH = {"lanes": 256, "num_warps": 1}
 
 

@@ -31,12 +31,9 @@ from ._blocked import PrefixLinear, plan_blocks, prefix_limits
 # mixture CDF). A product whose result autograd records (training) reads "linear"/"head";
 # one that it does not (log_prob or sampling under no_grad) reads "linear_inference"/
 # "head_inference", since "blocks" costs its backward more than its forward saves at small
-# batches. Measured on an H100 (bench/results/tune-2026-11-26-h100.md, tune_gpu.py --only W4):
-# the training step at W4's sizes was fastest all dense (blocks: 1.2-1.6x slower), the density
-# at W5's sizes fastest with a blocks head (12% under all dense); the fused head made the
-# density 3x slower than dense on an H200, the masked-linear kernel 2x. On a CPU "blocks" is
-# measured faster (docs/tuning.md). FASTFLOW_BACKEND=reference always takes "dense": the
-# plain model, the tests' oracle.
+# batches. The defaults are the fastest measured on each device (docs/tuning.md, "Current
+# defaults and why"). FASTFLOW_BACKEND=reference always takes "dense": the plain model, the
+# tests' oracle.
 GPU_ROUTE = {"linear": "dense", "head": "dense",
              "linear_inference": "dense", "head_inference": "blocks"}
 CPU_ROUTE = {"linear": "blocks", "head": "blocks",
