@@ -263,3 +263,13 @@ def test_plain_baseline_runs_the_flow_without_fastflow_ops(monkeypatch):
         raise RuntimeError
     assert transforms.mixture_cdf is cdf
     assert os.environ.get("FASTFLOW_BACKEND") == backend
+
+
+def test_c1_validation_script_prints_both_ratios(capsys):
+    """bench/c1_validation.py (the checks-on / checks-off ratio docs/tuning.md quotes) runs at
+    the tiny size and prints a row per setting whose ratio is its two times' quotient."""
+    assert _script("c1_validation").main(["--size", "tiny", "--repeat", "1"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["off", "on"]
+    for _, lp, sm, ratio in rows:
+        assert float(ratio) == pytest.approx(float(sm) / float(lp), rel=0.02, abs=0.01)

@@ -175,9 +175,9 @@ def bracket(z, scale, kind, dim):
         hi_k = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD)
     else:
         lo_k = hi_k = z
-    # inf * 0 (an infinite scale at the quantile 0) is NaN: that component allows any x.
-    lo = lo_k.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amin(dim)
-    hi = hi_k.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf).amax(dim)
+    # An end that is inf, or NaN (inf * 0: an infinite scale at the quantile 0, which allows
+    # any x; amin and amax propagate NaN), marks the element wide.
+    lo, hi = lo_k.amin(dim), hi_k.amax(dim)
     wide = ~(torch.isfinite(lo) & torch.isfinite(hi))
     return lo, hi, wide
 
