@@ -37,6 +37,16 @@ def _nan_filled_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda s, *a, **k: fill(new_empty(s, *a, **k)))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: for tests of many small ops, where threads
+    cost more than they give (and the interpreted kernels are single-threaded anyway)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["reference", "triton"])
 def backend(request, monkeypatch):
     """Run the test through one backend: the PyTorch reference or the Triton kernels

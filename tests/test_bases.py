@@ -21,12 +21,7 @@ LOG_SCALE = [[-0.3, 0.4, 0.1], [0.2, -0.6, 0.0]]
 PARAMS = ("logits", "loc", "log_scale")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mog(dtype=torch.float32):

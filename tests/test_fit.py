@@ -16,13 +16,7 @@ from fastflow.distributions import StandardNormal
 from fastflow.fit import FitDivergedError, FitHistory
 from fastflow.nn import AutoregressiveMixtureFlow, Flow
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_flow(context_features=None):

@@ -20,14 +20,7 @@ CASE_IDS = [f"{k}-{o}" for k, o in CASES]
 OPS = ("mixture_cdf", "mixture_cdf_inverse", "mixture_log_prob")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small ops, for which intra-op threads cost more than they give
-    (and the interpreted kernels are single-threaded anyway)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _op(name, kind, output):
