@@ -374,10 +374,9 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
     lo, hi, wide = bracket(z, scale, kind, 0)
-    # Brackets past the dtype's range go to the log-space solver, which handles them.
+    # Brackets past the dtype's range go to the log-space solver, which handles them; their
+    # non-finite values here stay in elements that never iterate.
     plain &= ~wide
-    t_plain = torch.where(plain, t, 0.0)
-    lo, hi = lo.masked_fill(~plain, 0.0), hi.masked_fill(~plain, 0.0)
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
     tol_newton = 0.25 * math.sqrt(eps) * s_min

@@ -128,7 +128,7 @@ def _saturated_logit_lad(lad, y, x, log_pi, loc, log_scale, kind: str):
     to its hazard over its scale: lad = -log s_k* for the logistic (hazard -> 1) and
     log|x - loc_k*| - 2 log s_k* for the Gaussian (hazard -> |u|). Exact ties in log|u_k|
     take the smallest candidate. Written without data-dependent control flow (the fixed
-    inverse schedule compiles as one graph); elsewhere the inputs to the logarithm are
+    inverse schedule's steps compile as one graph); elsewhere the inputs to the logarithm are
     masked to 1 so that the unselected branch stays finite under autograd.
     """
     sat = torch.isinf(y) & torch.isfinite(x)
@@ -281,7 +281,9 @@ def inverse_fixed(
 ):
     """A fixed schedule in log space: bisection steps in logit space, then safeguarded
     Newton steps (the kernels' earlier algorithm; now the CPU solver's fallback and a
-    benchmark baseline). No data-dependent control flow (it compiles as one graph)."""
+    benchmark baseline). One data-dependent branch: elements whose bracket is past the
+    dtype's range go to :func:`_solve_wide` (a host sync, and under torch.compile a graph
+    break between the schedule and that branch)."""
     with torch.no_grad():
         y_c, logits_c, loc_c, log_scale_c = upcast(y, logits, loc, log_scale)
         t = target_logit(y_c, output)
