@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastflow
-from fastflow.benchmark import (
+from fastflow.cli.bench import (
     FLOW_SIZES,
     _nflows_maf,
     _train_step,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastflow
-from fastflow import _registry
+from fastflow.ops import mixture_inverse
 from fastflow.reference import naive
 
 from conftest import sync
@@ -30,7 +30,7 @@ def _reference_forward(x, logits, loc, log_scale):
 
 def _reference_inverse(y, logits, loc, log_scale):
     return naive.inverse_fixed(y, logits, loc, log_scale, KIND, OUTPUT,
-                               _registry.BISECT_STEPS, _registry.NEWTON_STEPS)
+                               mixture_inverse.BISECT_STEPS, mixture_inverse.NEWTON_STEPS)
 
 
 def _fastflow_forward(x, logits, loc, log_scale):

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fastflow.benchmark import OP_SIZES, op_inputs
+from fastflow.cli.bench import OP_SIZES, op_inputs
 
 SIZES = OP_SIZES
 HAS_CUDA = torch.cuda.is_available()

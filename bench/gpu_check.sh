@@ -32,7 +32,7 @@ if python3 -c "import xdist" 2>/dev/null; then
   PARALLEL=(-n $(( WORKERS > 1 ? WORKERS : 1 )))
 fi
 # The kernel tests first, so that a time limit cuts the CPU-only tests rather than them.
-KERNEL_TESTS=(tests/test_mixture_cdf.py tests/test_mixture_inverse.py tests/test_made_kernel.py
+KERNEL_TESTS=(tests/test_mixture_cdf.py tests/test_mixture_inverse.py tests/test_made.py
               tests/test_autoregressive.py tests/test_blocked.py)
 OTHER_TESTS=()
 for f in tests/test_*.py; do
@@ -46,11 +46,11 @@ stamp pytest $? >> "$OUT/pytest.log"
 timeout "${3:-200}" python3 -m fastflow.cli bench --repeat 5 --no-sweep --no-compile W4 \
   --out "$OUT/bench" > "$OUT/run.log" 2>&1
 stamp bench $? >> "$OUT/run.log"
-timeout "${4:-60}" python3 bench/tune_gpu.py --only W1,W3,W4,W5diag --out "$OUT/tune.md" \
+timeout "${4:-60}" python3 bench/investigations/tune_gpu.py --only W1,W3,W4,W5diag --out "$OUT/tune.md" \
   >> "$OUT/run.log" 2>&1
 stamp tune $? >> "$OUT/run.log"
-timeout 50 python3 bench/profile_gpu.py --workloads W2,W4 \
+timeout 50 python3 bench/investigations/profile_gpu.py --workloads W2,W4 \
   --variants fastflow,torch-eager,zuko-maf --routes "head=blocks" > "$OUT/profile.md" 2>&1
 stamp profile $? >> "$OUT/run.log"
-timeout 25 python3 bench/host_overhead.py >> "$OUT/profile.md" 2>&1
+timeout 25 python3 bench/investigations/host_overhead.py >> "$OUT/profile.md" 2>&1
 stamp host $? >> "$OUT/run.log"

@@ -1,7 +1,6 @@
 """fastflow: compiled-kernel mixture-CDF normalizing flows for PyTorch."""
 
 from . import flows
-from .autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
 from .fit import fit
 from .functional import (
     get_validate_args,
@@ -11,6 +10,7 @@ from .functional import (
     mixture_log_prob,
     set_validate_args,
 )
+from .ops import MixtureCDF, MixtureCDFInverse, MixtureLogProb
 
 __version__ = "0.1.0"
 

@@ -14,120 +14,31 @@ Value checks follow torch.distributions: with ``validate_args`` on (the global d
 non-finite parameters and targets outside the domain raise ValueError naming the argument;
 this costs one host synchronisation. With it off nothing is checked on the device, and
 out-of-domain values give NaN outputs. Checks are skipped while ``torch.compile`` traces and
-inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...).
+inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...). The checks themselves
+are in :mod:`fastflow.checks`; the ops this module calls, in :mod:`fastflow.ops`.
+
+MADE's building blocks (:func:`masked_linear` with a ``role``, :func:`made_head`,
+:func:`autoregressive_solve`) are what :mod:`fastflow.nn`'s MADE flows run; where each runs is
+decided in :mod:`fastflow.ops.dispatch`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _registry, reference
-from ._registry import KINDS, OUTPUTS, backend_for
-from ._registry import check_choice as _check_choice
-from .autograd import apply_cdf, apply_inverse, apply_log_prob
+from . import checks
+from .checks import get_validate_args, set_validate_args
+from .ops import autoregressive as _autoregressive
+from .ops import blocked as _blocked
+from .ops import dispatch
+from .ops import made as _made
+from .ops.core import call as _call
+from .ops.mixture_cdf import apply_cdf, apply_log_prob
+from .ops.mixture_inverse import apply_inverse
 
-_PARAM_NAMES = ("logits", "loc", "log_scale")
-
-_validate_default = True
-
-
-def set_validate_args(value: bool) -> None:
-    """Set the global default of ``validate_args`` (initially True, as torch.distributions)."""
-    global _validate_default
-    if not isinstance(value, bool):
-        raise ValueError(f"validate_args must be a bool, got {value!r}")
-    _validate_default = value
-
-
-def get_validate_args() -> bool:
-    """The global default of ``validate_args``."""
-    return _validate_default
-
-
-def _broadcasts_to(shape, full) -> bool:
-    """Whether ``shape`` broadcasts to exactly ``full`` (plain Python: torch.broadcast_shapes
-    cost more host time than the rest of an op's checks)."""
-    if len(shape) > len(full):
-        return False
-    return all(s == f or s == 1 for s, f in zip(reversed(shape), reversed(full), strict=False))
-
-
-def _prepare(x_name: str, x, logits, loc, log_scale, kind, output):
-    """Check types, devices, shapes and choices; promote to one floating dtype."""
-    _check_choice("kind", kind, KINDS)
-    if output is not None:
-        _check_choice("output", output, OUTPUTS)
-    named = {x_name: x, "logits": logits, "loc": loc, "log_scale": log_scale}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
-    for name in _PARAM_NAMES:
-        if named[name].dim() == 0:
-            raise ValueError(f"{name} must have a trailing component dimension K, got a scalar")
-    K = logits.shape[-1]
-    if K < 1:
-        raise ValueError("logits must have at least one component (K >= 1), got K = 0")
-    full = (*x.shape, K)
-    for name in _PARAM_NAMES:
-        p = named[name]
-        if p.shape[-1] != K:
-            raise ValueError(
-                f"{name} has {p.shape[-1]} components but logits has {K}: all parameters "
-                "must share the trailing dimension K"
-            )
-        if not _broadcasts_to(p.shape, full):
-            raise ValueError(
-                f"{name} of shape {tuple(p.shape)} does not broadcast to "
-                f"{x_name}.shape + (K,) = {full}"
-            )
-    dtype = x.dtype
-    if not (logits.dtype == loc.dtype == log_scale.dtype == dtype):
-        for p in (logits, loc, log_scale):
-            dtype = torch.promote_types(dtype, p.dtype)
-    return [t if t.dtype == dtype else t.to(dtype) for t in (x, logits, loc, log_scale)]
-
-
-def _validate_values(checks: list[tuple[str, torch.Tensor, str]]) -> None:
-    """Raise ValueError for the first (name, bad-mask, what) whose mask has a True; one sync."""
-    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()
-    for (name, _, what), flag in zip(checks, flags, strict=True):
-        if flag:
-            raise ValueError(f"{name} {what}")
-
-
-def _should_validate(validate_args: bool | None) -> bool:
-    """Whether to run the value checks: on (per call or by default), and neither traced by
-    torch.compile nor inside a torch.func transform (vmap, grad, jacrev, ...), where the
-    checks' host synchronisation has no value to read (a batched tensor has no storage)."""
-    on = _validate_default if validate_args is None else validate_args
-    return (bool(on) and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
-
-
-def _input_check(name: str, x: torch.Tensor, output: str | None):
-    """The (name, bad-mask, what) check of a forward's inputs: no NaN, and for the logit
-    output nothing infinite either (its logabsdet has no value at x = +-inf)."""
-    if output == "logit":
-        return (name, ~torch.isfinite(x),
-                "must be finite for output='logit' (found inf or NaN)")
-    return name, torch.isnan(x), "contains NaN"
-
-
-def _target_check(name: str, y: torch.Tensor, output: str):
-    """The (name, bad-mask, what) check of an inverse's targets."""
-    if output == "unit":
-        return (name, ~((y >= 0) & (y <= 1)),
-                "must lie in [0, 1] for output='unit' (found values outside, or NaN)")
-    return name, torch.isnan(y), "contains NaN"
-
-
-def _param_checks(logits, loc, log_scale):
-    return [(name, ~torch.isfinite(p), "must be finite")
-            for name, p in zip(_PARAM_NAMES, (logits, loc, log_scale), strict=True)]
+__all__ = ["autoregressive_solve", "fuses_head", "get_validate_args", "made_head",
+           "masked_linear", "mixture_cdf", "mixture_cdf_inverse", "mixture_log_prob",
+           "prefix_blocks", "prefix_plan_settings", "set_validate_args", "solves_in_one_pass"]
 
 
 def mixture_cdf(
@@ -150,9 +61,10 @@ def mixture_cdf(
     Returns:
         ``(y, logabsdet)``, both of shape ``S`` in the (promoted) input dtype.
     """
-    x, logits, loc, log_scale = _prepare("x", x, logits, loc, log_scale, kind, output)
-    if _should_validate(validate_args):
-        _validate_values([_input_check("x", x, output), *_param_checks(logits, loc, log_scale)])
+    x, logits, loc, log_scale = checks.mixture_args("x", x, logits, loc, log_scale, kind, output)
+    if checks.should_validate(validate_args):
+        checks.validate_values([checks.input_check("x", x, output),
+                                *checks.param_checks(logits, loc, log_scale)])
     return apply_cdf(x, logits, loc, log_scale, kind, output)
 
 
@@ -177,9 +89,10 @@ def mixture_cdf_inverse(
         Gradients come from implicit differentiation at the solution; higher derivatives
         from two differentiable Newton steps taken from it.
     """
-    y, logits, loc, log_scale = _prepare("y", y, logits, loc, log_scale, kind, output)
-    if _should_validate(validate_args):
-        _validate_values([_target_check("y", y, output), *_param_checks(logits, loc, log_scale)])
+    y, logits, loc, log_scale = checks.mixture_args("y", y, logits, loc, log_scale, kind, output)
+    if checks.should_validate(validate_args):
+        checks.validate_values([checks.target_check("y", y, output),
+                                *checks.param_checks(logits, loc, log_scale)])
     return apply_inverse(y, logits, loc, log_scale, kind, output)
 
 
@@ -192,19 +105,16 @@ def mixture_log_prob(
     Arguments as for :func:`mixture_cdf`; this is the mixture density model of the course
     notes "Likelihood Models: Flow Models" and computes only the density (no CDF).
     """
-    x, logits, loc, log_scale = _prepare("x", x, logits, loc, log_scale, kind, None)
-    if _should_validate(validate_args):
-        _validate_values([("x", torch.isnan(x), "contains NaN"),
-                          *_param_checks(logits, loc, log_scale)])
+    x, logits, loc, log_scale = checks.mixture_args("x", x, logits, loc, log_scale, kind, None)
+    if checks.should_validate(validate_args):
+        checks.validate_values([("x", torch.isnan(x), "contains NaN"),
+                                *checks.param_checks(logits, loc, log_scale)])
     return apply_log_prob(x, logits, loc, log_scale, kind)
-
-
-_ACTIVATIONS = ("identity", "relu")
 
 
 def masked_linear(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
-    *, activation: str = "identity",
+    *, activation: str = "identity", role: str | None = None, blocks=None,
 ) -> torch.Tensor:
     """``act(x @ (weight * mask)^T + bias)``; on a GPU the mask is applied in-kernel and
     all-zero mask tiles are skipped.
@@ -212,38 +122,85 @@ def masked_linear(
     Args:
         x: ``(..., K)``. weight, mask: ``(N, K)``; mask is 0/1 (any dtype). bias: ``(N,)``.
         activation: ``"identity"`` or ``"relu"`` (fused into the kernel's epilogue).
+        role: None (the kernel wherever the backend is Triton, the dense product otherwise),
+            or a MADE layer's ``"linear"`` / ``"head"``: the route
+            :func:`fastflow.ops.dispatch.route` gives it ("dense", "blocks" or "kernel").
+        blocks: for the "blocks" route, the mask's row blocks (:func:`prefix_blocks`) or a
+            function returning them, called only on that route; None there means dense.
 
     Returns:
         ``(..., N)`` in x's dtype.
     """
-    _check_choice("activation", activation, _ACTIVATIONS)
-    named = {"x": x, "weight": weight, "mask": mask}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    for name in ("x", "weight") + (("bias",) if bias is not None else ()):
-        if not named[name].is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
-    if weight.dim() != 2 or mask.shape != weight.shape:
-        raise ValueError(f"weight must be (N, K) and mask the same shape; got weight "
-                         f"{tuple(weight.shape)}, mask {tuple(mask.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must end in K = {weight.shape[1]} features, got {tuple(x.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    dtype = x.dtype
-    weight = weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    if backend_for(x) == "reference":
-        # Plain PyTorch ops: autograd and torch.compile see through them, and a CPU step skips
-        # the custom-op dispatch (about 3x the cost of a small layer).
-        return reference.masked_linear_fwd(x, weight, mask.to(dtype), bias, activation)
+    weight, bias = checks.masked_linear_args(x, weight, mask, bias, activation)
+    if role is None:
+        how = "kernel" if dispatch.backend_for(x) == "triton" else "dense"
+    else:
+        checks.check_choice("role", role, dispatch.ROLES)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        how = dispatch.route(x, role, grad)
+    mask = mask.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
-    # Through _registry.call: under torch.func transforms it applies the op's
-    # autograd.Function, which the grad transforms accept (the op's own derivative they refuse).
-    y = _registry.call("masked_linear_fwd", flat, weight, mask.to(dtype), bias, activation)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    if how == "kernel":
+        # Through ops.core.call: under torch.func transforms it applies the op's
+        # autograd.Function, which the grad transforms accept (the op's own derivative they
+        # refuse).
+        y = _call("masked_linear_fwd", flat, weight, mask, bias, activation)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    # Under torch.compile the plan's Python bookkeeping is not traceable: dense there.
+    if how == "blocks" and blocks is not None and not torch.compiler.is_compiling():
+        blocks = blocks() if callable(blocks) else blocks
+        if blocks is not None:
+            y = _blocked.PrefixLinear.apply(flat, weight, mask, bias, blocks,
+                                            activation == "relu")
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    # Plain PyTorch ops: autograd and torch.compile see through them, and a CPU step skips
+    # the custom-op dispatch (about 3x the cost of a small layer).
+    return _made.dense_masked_linear(x, weight, mask, bias, activation)
+
+
+def prefix_blocks(mask: torch.Tensor):
+    """The "blocks" route's row blocks ``((first row, end row, columns read), ...)`` for a
+    degree-sorted prefix mask; None where the dense product is as cheap or the mask is not
+    of that form. Depends on the mask and :data:`fastflow.ops.blocked.PLAN`."""
+    limits = _blocked.prefix_limits(mask)
+    return None if limits is None else _blocked.plan_blocks(limits, mask.shape[1])
+
+
+def prefix_plan_settings() -> tuple:
+    """The block planner's current settings (part of a cached plan's key)."""
+    return tuple(_blocked.PLAN.values())
+
+
+def made_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, limits: torch.Tensor,
+              x: torch.Tensor, components: int, *, kind: str, output: str):
+    """MADE's output layer fused with the mixture-CDF forward: ``(y, logabsdet)`` of x
+    (M, D) under the mixtures whose (M, D, 3K) parameters ``h @ (weight * mask)^T + bias``
+    gives, the mask from the head's per-row ``limits``, without writing the parameters.
+    Differentiable in h, weight, bias and x."""
+    checks.check_kind_output(kind, output)
+    return _call("made_head_fwd", h, weight, bias, limits, x, components, kind, output)
+
+
+def fuses_head(values: torch.Tensor, recorded) -> bool:
+    """Whether a MADE flow's density pass on ``values`` takes :func:`made_head` (see
+    :func:`fastflow.ops.dispatch.head_fused`); ``recorded()`` says whether autograd records
+    the pass."""
+    return dispatch.head_fused(values, recorded)
+
+
+def solves_in_one_pass(enabled: bool, recorded: bool) -> bool:
+    """Whether a MADE flow's sequential direction takes :func:`autoregressive_solve` (see
+    :func:`fastflow.ops.dispatch.solve_in_one_pass`)."""
+    return dispatch.solve_in_one_pass(enabled, recorded)
+
+
+def autoregressive_solve(values: torch.Tensor, plan: dict, components: int, *, kind: str,
+                         output: str, invert: bool, residual: bool, activation="relu"):
+    """A degree-sorted MADE flow's sequential direction in one pass, without gradients:
+    ``invert=True`` solves x from targets z (MAF sampling), ``invert=False`` z from inputs
+    x (IAF density). ``values`` (N, D); ``plan`` the MADE's ``sequential_plan``;
+    ``activation`` "relu" or a callable. Returns ``(side, logabsdet)``, (N, D) each."""
+    checks.check_kind_output(kind, output)
+    return _autoregressive.solve(values, plan, components, kind, output, invert, residual,
+                                 activation)

@@ -22,8 +22,8 @@ from .launch import KINDS, OUTPUTS, cdiv, next_pow2, tl_dtype
 from .made import _head_params
 from .mixture_inverse import _solve, _target_logit
 
-# Launch parameters on a GPU (bench/tune_gpu.py sweeps them): rows per program (at most), the
-# hidden units and the input columns of one tl.dot tile, warps per program.
+# Launch parameters on a GPU (bench/investigations/tune_gpu.py sweeps them): rows per program (at
+# most), the hidden units and the input columns of one tl.dot tile, warps per program.
 LAUNCH = {"block_b": 16, "block_n": 16, "block_h": 32, "num_warps": 4}
 
 

@@ -74,8 +74,9 @@ def nonzero_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tenso
     return padded.reshape(tn, block_n, tk, block_k).any(dim=(1, 3)).to(torch.int8)
 
 
-# Launch parameters on a GPU (bench/tune_gpu.py sweeps them): the masked linear's largest
-# (BLOCK_M, BLOCK_N, BLOCK_K) and warps; the fused head's largest BLOCK_B and BLOCK_H and warps.
+# Launch parameters on a GPU (bench/investigations/tune_gpu.py sweeps them): the masked linear's
+# largest (BLOCK_M, BLOCK_N, BLOCK_K) and warps; the fused head's largest BLOCK_B and BLOCK_H and
+# warps.
 LAUNCH = {"linear_blocks": (64, 64, 64), "linear_warps": 4,
           "head_block_b": 64, "head_block_h": 64, "head_warps": 4}
 

@@ -25,9 +25,9 @@ from .device import (
 from .launch import KINDS, OUTPUTS, alloc_grads, cdiv, cotangent, param_views, tile, tl_dtype
 
 # Tile lanes (BLOCK_N * BLOCK_K) and warps per program of the elementwise kernels on a GPU
-# (bench/tune_gpu.py sweeps them): "num_warps" for the forward, "bwd_warps" for the backward.
-# The backward takes fewer warps (fewer instructions per element); the forward keeps 4 where
-# it is not memory-bound. Measurements and history: docs/tuning.md.
+# (bench/investigations/tune_gpu.py sweeps them): "num_warps" for the forward, "bwd_warps" for the
+# backward. The backward takes fewer warps (fewer instructions per element); the forward keeps 4
+# where it is not memory-bound. Measurements and history: docs/tuning.md.
 LAUNCH = {"lanes": 1024, "num_warps": 4, "bwd_warps": 2}
 
 

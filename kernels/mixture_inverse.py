@@ -39,9 +39,9 @@ from .launch import (
     tl_dtype,
 )
 
-# Tile lanes and warps per program of the inverse kernels on a GPU (bench/tune_gpu.py): one
-# warp of whole elements per program, the fastest W3 measured; the backward launches with the
-# same table. Measurements and history: docs/tuning.md.
+# Tile lanes and warps per program of the inverse kernels on a GPU
+# (bench/investigations/tune_gpu.py): one warp of whole elements per program, the fastest W3
+# measured; the backward launches with the same table. Measurements and history: docs/tuning.md.
 LAUNCH = {"lanes": 256, "num_warps": 1}
 
 

@@ -39,7 +39,7 @@ def test_parameter_shape_that_does_not_broadcast_names_it(func):
 
 def test_broadcast_rule_agrees_with_torch():
     """The plain-Python broadcast check against torch.broadcast_shapes on random shapes."""
-    from fastflow.functional import _broadcasts_to
+    from fastflow.checks import _broadcasts_to
 
     gen = torch.Generator().manual_seed(0)
     for _ in range(500):
@@ -93,7 +93,7 @@ def test_public_autograd_functions_reject_unknown_kind_and_output(kind, output, 
     """The Functions and the ops they call branch on kind and output: a misspelled string
     must raise, not fall through to the other formula ("density" is no output of the
     mixture CDF's ops: its y would be None)."""
-    from fastflow.autograd import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+    from fastflow.ops import MixtureCDF, MixtureCDFInverse, MixtureLogProb
 
     x, params = _good()
     for fn in (MixtureCDF, MixtureCDFInverse):

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["tests/test_mixture_cdf.py", "tests/test_mixture_inverse.py",
-         "tests/test_made_kernel.py", "tests/test_autoregressive.py"]
+         "tests/test_made.py", "tests/test_autoregressive.py"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="a GPU runs the real approximations in the other tests")

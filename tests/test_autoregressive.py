@@ -194,8 +194,8 @@ def test_sampling_takes_the_one_pass_route(monkeypatch):
     t = _flow(5, 3, [16], "natural", dtype=torch.float64)
     flow = Flow([t], StandardNormal(5)).double()
     calls = []
-    one_pass = t._one_pass
-    monkeypatch.setattr(t, "_one_pass", lambda *a, **k: calls.append(1) or one_pass(*a, **k))
+    step = t._mixture_step
+    monkeypatch.setattr(t, "_mixture_step", lambda *a, **k: calls.append(1) or step(*a, **k))
     torch.manual_seed(0)
     x = flow.sample(8)
     assert not calls and not x.requires_grad

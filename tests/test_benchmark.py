@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import fastflow
-from fastflow import benchmark
-from fastflow.benchmark import Result, ratios
+from fastflow.cli import bench as benchmark
+from fastflow.cli.bench import Result, ratios
 
 
 def test_ratios_from_one_run():
@@ -87,8 +87,8 @@ def test_cli_bench_runs_the_runner(capsys):
 
 
 def test_inverse_steps_script_counts_tiles():
-    """bench/inverse_steps.py (the iteration counts docs/numerics.md and docs/tuning.md quote)
-    runs, counts every tile of the GPU's size and round-trips W1's inputs."""
+    """bench/investigations/inverse_steps.py (the iteration counts docs/numerics.md and
+    docs/tuning.md quote) runs, counts every tile of the GPU's size and round-trips W1's inputs."""
     module = _script("inverse_steps")
     steps, err = module.main(["--n", "2048"])
     from fastflow.kernels.mixture_inverse import LAUNCH
@@ -99,8 +99,8 @@ def test_inverse_steps_script_counts_tiles():
 
 
 def test_cpu_sampler_script_times_a_checkout(capsys):
-    """bench/cpu_sampler.py (the CPU sampler figures in bench/results) runs a fresh process
-    per checkout and round and reports positive times for each measurement."""
+    """bench/investigations/cpu_sampler.py (the CPU sampler figures in bench/results) runs a fresh
+    process per checkout and round and reports positive times for each measurement."""
     module = _script("cpu_sampler")
     root = str(Path(fastflow.__file__).resolve().parent.parent)
     assert module.main(["--rounds", "1", root]) == 0
@@ -111,10 +111,10 @@ def test_cpu_sampler_script_times_a_checkout(capsys):
 
 
 def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
-    """bench/made_blocks.py (docs/tuning.md's per-layer table) runs, prints a row per layer and
-    batch, and leaves the route and plan settings as it found them."""
-    from fastflow.nn import _blocked as blocked
-    from fastflow.nn import made as made_nn
+    """bench/investigations/made_blocks.py (docs/tuning.md's per-layer table) runs, prints a row per
+    layer and batch, and leaves the route and plan settings as it found them."""
+    from fastflow.ops import blocked
+    from fastflow.ops import dispatch as made_nn
 
     module = _script("made_blocks")
     before = dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)
@@ -126,8 +126,8 @@ def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
 
 
 def test_profile_script_reports_each_chosen_variant(capsys):
-    """bench/profile_gpu.py (the profile under bench/results) runs and reports each variant
-    asked for, workload by workload."""
+    """bench/investigations/profile_gpu.py (the profile under bench/results) runs and reports each
+    variant asked for, workload by workload."""
     module = _script("profile_gpu")
     assert module.main(["--workloads", "W2,W1", "--variants", "fastflow,copy", "--size", "tiny",
                         "--calls", "1"]) == 0
@@ -141,7 +141,7 @@ def test_profile_script_profiles_fastflow_under_each_route_change(capsys):
     back; a change it cannot apply is a ValueError naming it."""
     import pytest
 
-    from fastflow.nn import made
+    from fastflow.ops import dispatch as made
 
     module = _script("profile_gpu")
     before = (dict(made.GPU_ROUTE), dict(made.CPU_ROUTE))
@@ -167,7 +167,7 @@ def test_profile_script_profiles_fastflow_under_each_route_change(capsys):
 
 def _script(name: str):
     """A script under bench/ as a module."""
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    path = Path(__file__).resolve().parent.parent / "bench" / "investigations" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -175,53 +175,52 @@ def _script(name: str):
 
 
 def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
-    """bench/host_overhead.py (the host times in docs/tuning.md) times the op and the W4 step,
-    and puts back the backend switch, the kernels, the routes, the input checks, the threads
-    and the random state."""
+    """bench/investigations/host_overhead.py (the host times in docs/tuning.md) times the op and the
+    W4 step, and puts back the backend switch, the kernels, the routes, the input checks, the
+    threads and the random state."""
     import torch
     from fastflow.kernels import mixture_cdf as cdf_kernels
 
     import fastflow
-    from fastflow import _registry
-    from fastflow.nn import made
+    from fastflow.ops import dispatch
 
-    before = (_registry._use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
-              cdf_kernels._mixture_cdf_bwd_kernel, dict(made.CPU_ROUTE),
+    before = (dispatch.use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
+              cdf_kernels._mixture_cdf_bwd_kernel, dict(dispatch.CPU_ROUTE),
               fastflow.get_validate_args(), torch.get_num_threads())
     rng = torch.get_rng_state()
     best = _script("host_overhead").main(["--calls", "2", "--rounds", "1"])
     assert torch.equal(torch.get_rng_state(), rng)
     assert set(best) == {"op", "dispatch", "W4"}
-    assert set(best["dispatch"]) == {"torch.ops.fastflow", "direct (_registry.call)"}
+    assert set(best["dispatch"]) == {"torch.ops.fastflow", "direct (ops.core.call)"}
     assert set(best["op"]) == {"fastflow op layer", "plain autograd"}
     assert {"fastflow", "torch-eager"} <= set(best["W4"])
     assert min(v for b in best.values() for v in b.values()) > 0
-    after = (_registry._use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
-             cdf_kernels._mixture_cdf_bwd_kernel, dict(made.CPU_ROUTE),
+    after = (dispatch.use_triton, cdf_kernels._mixture_cdf_fwd_kernel,
+             cdf_kernels._mixture_cdf_bwd_kernel, dict(dispatch.CPU_ROUTE),
              fastflow.get_validate_args(), torch.get_num_threads())
     assert after == before
 
 
 def test_tune_script_runs_every_table_at_tiny_size_and_restores_the_settings(capsys):
-    """bench/tune_gpu.py (the sweeps under bench/results) at tiny sizes on this device: every
-    table prints, and the launch, route, plan and iteration-cap settings are put back."""
+    """bench/investigations/tune_gpu.py (the sweeps under bench/results) at tiny sizes on this
+    device: every table prints, and the launch, route, plan and iteration-cap settings are put
+    back."""
     from fastflow.kernels import made as k_made
     from fastflow.kernels import mixture_cdf as k_cdf
     from fastflow.kernels import mixture_inverse as k_inv
 
-    from fastflow import _registry
-    from fastflow.nn import _blocked as blocked
-    from fastflow.nn import made as made_nn
+    from fastflow.ops import blocked, mixture_inverse
+    from fastflow.ops import dispatch as made_nn
 
     tables = (k_cdf.LAUNCH, k_inv.LAUNCH, k_made.LAUNCH, made_nn.GPU_ROUTE, made_nn.CPU_ROUTE,
               blocked.PLAN)
     fastflow.set_validate_args(True)
-    before = [dict(t) for t in tables], _registry.MAX_STEPS
+    before = [dict(t) for t in tables], mixture_inverse.MAX_STEPS
     assert _script("tune_gpu").main(["--only", "W1,W3,W5,W5diag,W4,W4tiles", "--size", "tiny",
                                      "--repeat", "1"]) == 0
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
     assert len(heads) == 10, heads
-    assert ([dict(t) for t in tables], _registry.MAX_STEPS) == before
+    assert ([dict(t) for t in tables], mixture_inverse.MAX_STEPS) == before
     assert fastflow.get_validate_args()
 
 
@@ -234,8 +233,8 @@ def test_plain_baseline_runs_the_flow_without_fastflow_ops(monkeypatch):
 
     import torch
 
-    from fastflow import reference
     from fastflow.nn import transforms
+    from fastflow.reference import mixture_cdf as cpu_path
 
     model = benchmark.flow_model(3, [8, 8], 2, "cpu").double()
     weight = model.transforms[0].made.output.weight
@@ -244,8 +243,8 @@ def test_plain_baseline_runs_the_flow_without_fastflow_ops(monkeypatch):
     (g,) = torch.autograd.grad(lp.sum(), [weight])
     calls = []
     for name in ("mixture_cdf_fwd", "mixture_cdf_bwd"):
-        body = getattr(reference, name)
-        monkeypatch.setattr(reference, name,
+        body = getattr(cpu_path, name)
+        monkeypatch.setattr(cpu_path, name,
                             lambda *a, _n=name, _b=body: calls.append(_n) or _b(*a))
     lp_spied = model.log_prob(x)
     torch.autograd.grad(lp_spied.sum(), [weight])
@@ -266,8 +265,9 @@ def test_plain_baseline_runs_the_flow_without_fastflow_ops(monkeypatch):
 
 
 def test_c1_validation_script_prints_both_ratios(capsys):
-    """bench/c1_validation.py (the checks-on / checks-off ratio docs/tuning.md quotes) runs at
-    the tiny size and prints a row per setting whose ratio is its two times' quotient."""
+    """bench/investigations/c1_validation.py (the checks-on / checks-off ratio docs/tuning.md
+    quotes) runs at the tiny size and prints a row per setting whose ratio is its two times'
+    quotient."""
     assert _script("c1_validation").main(["--size", "tiny", "--repeat", "1"]) == 0
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
     assert [r[0].strip() for r in rows] == ["off", "on"]

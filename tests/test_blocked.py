@@ -1,12 +1,12 @@
-"""MADE's "blocks" route: prefix masks as a few dense products (fastflow/nn/_blocked.py),
+"""MADE's "blocks" route: prefix masks as a few dense products (fastflow/ops/blocked.py),
 against the dense masked product and autograd, and how MADE picks and refreshes its blocks."""
 
 import pytest
 import torch
 
 from fastflow.nn import MADE, AutoregressiveMixtureFlow
-from fastflow.nn import _blocked as blocked
 from fastflow.nn import made as made_nn
+from fastflow.ops import blocked, dispatch
 
 
 def _prefix_mask(limits, k):
@@ -121,8 +121,8 @@ def test_made_blocks_route_matches_the_dense_route(case, monkeypatch):
     ctx = torch.randn(13, 2, dtype=torch.float64) if case == "context" else None
 
     def run(how):
-        monkeypatch.setitem(made_nn.CPU_ROUTE, "linear", how)
-        monkeypatch.setitem(made_nn.CPU_ROUTE, "head", how)
+        monkeypatch.setitem(dispatch.CPU_ROUTE, "linear", how)
+        monkeypatch.setitem(dispatch.CPU_ROUTE, "head", how)
         out = made(x, ctx)
         g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
         return out, torch.autograd.grad(out, [x, *made.parameters()], g)
@@ -161,15 +161,15 @@ def test_made_replans_when_its_masks_change(monkeypatch):
 def test_route_reads_the_inference_entries_when_autograd_records_nothing(monkeypatch):
     """Training (autograd records the product) and inference read separate route entries:
     the blocks route's backward can cost more than its forward saves."""
-    monkeypatch.setitem(made_nn.CPU_ROUTE, "head", "dense")
-    monkeypatch.setitem(made_nn.CPU_ROUTE, "head_inference", "blocks")
+    monkeypatch.setitem(dispatch.CPU_ROUTE, "head", "dense")
+    monkeypatch.setitem(dispatch.CPU_ROUTE, "head_inference", "blocks")
     layer = MADE(6, [16], 9, seed=0).output
     x = torch.randn(5, 16)
-    assert made_nn.route(x, "head") == "dense"
+    assert dispatch.route(x, "head") == "dense"
     with torch.no_grad():
-        assert made_nn.route(x, "head") == "blocks"
+        assert dispatch.route(x, "head") == "blocks"
     seen = []
-    monkeypatch.setattr(made_nn, "route", lambda x, part, grad: seen.append(grad) or "dense")
+    monkeypatch.setattr(dispatch, "route", lambda x, part, grad: seen.append(grad) or "dense")
     layer(x)  # parameters require grad: recorded
     with torch.no_grad():
         layer(x)
@@ -182,9 +182,9 @@ def test_reference_backend_and_compile_take_the_dense_route(monkeypatch):
     """FASTFLOW_BACKEND=reference is the plain model (the oracle, the benchmarks' eager
     baseline); torch.compile traces the dense route without a graph break."""
     x = torch.randn(4, 3)
-    assert made_nn.route(x, "linear") == made_nn.CPU_ROUTE["linear"]
+    assert dispatch.route(x, "linear") == dispatch.CPU_ROUTE["linear"]
     monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
-    assert made_nn.route(x, "linear") == made_nn.route(x, "head") == "dense"
+    assert dispatch.route(x, "linear") == dispatch.route(x, "head") == "dense"
     monkeypatch.delenv("FASTFLOW_BACKEND")
     flow = AutoregressiveMixtureFlow(6, 3, [16, 16], output="logit", seed=0)
     x = torch.randn(10, 6)
@@ -198,7 +198,7 @@ def test_masked_linear_role_and_input_are_checked():
     with pytest.raises(ValueError, match="role must be one of"):
         made_nn.MaskedLinear(3, 2, mask, role="output")
     layer = made_nn.MaskedLinear(3, 2, mask)
-    with pytest.raises(ValueError, match="x must end in 3 features"):
+    with pytest.raises(ValueError, match="x must end in K = 3 features"):
         layer(torch.randn(4, 5))
     with pytest.raises(ValueError, match="activation must be"):
         layer(torch.randn(4, 3), activation="tanh")

@@ -20,8 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastflow.cli import build_parser, main
-from fastflow.data import smiley, two_moons
-from fastflow.demo import (
+from fastflow.cli.train import (
     DEFAULTS,
     DemoError,
     NLLLoss,
@@ -32,6 +31,7 @@ from fastflow.demo import (
     loss_and_backward,
     model_config,
 )
+from fastflow.data import smiley, two_moons
 
 TINY = ["--steps", "3", "--batch-size", "32", "--hidden", "16,16", "--components", "2",
         "--no-progress"]
@@ -316,7 +316,7 @@ def test_sample_writes_finite_points(moons_run, tmp_path, capsys):
 def test_sample_matches_the_trained_flow(moons_run):
     """The checkpoint rebuilds the same density: log p from the rebuilt flow equals the one
     computed from the raw state dict loaded into a fresh model."""
-    from fastflow.demo import load_checkpoint
+    from fastflow.cli.train import load_checkpoint
 
     flow, config = load_checkpoint(moons_run / "checkpoint.pt")
     ckpt = torch.load(moons_run / "checkpoint.pt", weights_only=True)
@@ -441,7 +441,7 @@ def test_info_names_versions_and_backends(capsys, monkeypatch):
 
 
 def test_bench_without_the_runner(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastflow.benchmark", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "fastflow.cli.bench", None)  # import fails as if absent
     code, out, err = run(capsys, "bench", "--quick")
     assert_one_line_error(code, err)
     assert err.strip() == "fastflow bench: the benchmark runner is not part of this installation"
@@ -449,9 +449,9 @@ def test_bench_without_the_runner(capsys, monkeypatch):
 
 def test_bench_forwards_its_arguments(capsys, monkeypatch):
     seen = []
-    fake = types.ModuleType("fastflow.benchmark")
+    fake = types.ModuleType("fastflow.cli.bench")
     fake.main = lambda argv, parser_class: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "fastflow.benchmark", fake)
+    monkeypatch.setitem(sys.modules, "fastflow.cli.bench", fake)
     assert main(["bench", "--sizes", "1,2", "--help"]) == 3
     assert seen == [["--sizes", "1,2", "--help"]]
 

@@ -22,7 +22,7 @@ def _run(script: str, cwd=None) -> subprocess.CompletedProcess:
 def test_every_kernel_specialisation_compiles_for_sm90():
     done = _run("""
         import json, sys
-        from fastflow import compile_check as c
+        from fastflow.cli import compile_check as c
         results = c.check((90,), out=sys.stderr)
         print(json.dumps({
             "kernels": sorted({r["spec"].kernel for r in results}),
@@ -62,7 +62,7 @@ def test_compile_check_reports_what_the_interpreter_accepts(tmp_path):
     """))
     done = _run("""
         import json, torch
-        from fastflow import compile_check as c
+        from fastflow.cli import compile_check as c
         from two_kernels import _bad_kernel, _good_kernel
         specs = []
         with c.recording(specs, "test"):
@@ -80,9 +80,9 @@ def test_compile_check_reports_what_the_interpreter_accepts(tmp_path):
 
 
 def test_sass_count_reports_every_w1_to_w3_kernel():
-    """bench/sass_count.py (the instruction counts docs/tuning.md quotes) runs and covers the
-    forward, backward and inverse kernels for both kinds."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "sass_count.py"
+    """bench/investigations/sass_count.py (the instruction counts docs/tuning.md quotes) runs and
+    covers the forward, backward and inverse kernels for both kinds."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "investigations" / "sass_count.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow
-from fastflow import _registry
+from fastflow.ops import core
 from fastflow.reference import naive
 
 from helpers import random_mixture
@@ -37,8 +37,8 @@ def counted(monkeypatch):
             return body(*args)
         return counting
 
-    for name, body in list(_registry.BODIES.items()):
-        monkeypatch.setitem(_registry.BODIES, name, wrap(name, body))
+    for name, body in list(core.BODIES.items()):
+        monkeypatch.setitem(core.BODIES, name, wrap(name, body))
     return counts
 
 
@@ -125,13 +125,13 @@ def test_tensor_subclasses_and_lists_are_checked():
     t = torch.zeros(2)
     plain = torch.nn.Parameter(torch.zeros(2))
     with torch.no_grad():
-        assert _registry._plain_eager((t, [t, plain], 3, "logit"))
+        assert core._plain_eager((t, [t, plain], 3, "logit"))
 
         class Sub(torch.Tensor):
             pass
 
         sub = t.as_subclass(Sub)
-        assert not _registry._plain_eager((t, sub))
-        assert not _registry._plain_eager((t, [t, sub]))
-        assert not _registry._plain_eager((t, torch.zeros(2, device="meta")))
-    assert not _registry._plain_eager((t,))  # grad mode on
+        assert not core._plain_eager((t, sub))
+        assert not core._plain_eager((t, [t, sub]))
+        assert not core._plain_eager((t, torch.zeros(2, device="meta")))
+    assert not core._plain_eager((t,))  # grad mode on

@@ -442,8 +442,8 @@ def test_launch_arithmetic_agrees_with_triton():
 def _log_space_vjp(grad_y, grad_lad, args, kind, output):
     from fastflow.reference import mixture_cdf as ref
 
-    p = ref._vjp_pieces(*args, kind, output)
-    return ref._vjp_assemble(*ref._output_coefs(grad_y, grad_lad, p, output), p)
+    p = ref.vjp_pieces(*args, kind, output)
+    return ref.vjp_assemble(*ref.output_coefs(grad_y, grad_lad, p, output), p)
 
 
 def _vjp_scales(grad_y, grad_lad, args, kind, output):
@@ -453,8 +453,8 @@ def _vjp_scales(grad_y, grad_lad, args, kind, output):
     component's own value."""
     from fastflow.reference import mixture_cdf as ref
 
-    p = ref._vjp_pieces(*args, kind, output)
-    c_cdf, c_sf, c_pdf = (c.unsqueeze(-1) for c in ref._output_coefs(grad_y, grad_lad, p, output))
+    p = ref.vjp_pieces(*args, kind, output)
+    c_cdf, c_sf, c_pdf = (c.unsqueeze(-1) for c in ref.output_coefs(grad_y, grad_lad, p, output))
     du = (c_cdf * p["du_cdf"]).abs() + (c_sf * p["du_sf"]).abs() + (c_pdf * p["du_pdf"]).abs()
     resp_f = (c_pdf * p["resp_f"]).abs()
     logits = ((c_cdf * p["resp_cdf"]).abs() + (c_sf * p["resp_sf"]).abs() + resp_f
@@ -508,9 +508,9 @@ def test_cpu_path_sends_exactly_the_underflowing_elements_to_log_space(monkeypat
         tails[:2] = [-10.5, 10.5]
     x = torch.tensor([-2.0, 0.0, 0.5, 2.5, *tails])
     seen = []
-    forward, pieces = naive.forward, ref._vjp_pieces
+    forward, pieces = naive.forward, ref.vjp_pieces
     monkeypatch.setattr(naive, "forward", lambda *a: seen.append(a[0].numel()) or forward(*a))
-    monkeypatch.setattr(ref, "_vjp_pieces",
+    monkeypatch.setattr(ref, "vjp_pieces",
                         lambda *a: seen.append(a[0].numel()) or pieces(*a))
     y, lad = ref.mixture_cdf_fwd(x, *params, kind, output)
     gy, gl = torch.randn(2, 9)

@@ -258,7 +258,7 @@ def test_cpu_solver_matches_the_kernels_algorithm(kind):
     """The CPU solver (Newton run to convergence, probability-space sums) and the kernels'
     fixed-count log-space algorithm find the same roots in float64, hard mixtures included;
     with no Newton iterations allowed, every element takes the log-space fallback."""
-    from fastflow.reference import mixture_cdf as ref
+    from fastflow.reference import mixture_inverse as ref
 
     shape = (8, 64)
     params = random_mixture(shape, 5, dtype=torch.float64, logit_spread=20.0,
@@ -480,8 +480,8 @@ def test_fp32_inverse_near_a_narrow_components_plateau(backend, case):
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp32_inverse_random_search(backend, kind, output):
     """A randomized search over the accuracy contract's ranges (``search_problems``; the same
-    search at any size: ``python bench/inverse_search.py``): every float32 solution within
-    1e-5 (|x*| + min_k s_k) of the float64 root or forward-exact in logit space."""
+    search at any size: ``python bench/investigations/inverse_search.py``): every float32 solution
+    within 1e-5 (|x*| + min_k s_k) of the float64 root or forward-exact in logit space."""
     n = 4096 if backend == "reference" else 512
     gen = torch.Generator().manual_seed(KINDS.index(kind) * 2 + OUTPUTS.index(output))
     for K in (2, 9, 64):

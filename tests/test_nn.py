@@ -319,10 +319,10 @@ def test_every_made_route_matches_the_reference(linear, head, device, triton_bac
     """On a GPU, MADE's products go through cuBLAS or fastflow's kernels as GPU_ROUTE says
     (on a CPU both names mean the interpreted kernels): every route gives the reference's
     density and gradients."""
-    from fastflow.nn import made as made_nn
+    from fastflow.ops import dispatch
 
-    monkeypatch.setitem(made_nn.GPU_ROUTE, "linear", linear)
-    monkeypatch.setitem(made_nn.GPU_ROUTE, "head", head)
+    monkeypatch.setitem(dispatch.GPU_ROUTE, "linear", linear)
+    monkeypatch.setitem(dispatch.GPU_ROUTE, "head", head)
     flow = AutoregressiveMixtureFlow(5, 3, [16, 16], order="random", seed=2).double().to(device)
     x = torch.randn(7, 5, dtype=torch.float64, device=device)
     z, lad = flow(x)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._registry import _check_kind_output
+from ..checks import check_kind_output
 from ..functional import mixture_cdf, mixture_cdf_inverse
 from .made import check_context
 from .transforms import _MixtureTransform
@@ -52,7 +52,7 @@ class CouplingMixtureFlow(_MixtureTransform):
             raise ValueError(f"features must be >= 2 for a coupling layer, got {features}")
         if components < 1:
             raise ValueError(f"components must be >= 1, got {components}")
-        _check_kind_output(kind, output)
+        check_kind_output(kind, output)
         if output != "logit":
             raise ValueError("output must be 'logit' for a coupling layer: its conditioner's "
                              "half stays in R, so the layer maps R^D to R^D")

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, constraints
 
+from ..checks import check_float_tensor
 from ..distributions import as_size
-from .transforms import Compose, Transform, chain_inverse, check_float_tensor
+from .transforms import Compose, Transform, chain_inverse
 
 
 def _broadcast_context(context, x):

@@ -15,51 +15,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._registry import backend_choice
-from ..functional import _should_validate, _validate_values, masked_linear
-from ..reference import made as reference_made
-from . import _blocked as blocked
-from ._blocked import PrefixLinear, plan_blocks, prefix_limits
-
-# How MADE's products run: "dense", one library GEMM with the masked weight (twice the
-# multiply-adds of the mask's nonzeros); "blocks", a few library GEMMs over row blocks of the
-# degree-sorted masks, each reading only the columns its rows can see (fastflow/nn/_blocked.py;
-# dense where a mask is not of that form, e.g. a random input order); "kernel", fastflow's
-# masked-linear and fused-head kernels, which skip the mask's zero tiles but whose fp32 tl.dot
-# runs on CUDA cores (IEEE fp32; tensor cores only with TF32 allowed or in half precision).
-# "linear" is the hidden layers, "head" the output layer (with "kernel", fused with the
-# mixture CDF). A product whose result autograd records (training) reads "linear"/"head";
-# one that it does not (log_prob or sampling under no_grad) reads "linear_inference"/
-# "head_inference", since "blocks" costs its backward more than its forward saves at small
-# batches. The defaults are the fastest measured on each device (docs/tuning.md, "Current
-# defaults and why"). FASTFLOW_BACKEND=reference always takes "dense": the plain model, the
-# tests' oracle.
-GPU_ROUTE = {"linear": "dense", "head": "dense",
-             "linear_inference": "dense", "head_inference": "blocks"}
-CPU_ROUTE = {"linear": "blocks", "head": "blocks",
-             "linear_inference": "blocks", "head_inference": "blocks"}
-ROLES = ("linear", "head")
-
-
-def route(x: torch.Tensor, part: str, grad: bool | None = None) -> str:
-    """How MADE's ``part`` ("linear" or "head") runs for x: "dense", "blocks" or "kernel".
-    ``grad``: whether autograd records the product (default: ``torch.is_grad_enabled()``)."""
-    choice = backend_choice()
-    if choice == "reference":
-        return "dense"
-    key = part if (torch.is_grad_enabled() if grad is None else grad) else part + "_inference"
-    if x.is_cuda:
-        return GPU_ROUTE[key]
-    return "kernel" if choice == "triton" else CPU_ROUTE[key]
+from .. import checks
+from ..functional import masked_linear, prefix_blocks, prefix_plan_settings
 
 
 class MaskedLinear(nn.Linear):
     """``y = x @ (W * mask).T + b`` with a fixed 0/1 mask of shape (out_features, in_features).
 
-    Runs as :func:`route` says for its ``role`` ("linear" or "head"): one library GEMM with
-    the masked weight ("dense"), a few over row blocks of a prefix mask ("blocks": see
-    ``fastflow/nn/_blocked.py``; dense for any other mask), or :func:`fastflow.masked_linear`
-    ("kernel": the mask applied in-kernel, all-zero mask tiles skipped).
+    Runs as :func:`fastflow.ops.dispatch.route` says for its ``role`` ("linear" or "head"):
+    one library GEMM with the masked weight ("dense"), a few over row blocks of a prefix mask
+    ("blocks": see ``fastflow/ops/blocked.py``; dense for any other mask), or the masked-linear
+    kernel ("kernel": the mask applied in-kernel, all-zero mask tiles skipped).
     """
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True,
@@ -70,8 +36,7 @@ class MaskedLinear(nn.Linear):
                 f"mask must have shape (out_features, in_features) = "
                 f"{(out_features, in_features)}, got {tuple(mask.shape)}"
             )
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        checks.check_choice("role", role, ("linear", "head"))
         self.role = role
         self.register_buffer("mask", mask.to(self.weight.dtype))
         self._plan = None  # (the mask's identity, its row blocks or None)
@@ -79,42 +44,16 @@ class MaskedLinear(nn.Linear):
     def blocks(self) -> tuple[tuple[int, int, int], ...] | None:
         """The row blocks (first row, end row, columns read) of the current mask; None for the
         dense product (not a sorted prefix mask, or no cut pays). Planned again whenever the
-        mask is replaced, moved or written to, or ``_blocked.PLAN`` changes."""
+        mask is replaced, moved or written to, or ``fastflow.ops.blocked.PLAN`` changes."""
         m = self.mask
-        key = (m.data_ptr(), m._version, m.device, m.shape, tuple(blocked.PLAN.values()))
+        key = (m.data_ptr(), m._version, m.device, m.shape, prefix_plan_settings())
         if self._plan is None or self._plan[0] != key:
-            limits = prefix_limits(m)
-            self._plan = (key, None if limits is None else plan_blocks(limits, m.shape[1]))
+            self._plan = (key, prefix_blocks(m))
         return self._plan[1]
 
     def forward(self, x: torch.Tensor, activation: str = "identity") -> torch.Tensor:
-        # Host time counts here (a training step's layers are small kernels on a GPU): each
-        # attribute is read once and cast only when its dtype differs.
-        weight, bias, mask = self.weight, self.bias, self.mask
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-        how = route(x, self.role, grad)
-        if how == "kernel":
-            return masked_linear(x, weight, mask, bias, activation=activation)
-        if activation != "identity" and activation != "relu":
-            raise ValueError(f"activation must be 'identity' or 'relu', got {activation!r}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
-        dtype = x.dtype
-        if weight.dtype != dtype:
-            weight = weight.to(dtype)
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        if mask.dtype != dtype:
-            mask = mask.to(dtype)
-        # Under torch.compile the plan's Python bookkeeping is not traceable: dense there.
-        blocks = (self.blocks() if how == "blocks" and not torch.compiler.is_compiling()
-                  else None)
-        if blocks is None:
-            return reference_made.masked_linear_fwd(x, weight, mask, bias, activation)
-        flat = x.reshape(-1, self.in_features)
-        y = PrefixLinear.apply(flat, weight, mask, bias, blocks, activation == "relu")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return masked_linear(x, self.weight, self.mask, self.bias, activation=activation,
+                             role=self.role, blocks=self.blocks)
 
 
 def _input_degrees(features: int, order, generator) -> torch.Tensor:
@@ -302,5 +241,5 @@ def check_context(context, context_features, x):
         raise ValueError(f"context must be a floating-point tensor, got {context.dtype}")
     if context.device != x.device:
         raise ValueError(f"context is on {context.device} but x is on {x.device}")
-    if _should_validate(None):
-        _validate_values([("context", ~torch.isfinite(context), "must be finite")])
+    if checks.should_validate():
+        checks.validate_values([("context", ~torch.isfinite(context), "must be finite")])

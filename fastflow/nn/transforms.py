@@ -13,28 +13,17 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
-from .. import _registry
-from .._registry import _check_kind_output, backend_for
+from .. import checks
+from ..checks import check_float_tensor, check_kind_output
 from ..functional import (
-    _input_check,
-    _should_validate,
-    _target_check,
-    _validate_values,
+    autoregressive_solve,
+    fuses_head,
+    made_head,
     mixture_cdf,
     mixture_cdf_inverse,
+    solves_in_one_pass,
 )
-from ..reference.autoregressive import autoregressive_solve as reference_solve
-from .made import MADE, check_context, route
-
-
-def check_float_tensor(x, name: str) -> None:
-    """ValueError naming ``name`` unless x is a floating-point torch.Tensor."""
-    if not isinstance(x, torch.Tensor):
-        kind = type(x)
-        raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
-                         f"{kind.__qualname__} (convert it with torch.as_tensor)")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+from .made import MADE, check_context
 
 
 class Transform(nn.Module):
@@ -202,7 +191,7 @@ class MixtureCDFFlow(_MixtureTransform):
         if features < 1 or components < 1:
             raise ValueError(f"features and components must be >= 1, got {features}, "
                              f"{components}")
-        _check_kind_output(kind, output)
+        check_kind_output(kind, output)
         self.features, self.components = features, components
         self.kind, self.output = kind, output
         self.logits = nn.Parameter(torch.zeros(features, components))
@@ -243,7 +232,7 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
             raise ValueError(f"direction must be 'maf' or 'iaf', got {direction!r}")
         if components < 1:
             raise ValueError(f"components must be >= 1, got {components}")
-        _check_kind_output(kind, output)
+        check_kind_output(kind, output)
         self.features, self.components = features, components
         self.kind, self.direction, self.output = kind, direction, output
         self.context_features = context_features
@@ -271,22 +260,15 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
                                             or any(p.requires_grad for p in self.parameters()))
 
-    def _fuses_head(self, inputs, values) -> bool:
-        """Whether the forward takes the fused head kernel (its route is "kernel"). The mode
-        (``_recorded``, a walk over the parameters) is looked up only where one mode's route
-        is the kernel."""
-        if backend_for(values) != "triton":
-            return False
-        if route(values, "head", True) != "kernel" and route(values, "head", False) != "kernel":
-            return False
-        return route(values, "head", self._recorded(inputs, values)) == "kernel"
-
-    def _one_pass(self, inputs, values, context, invert: bool):
-        if not invert and context is None and self._fuses_head(inputs, values):
+    def _mixture_step(self, inputs, values, context, invert: bool):
+        """(out, logabsdet) per dimension: one MADE pass on ``inputs`` gives every
+        dimension's mixture, applied to ``values`` (its inverse for ``invert``)."""
+        if not invert and context is None and fuses_head(
+                values, lambda: self._recorded(inputs, values)):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         lost = None
-        if _should_validate(None):
+        if checks.should_validate():
             params, lost = self._finite_params(params)
         op = mixture_cdf_inverse if invert else mixture_cdf
         out, lad = op(values, *params, kind=self.kind, output=self.output)
@@ -311,14 +293,14 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
     def _fused_forward(self, inputs, values):
         """MADE's output layer and the mixture CDF in one kernel: the (B, D, 3K) parameters
         are never written to memory."""
-        if _should_validate(None):
-            _validate_values([_input_check("x", values, self.output)])
+        if checks.should_validate():
+            checks.validate_values([checks.input_check("x", values, self.output)])
         lead = values.shape[:-1]
         h = self.made.hidden(inputs).reshape(-1, self.made.output.in_features)
         out = self.made.output
-        y, lad = _registry.call(
-            "made_head_fwd", h, out.weight, out.bias, self.made.head_limits,
-            values.reshape(-1, self.features), self.components, self.kind, self.output)
+        y, lad = made_head(h, out.weight, out.bias, self.made.head_limits,
+                           values.reshape(-1, self.features), self.components, kind=self.kind,
+                           output=self.output)
         return y.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def _sequential(self, values, context, invert: bool):
@@ -328,38 +310,34 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         on a GPU). With gradients, D network passes, so that autograd sees every dependence.
         """
         tracked = self._recorded(values, *(() if context is None else (context,)))
-        if self.one_pass and not tracked:
-            return self._solve_one_pass(values, context, invert)
+        if solves_in_one_pass(self.one_pass, tracked):
+            return self._solve_in_one_pass(values, context, invert)
         side = torch.zeros_like(values)
         degrees = self.made.input_degrees
         for d in range(1, self.features + 1):
-            new, _ = self._one_pass(side, values, context, invert)
+            new, _ = self._mixture_step(side, values, context, invert)
             side = torch.where(degrees == d, new, side)
-        _, lad = self._one_pass(side, values, context, invert)
+        _, lad = self._mixture_step(side, values, context, invert)
         return side, lad
 
-    def _solve_one_pass(self, values, context, invert: bool):
+    def _solve_in_one_pass(self, values, context, invert: bool):
         lead = values.shape[:-1]
         flat = values.reshape(-1, self.features)
         if context is not None:
             context = context.reshape(-1, context.shape[-1]).to(values.dtype)
-        plan = self.made.sequential_plan(context)
         act = self.made.activation
-        args = (flat, plan["weights"], plan["biases"], plan["table"], plan["order"],
-                plan["out_weight"], plan["out_bias"], self.components, self.kind, self.output,
-                invert, self.made.residual)
-        if type(act) is nn.ReLU:
-            side, lad = _registry.call("autoregressive_solve", *args, "relu")
-        else:
-            side, lad = reference_solve(*args, act)
-        if _should_validate(None):
+        side, lad = autoregressive_solve(
+            flat, self.made.sequential_plan(context), self.components, kind=self.kind,
+            output=self.output, invert=invert, residual=self.made.residual,
+            activation="relu" if type(act) is nn.ReLU else act)
+        if checks.should_validate():
             # One sync after the solve. The parameters exist only inside it: a NaN result from
             # valid input means they were not finite (a diverged network), which the D-pass
             # route reports too.
             name = "z" if invert else "x"
-            given = (_target_check(name, values, self.output) if invert
-                     else _input_check(name, values, self.output))
-            _validate_values([
+            given = (checks.target_check(name, values, self.output) if invert
+                     else checks.input_check(name, values, self.output))
+            checks.validate_values([
                 given,
                 # A side of +-inf with no logabsdet is an overflow (a scale past the dtype's
                 # range), not a diverged network; the flow scores such rows -inf.
@@ -373,7 +351,7 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         self._check(x)
         check_context(context, self.context_features, x)
         if self.direction == "maf":
-            z, lad = self._one_pass(x, x, context, invert=False)
+            z, lad = self._mixture_step(x, x, context, invert=False)
             return z, lad.sum(-1)
         z, lad = self._sequential(x, context, invert=False)
         return z, lad.sum(-1)
@@ -382,7 +360,7 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         self._check(z, "z")
         check_context(context, self.context_features, z)
         if self.direction == "iaf":
-            x, lad = self._one_pass(z, z, context, invert=True)
+            x, lad = self._mixture_step(z, z, context, invert=True)
             return x, lad.sum(-1)
         x, lad = self._sequential(z, context, invert=True)
         return x, lad.sum(-1)
@@ -403,10 +381,10 @@ class Logit(Transform):
         return f"features={self.features}, alpha={self.alpha}"
 
     def _logit(self, x, name):
-        if _should_validate(None):
+        if checks.should_validate():
             # log of a negative number is a silent NaN: unscaled pixels (0..255) are the
             # usual cause.
-            _validate_values([(name, ~((x >= 0) & (x <= 1)),
+            checks.validate_values([(name, ~((x >= 0) & (x <= 1)),
                                "must lie in [0, 1] (found values outside, or NaN)")])
         s = self.alpha + (1 - 2 * self.alpha) * x
         log_s, log_1ms = torch.log(s), torch.log1p(-s)

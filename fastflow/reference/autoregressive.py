@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .mixture_cdf import inverse_component_major, mixture_cdf_fwd
+from .mixture_cdf import mixture_cdf_fwd
+from .mixture_inverse import inverse_component_major
 from .naive import compute_dtype
 
 ACTIVATIONS = {"relu": torch.relu, "identity": lambda a: a}

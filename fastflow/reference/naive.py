@@ -1,11 +1,12 @@
 """The oracle: the mixture CDF's log-space formulas in plain PyTorch, and a fixed-schedule
 inverse built on them.
 
-Every kernel and the CPU path (:mod:`fastflow.reference.mixture_cdf`) are tested against
-:func:`forward`, which the tests in turn hold to autograd Jacobians, finite differences,
-quadrature and scipy. Log-sum-exps throughout, 1 - F never formed by subtraction, and the
-logit output's log-derivative from the components' responsibilities and hazard rates, so that
-nothing cancels in the tails (docs/numerics.md). Differentiable to any order by autograd: the
+Every kernel and the CPU path (:mod:`fastflow.reference.mixture_cdf`,
+:mod:`fastflow.reference.mixture_inverse`) are tested against :func:`forward`, which the
+tests in turn hold to autograd Jacobians, finite differences, quadrature and scipy.
+Log-sum-exps throughout, 1 - F never formed by subtraction, and the logit output's
+log-derivative from the components' responsibilities and hazard rates, so that nothing
+cancels in the tails (docs/numerics.md). Differentiable to any order by autograd: the
 ops' double backward runs through it.
 
 Inputs are validated and broadcast: ``x`` of shape ``S``, parameters ``S + (K,)``, one

@@ -5,7 +5,8 @@ W1's inputs (K = 8, logit output, fp32, the GPU's tile size) and prints how many
 tiles took, and the round trip's error. The counts do not depend on the device, so on a CPU
 the kernel runs under the Triton interpreter (slow: keep ``--n`` at a few 10^4).
 
-    python bench/inverse_steps.py [--n 16384] [--kind logistic|gaussian] [--lanes 512]
+    python bench/investigations/inverse_steps.py [--n 16384] [--kind logistic|gaussian]
+        [--lanes 512]
 
 ``--lanes`` overrides the inverse's tile lanes (``LAUNCH["lanes"]``): a tile of fewer
 elements waits for fewer slow ones.
@@ -21,8 +22,8 @@ if not torch.cuda.is_available():
 
 from fastflow.kernels import launch, mixture_cdf, mixture_inverse  # noqa: E402
 
-from fastflow import benchmark  # noqa: E402
-from fastflow._registry import MAX_STEPS  # noqa: E402
+from fastflow.cli import bench as benchmark  # noqa: E402
+from fastflow.ops.mixture_inverse import MAX_STEPS  # noqa: E402
 
 
 def tile_steps(n: int, kind: str, lanes: int | None = None):

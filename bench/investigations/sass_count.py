@@ -8,7 +8,8 @@ that count per element, and the special-function (MUFU) instructions per element
 time, not a measurement: the elementwise kernels are instruction-bound on an H200 (see
 docs/tuning.md), so fewer instructions per element is the direction to go.
 
-    python bench/sass_count.py [--arch 90] [--lanes 1024] [--warps 4] [--sass DIR] [--flows]
+    python bench/investigations/sass_count.py [--arch 90] [--lanes 1024] [--warps 4] [--sass DIR]
+        [--flows]
 
 ``--flows`` adds the forward and backward on the flows' parameters: slices of a MADE output
 of shape (64, 784, 3K) with K = 10 (W4/W5's sizes), which take the kernels' general path.
@@ -22,8 +23,8 @@ import tempfile
 import torch
 from fastflow.kernels import launch, mixture_cdf, mixture_inverse
 
-from fastflow import compile_check
-from fastflow.benchmark import K_OPS, OUTPUT, op_inputs
+from fastflow.cli import compile_check
+from fastflow.cli.bench import K_OPS, OUTPUT, op_inputs
 
 
 def _table(arch, sass_dir, x, params, inverse: bool):

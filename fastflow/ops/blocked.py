@@ -16,7 +16,8 @@ import torch
 # The plan's choices and cost model: the block counts tried; one more product costs
 # "overhead" of the dense product's multiply-adds; a block reading fewer than "min_columns"
 # columns costs as much as one reading that many (narrow GEMMs run below the library's rate).
-# Fitted to CPU timings of MADE layers (docs/tuning.md); bench/tune_gpu.py sweeps it on a GPU.
+# Fitted to CPU timings of MADE layers (docs/tuning.md); bench/investigations/tune_gpu.py sweeps it
+# on a GPU.
 PLAN = {"counts": (1, 2, 4, 8, 16), "overhead": 0.03, "min_columns": 64}
 # Rows and columns of a block are cut at multiples of this (vector-friendly leading sizes).
 ALIGN = 8

@@ -1,6 +1,7 @@
 """Randomized search for wrong roots of the float32 inverse over the accuracy contract's ranges.
 
-    python bench/inverse_search.py [--n 1000000] [--backend reference|triton] [--seed 0]
+    python bench/investigations/inverse_search.py [--n 1000000] [--backend reference|triton]
+        [--seed 0]
 
 Draws ``--n`` problems per kind (logits uniform in +-50, log_scale in [-10, 10], K uniform in
 1..64 per batch, loc spread up to 1000, targets over |logit| <= 80 or z in [1e-30, 1 - 1e-7],
@@ -26,12 +27,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from test_mixture_inverse import search_misses, search_problems  # noqa: E402
 
 import fastflow  # noqa: E402
-from fastflow.reference import mixture_cdf as ref  # noqa: E402
+from fastflow.reference import mixture_inverse as ref  # noqa: E402
 
 from helpers import oracle  # noqa: E402
 

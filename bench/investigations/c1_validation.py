@@ -5,7 +5,7 @@ The checks validate x before the density pass (one host sync per call) and add a
 over the data; sampling checks nothing of that size. So the ratio a user measures with the
 defaults is lower than the benchmark's.
 
-    python bench/c1_validation.py [--repeat 5] [--size cpu]
+    python bench/investigations/c1_validation.py [--repeat 5] [--size cpu]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fastflow.benchmark import FLOW_SIZES, flow_model, no_input_checks
+from fastflow.cli.bench import FLOW_SIZES, flow_model, no_input_checks
 
 
 def _best_ms(fn, repeat: int) -> float:

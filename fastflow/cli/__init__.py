@@ -59,7 +59,7 @@ _positive_float = _positive(float, "number")
 def _data(text: str) -> str:
     """An argparse type for --data: a built-in data set's name or a .npy/.csv/.pt path (the
     file itself is read, and checked, when training starts)."""
-    from .demo import DATA_SUFFIXES, DATASETS, is_data_file
+    from .train import DATA_SUFFIXES, DATASETS, is_data_file
 
     if text in DATASETS or is_data_file(text):
         return text
@@ -77,7 +77,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def _default(key: str, show=str) -> str:
     """'(default: X; digits: Y)' from the per-data-set defaults that training uses, so the
     help cannot drift from them."""
-    from .demo import DEFAULTS
+    from .train import DEFAULTS
 
     other, digits = show(DEFAULTS["2d"][key]), show(DEFAULTS["digits"][key])
     return f"(default: {other})" if other == digits else f"(default: {other}; digits: {digits})"
@@ -88,7 +88,7 @@ def _sizes(sizes) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DATASETS, MIN_ROWS, TEST_FRACTION
+    from .train import DATASETS, MIN_ROWS, TEST_FRACTION
 
     parser = _Parser(prog="fastflow", description="Mixture-CDF normalizing flows: demo, "
                      "sampling, environment report and benchmarks.")
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 # ---------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from .demo import TrainOptions, train
+    from .train import TrainOptions, train
 
     opts = TrainOptions(data=args.data, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, hidden=args.hidden, components=args.components,
@@ -167,7 +167,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .demo import DemoError, load_checkpoint, resolve_device, sample
+    from .train import DemoError, load_checkpoint, resolve_device, sample
 
     if not args.out.endswith(".npy"):
         raise DemoError(f"--out must name a .npy file, got {args.out!r}")
@@ -193,7 +193,7 @@ def info_lines() -> list[str]:
 
     import fastflow
 
-    from ._registry import backend_for
+    from ..ops.dispatch import backend_for
 
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none"
@@ -222,11 +222,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """Hand the arguments to fastflow.benchmark.main when this installation has it."""
+    """Hand the arguments to fastflow.cli.bench.main when this installation has it."""
     try:
-        benchmark = importlib.import_module("fastflow.benchmark")
+        benchmark = importlib.import_module("fastflow.cli.bench")
     except ModuleNotFoundError as e:
-        if e.name != "fastflow.benchmark":
+        if e.name != "fastflow.cli.bench":
             raise _Failure(f"fastflow bench: the benchmark runner needs {e.name}: "
                            "pip install 'fastflow[bench]'") from None
         raise _Failure("fastflow bench: the benchmark runner is not part of this "
@@ -246,7 +246,7 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (0 on success, 2 on a usage error)."""
-    from .demo import DemoError
+    from .train import DemoError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and not argv[0].startswith("-") else ""

@@ -6,7 +6,7 @@ drifts hit them alike; each process times ``mixture_cdf_inverse_fwd`` at N = 409
 its ``log_prob`` (min of 30, 3 and 5 calls). Prints every process's figures, then the min over
 processes per checkout.
 
-    python bench/cpu_sampler.py --rounds 5 OLD_CHECKOUT NEW_CHECKOUT
+    python bench/investigations/cpu_sampler.py --rounds 5 OLD_CHECKOUT NEW_CHECKOUT
 
 A checkout is a directory with the ``fastflow`` package (and ``fastflow/kernels``) in it.
 """
@@ -21,8 +21,8 @@ import sys
 
 CODE = r'''
 import json, time, torch
-from fastflow.benchmark import FLOW_SIZES, flow_model
-from fastflow.reference.mixture_cdf import mixture_cdf_inverse_fwd
+from fastflow.cli.bench import FLOW_SIZES, flow_model
+from fastflow.reference.mixture_inverse import mixture_cdf_inverse_fwd
 D, hidden, K, _, batch = FLOW_SIZES["cpu"]
 model = flow_model(D, hidden, K, torch.device("cpu"))
 torch.manual_seed(0)

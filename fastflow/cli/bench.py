@@ -264,7 +264,7 @@ def w2(n, device, compile_: bool) -> list[Variant]:
 def w3(n, device, compile_: bool) -> tuple[list[Variant], float]:
     """Variants and the round-trip error max |F(F^-1(y)) - y| / max(1, |y|) of fastflow's."""
     import fastflow
-    from fastflow import _registry
+    from fastflow.ops import mixture_inverse as inverse_op
     from fastflow.reference import naive
 
     x, logits, loc, log_scale = op_inputs(n, device)
@@ -276,8 +276,8 @@ def w3(n, device, compile_: bool) -> tuple[list[Variant], float]:
                                             validate_args=False)
 
     def fixed(*a):
-        return naive.inverse_fixed(*a, KIND, OUTPUT, _registry.BISECT_STEPS,
-                                   _registry.NEWTON_STEPS)
+        return naive.inverse_fixed(*a, KIND, OUTPUT, inverse_op.BISECT_STEPS,
+                                   inverse_op.NEWTON_STEPS)
 
     x_back, _ = fast()
     y_back, _ = fastflow.mixture_cdf(x_back, logits, loc, log_scale, kind=KIND, output=OUTPUT)

@@ -1,6 +1,7 @@
 """Where a workload's time goes: torch.profiler over a few calls of benchmark variants.
 
-    python bench/profile_gpu.py [--workloads W2,W4] [--variants fastflow,zuko-maf] [--calls 5]
+    python bench/investigations/profile_gpu.py [--workloads W2,W4] [--variants fastflow,zuko-maf]
+        [--calls 5]
         [--routes "head=blocks;linear=blocks,head=blocks"]
 
 For each variant: wall time per call, the host's time to issue one (the calls' Python,
@@ -22,8 +23,8 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastflow import benchmark
-from fastflow.nn import made
+from fastflow.cli import bench as benchmark
+from fastflow.ops import dispatch as made
 
 
 def profile_variant(v, device, calls: int, rows: int, label: str = "") -> None:

@@ -1,6 +1,8 @@
 """Measure the float32 accuracy contract of every op against the float64 oracle.
 
-    python bench/accuracy_report.py        # reference and Triton kernels (interpreted on a CPU)
+    python bench/investigations/accuracy_report.py
+
+(the reference and the Triton kernels, interpreted on a CPU).
 
 Prints, per backend, kind and output, the worst error over the contract's ranges (logits
 spread +-50, log_scale in [-10, 10], K = 1, 3, 64, x out to 1e4 logistic / 30 Gaussian
@@ -10,7 +12,7 @@ For the logit log-derivative it also counts the elements beyond the tolerance, a
 the ones whose error exceeds what a one-ulp nudge of the float32 inputs does to the exact
 value (an evaluation within that is as accurate as its inputs allow).
 
-    SEED=1 python bench/accuracy_report.py             # another draw of parameters
+    SEED=1 python bench/investigations/accuracy_report.py             # another draw of parameters
 """
 
 import os
@@ -22,7 +24,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import fastflow  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Host time of fastflow's Python layers: the part of each call that a GPU does not speed up.
 
-    python bench/host_overhead.py [--calls 1000] [--rounds 7]
+    python bench/investigations/host_overhead.py [--calls 1000] [--rounds 7]
 
 On tiny CPU tensors, where the arithmetic is negligible and what remains is the Python,
 autograd and dispatch work that every call costs on any device:
@@ -31,8 +31,8 @@ import torch
 from fastflow.kernels import mixture_cdf as cdf_kernels
 
 import fastflow
-from fastflow import _registry, benchmark
-from fastflow.nn import made
+from fastflow.cli import bench as benchmark
+from fastflow.ops import core, dispatch
 
 TINY = (4, [8, 8], 2, 2)  # features, hidden, components, batch
 
@@ -49,10 +49,10 @@ def gpu_code_path():
     """fastflow's GPU route on CPU tensors: launchers and MADE routes as on a GPU, no-op
     kernels, input checks off (as in ``fastflow bench``)."""
     with (benchmark.no_input_checks(),
-          mock.patch.object(_registry, "_use_triton", lambda t: True),
+          mock.patch.object(dispatch, "use_triton", lambda t: True),
           mock.patch.object(cdf_kernels, "_mixture_cdf_fwd_kernel", _NoLaunch()),
           mock.patch.object(cdf_kernels, "_mixture_cdf_bwd_kernel", _NoLaunch()),
-          mock.patch.dict(made.CPU_ROUTE, made.GPU_ROUTE)):
+          mock.patch.dict(dispatch.CPU_ROUTE, dispatch.GPU_ROUTE)):
         yield
 
 
@@ -94,10 +94,10 @@ def dispatch_variants():
 
     def direct():
         with torch.no_grad():
-            _registry.call("mixture_cdf_fwd", *args)
+            core.call("mixture_cdf_fwd", *args)
 
     return {"torch.ops.fastflow": (dispatched, gpu_code_path),
-            "direct (_registry.call)": (direct, gpu_code_path)}
+            "direct (ops.core.call)": (direct, gpu_code_path)}
 
 
 def w4_variants():
@@ -154,7 +154,7 @@ def _report(args) -> dict[str, dict[str, float]]:
           f"(min of {args.rounds} rounds of {args.calls})")
     results = {}
     tables = (("op: forward + backward", op_variants(), "fastflow op layer"),
-              ("dispatch: one forward op call", dispatch_variants(), "direct (_registry.call)"),
+              ("dispatch: one forward op call", dispatch_variants(), "direct (ops.core.call)"),
               ("W4: training step at tiny sizes", w4_variants(), "fastflow"))
     for title, variants, ref in tables:
         best = measure(variants, args.calls, args.rounds)

@@ -20,9 +20,9 @@ from torch import nn
 
 import fastflow
 
-from .data import rings, smiley, two_moons
-from .distributions import StandardNormal
-from .nn import (
+from ..data import rings, smiley, two_moons
+from ..distributions import StandardNormal
+from ..nn import (
     AutoregressiveMixtureFlow,
     Flow,
     Logit,

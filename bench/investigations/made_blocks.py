@@ -3,9 +3,9 @@
 For each layer of a MADE (natural order, sequential degrees) and each fixed block count G
 (G = 1 is one product reading the mask's columns up to its last limit, about the dense
 product), times ``layer(h)`` and its backward in interleaved rounds and prints the min in
-ms, and what the default plan (``fastflow.nn._blocked.PLAN``) picks. Any device.
+ms, and what the default plan (``fastflow.ops.blocked.PLAN``) picks. Any device.
 
-    python bench/made_blocks.py [--features 64] [--hidden 256 256] [--components 8]
+    python bench/investigations/made_blocks.py [--features 64] [--hidden 256 256] [--components 8]
                                 [--batch 256 4096] [--repeat 7]
 """
 
@@ -15,8 +15,8 @@ import time
 import torch
 
 from fastflow.nn import MADE
-from fastflow.nn import _blocked as blocked
-from fastflow.nn import made as made_nn
+from fastflow.ops import blocked
+from fastflow.ops import dispatch as made_nn
 
 COUNTS = (1, 2, 4, 8, 16)
 

@@ -5,8 +5,8 @@ baseline that gives the ratios), so the ratios are comparable; lone times are no
 kernels' defaults are the first row of each table. Configurations whose outputs differ from
 the default's beyond rounding are marked, so a faster but wrong tile shape cannot win.
 
-    python bench/tune_gpu.py --out tune.md          # a CUDA device, full sizes
-    python bench/tune_gpu.py --size tiny            # a smoke run of the script (CPU too)
+    python bench/investigations/tune_gpu.py --out tune.md   # a CUDA device, full sizes
+    python bench/investigations/tune_gpu.py --size tiny     # a smoke run (CPU too)
 """
 
 import argparse
@@ -20,9 +20,10 @@ from fastflow.kernels import made as k_made
 from fastflow.kernels import mixture_cdf as k_cdf
 from fastflow.kernels import mixture_inverse as k_inv
 
-from fastflow import _registry, benchmark
-from fastflow.nn import _blocked as blocked
-from fastflow.nn import made as made_nn
+from fastflow.cli import bench as benchmark
+from fastflow.ops import blocked
+from fastflow.ops import dispatch as made_nn
+from fastflow.ops import mixture_inverse as inverse_op
 
 
 @contextlib.contextmanager
@@ -100,13 +101,13 @@ def main(argv=None) -> int:
         print("tune_gpu.py --size full needs a CUDA device (or --only W4)", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    max_steps = _registry.MAX_STEPS
+    max_steps = inverse_op.MAX_STEPS
     out = open(args.out, "w") if args.out else None
     try:
         with benchmark.no_input_checks():
             _tables(args, argv, only, device, out)
     finally:  # the settings the sweeps patch, as they were
-        _registry.MAX_STEPS = max_steps
+        inverse_op.MAX_STEPS = max_steps
         if out is not None:
             out.close()
     return 0
@@ -117,7 +118,8 @@ def _tables(args, argv, only, device, out) -> None:
     emit([f"# Launch-parameter sweep, {env['date']}", "",
           f"device {env['device']}; torch {torch.__version__}; "
           f"triton {__import__('triton').__version__}", "",
-          "command: `python bench/tune_gpu.py " + " ".join(argv or sys.argv[1:]) + "`", ""], out)
+          "command: `python bench/investigations/tune_gpu.py "
+          + " ".join(argv or sys.argv[1:]) + "`", ""], out)
     n = benchmark.OP_SIZES[args.size]
 
     if "W1" in only:
@@ -148,7 +150,7 @@ def _tables(args, argv, only, device, out) -> None:
               lambda: variants["fastflow"].fn, ("W1-fastflow", w1f), device, args.repeat, out,
               max_err)
         for cap in (44, 12, 8, 6):  # the per-tile iteration cap of the Newton inverse
-            _registry.MAX_STEPS = cap
+            inverse_op.MAX_STEPS = cap
             t0 = time.perf_counter()
             vs, err = benchmark.w3(n, device, False)
             t = benchmark.measure_interleaved({"inv": vs[0].fn, "fwd": w1f}, device,
@@ -156,7 +158,7 @@ def _tables(args, argv, only, device, out) -> None:
             emit([f"- W3 with at most {cap} Newton/bisection iterations per tile: "
                   f"inverse / forward time {t['inv'][0] / t['fwd'][0]:.3f}, "
                   f"round-trip error {err:.2e} ({time.perf_counter() - t0:.1f} s)"], out)
-        _registry.MAX_STEPS = _registry.BISECT_STEPS + _registry.NEWTON_STEPS
+        inverse_op.MAX_STEPS = inverse_op.BISECT_STEPS + inverse_op.NEWTON_STEPS
         emit([""], out)
 
     if only & {"W5", "W5diag", "W4", "W4tiles"}:
@@ -199,7 +201,7 @@ def _tables(args, argv, only, device, out) -> None:
         def solve(invert):
             def run():
                 with torch.no_grad():
-                    return layer._solve_one_pass(z, None, invert)
+                    return layer._solve_in_one_pass(z, None, invert)
             return run
 
         t = benchmark.measure_interleaved(
@@ -209,11 +211,11 @@ def _tables(args, argv, only, device, out) -> None:
                  f"- inverse (sampling) {t['inverse'][0]:.4g}, forward direction "
                  f"{t['forward'][0]:.4g}, log_prob {t['log_prob'][0]:.4g}"]
         for cap in (8, 3):
-            _registry.MAX_STEPS = cap
+            inverse_op.MAX_STEPS = cap
             tc = benchmark.measure_interleaved({"inverse": solve(True)}, device, 2)
             lines.append(f"- inverse with at most {cap} iterations per step: "
                          f"{tc['inverse'][0]:.4g}")
-        _registry.MAX_STEPS = _registry.BISECT_STEPS + _registry.NEWTON_STEPS
+        inverse_op.MAX_STEPS = inverse_op.BISECT_STEPS + inverse_op.NEWTON_STEPS
         emit(lines + [""], out)
 
     if "W4" in only:

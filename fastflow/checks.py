@@ -1,0 +1,168 @@
+"""fastflow's input checks, in one place: argument choices, types, devices and shapes (always
+checked, on the host) and value checks (NaN, infinities, domains), which follow
+torch.distributions' ``validate_args``.
+
+Value checks run when ``validate_args`` is on (the global default, :func:`set_validate_args`,
+or per call) and cost one host synchronisation per call. They are skipped while
+``torch.compile`` traces and inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``,
+...), where a batched tensor has no value to read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("logistic", "gaussian")
+OUTPUTS = ("unit", "logit")
+ACTIVATIONS = ("identity", "relu")
+PARAM_NAMES = ("logits", "loc", "log_scale")
+
+_validate_default = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Set the global default of ``validate_args`` (initially True, as torch.distributions)."""
+    global _validate_default
+    if not isinstance(value, bool):
+        raise ValueError(f"validate_args must be a bool, got {value!r}")
+    _validate_default = value
+
+
+def get_validate_args() -> bool:
+    """The global default of ``validate_args``."""
+    return _validate_default
+
+
+def should_validate(validate_args: bool | None = None) -> bool:
+    """Whether to run the value checks: on (per call or by default), and neither traced by
+    torch.compile nor inside a torch.func transform."""
+    on = _validate_default if validate_args is None else validate_args
+    return (bool(on) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def check_choice(name: str, value, choices) -> None:
+    """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_kind_output(kind, output=None) -> None:
+    """The ops branch on these strings: an unknown one must raise, not fall through to
+    another formula (the public autograd Functions and torch.ops.fastflow reach them)."""
+    check_choice("kind", kind, KINDS)
+    if output is not None:
+        check_choice("output", output, OUTPUTS)
+
+
+def check_float_tensor(x, name: str) -> None:
+    """ValueError naming ``name`` unless x is a floating-point torch.Tensor."""
+    if not isinstance(x, torch.Tensor):
+        kind = type(x)
+        raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}."
+                         f"{kind.__qualname__} (convert it with torch.as_tensor)")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _broadcasts_to(shape, full) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``full`` (plain Python: torch.broadcast_shapes
+    cost more host time than the rest of an op's checks)."""
+    if len(shape) > len(full):
+        return False
+    return all(s == f or s == 1 for s, f in zip(reversed(shape), reversed(full), strict=False))
+
+
+def mixture_args(x_name: str, x, logits, loc, log_scale, kind, output):
+    """Check a mixture op's types, devices, shapes and choices; promote to one floating
+    dtype. Returns ``[x, logits, loc, log_scale]``."""
+    check_kind_output(kind, output)
+    named = {x_name: x, "logits": logits, "loc": loc, "log_scale": log_scale}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+    for name in PARAM_NAMES:
+        if named[name].dim() == 0:
+            raise ValueError(f"{name} must have a trailing component dimension K, got a scalar")
+    K = logits.shape[-1]
+    if K < 1:
+        raise ValueError("logits must have at least one component (K >= 1), got K = 0")
+    full = (*x.shape, K)
+    for name in PARAM_NAMES:
+        p = named[name]
+        if p.shape[-1] != K:
+            raise ValueError(
+                f"{name} has {p.shape[-1]} components but logits has {K}: all parameters "
+                "must share the trailing dimension K"
+            )
+        if not _broadcasts_to(p.shape, full):
+            raise ValueError(
+                f"{name} of shape {tuple(p.shape)} does not broadcast to "
+                f"{x_name}.shape + (K,) = {full}"
+            )
+    dtype = x.dtype
+    if not (logits.dtype == loc.dtype == log_scale.dtype == dtype):
+        for p in (logits, loc, log_scale):
+            dtype = torch.promote_types(dtype, p.dtype)
+    return [t if t.dtype == dtype else t.to(dtype) for t in (x, logits, loc, log_scale)]
+
+
+def masked_linear_args(x, weight, mask, bias, activation):
+    """Check masked_linear's arguments; weight and bias cast to x's dtype. Returns
+    ``(weight, bias)``."""
+    check_choice("activation", activation, ACTIVATIONS)
+    named = {"x": x, "weight": weight, "mask": mask}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name in ("x", "weight") + (("bias",) if bias is not None else ()):
+        if not named[name].is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
+    if weight.dim() != 2 or mask.shape != weight.shape:
+        raise ValueError(f"weight must be (N, K) and mask the same shape; got weight "
+                         f"{tuple(weight.shape)}, mask {tuple(mask.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must end in K = {weight.shape[1]} features, got {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    dtype = x.dtype
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def validate_values(checks: list[tuple[str, torch.Tensor, str]]) -> None:
+    """Raise ValueError for the first (name, bad-mask, what) whose mask has a True; one sync."""
+    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()
+    for (name, _, what), flag in zip(checks, flags, strict=True):
+        if flag:
+            raise ValueError(f"{name} {what}")
+
+
+def input_check(name: str, x: torch.Tensor, output: str | None):
+    """The (name, bad-mask, what) check of a forward's inputs: no NaN, and for the logit
+    output nothing infinite either (its logabsdet has no value at x = +-inf)."""
+    if output == "logit":
+        return (name, ~torch.isfinite(x),
+                "must be finite for output='logit' (found inf or NaN)")
+    return name, torch.isnan(x), "contains NaN"
+
+
+def target_check(name: str, y: torch.Tensor, output: str):
+    """The (name, bad-mask, what) check of an inverse's targets."""
+    if output == "unit":
+        return (name, ~((y >= 0) & (y <= 1)),
+                "must lie in [0, 1] for output='unit' (found values outside, or NaN)")
+    return name, torch.isnan(y), "contains NaN"
+
+
+def param_checks(logits, loc, log_scale):
+    """The (name, bad-mask, what) checks of mixture parameters: finite."""
+    return [(name, ~torch.isfinite(p), "must be finite")
+            for name, p in zip(PARAM_NAMES, (logits, loc, log_scale), strict=True)]

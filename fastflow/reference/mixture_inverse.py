@@ -1,0 +1,198 @@
+"""The CPU path of the mixture-CDF inverse and its VJP in plain PyTorch, held to the
+oracle (:mod:`fastflow.reference.naive`) by the tests.
+
+Takes validated, broadcast tensors as :mod:`fastflow.reference.mixture_cdf` does. The inverse
+runs safeguarded Newton iteration to convergence on a component-major layout, falling back to
+the oracle's fixed log-space schedule; its gradients use implicit differentiation of the
+forward at the solution (the forward's written-out VJP pieces).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import naive
+from .mixture_cdf import output_coefs, vjp_assemble, vjp_pieces
+from .naive import (
+    HALF_LOG_2PI,
+    INV_SQRT2,
+    bracket,
+    component_quantile,
+    finish_inverse,
+    solve_fixed,
+    target_logit,
+    upcast,
+)
+
+
+def _logit_and_slope(x, pi, w_f, loc, inv_scale, kind):
+    """logit F(x), its derivative f / (F (1 - F)) and f, with the component axis *first*:
+    x (N,), parameters (K, N) (pi the weights, w_f = pi / s). F, 1 - F and f are each summed
+    in probability space (each exact in its own tail; neither formed by subtraction)."""
+    u = (x - loc).mul_(inv_scale)
+    if kind == "logistic":
+        c = torch.sigmoid(u)
+        c_bar = u.neg_().sigmoid_()
+        dens = c * c_bar
+    else:
+        # erfc, not torch.special.ndtr: ndtr goes through 1 + erf and is 0 below u = -8.
+        c = torch.special.erfc(u * -INV_SQRT2).mul_(0.5)
+        dens = (u * u).mul_(-0.5).exp_().mul_(math.exp(-HALF_LOG_2PI))
+        c_bar = torch.special.erfc(u.mul_(INV_SQRT2)).mul_(0.5)
+    cdf, sf = c.mul_(pi).sum(0), c_bar.mul_(pi).sum(0)
+    f = dens.mul_(w_f).sum(0)
+    return (cdf / sf).log_(), f / (cdf * sf), f
+
+
+def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: int,
+                fallback_steps: tuple[int, int]):
+    """The CPU solver on flat targets t (N,) (logit space, compute dtype) with the
+    parameters' component axis first, (K, N): the layout in which a PyTorch CPU op over the
+    components is a few row operations (a sum over a trailing axis of 8 costs twice as much,
+    a broadcast of x four times). Returns (x, logabsdet) of the forward at x, both (N,)."""
+    finfo = torch.finfo(t.dtype)
+    eps = finfo.eps
+    # Beyond this |logit| the tail mass nears the dtype's smallest normal number: those
+    # targets (and any element that has not converged) go to the log-space solver.
+    plain = t.abs() <= -0.85 * math.log(finfo.tiny)
+    pi = torch.softmax(logits, dim=0)
+    scale = torch.exp(log_scale)
+    inv_scale = scale.reciprocal()
+    w_f = pi * inv_scale
+    t_plain = torch.where(plain, t, 0.0)
+    # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
+    z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
+    lo, hi, wide = bracket(z, scale, kind, 0)
+    # Brackets past the dtype's range go to the log-space solver, which handles them; their
+    # non-finite values here stay in elements that never iterate.
+    plain &= ~wide
+    x = z.mul_(pi).sum(0).clamp_(lo, hi)
+    s_min = scale.amin(0)
+    tol_newton = 0.25 * math.sqrt(eps) * s_min
+    # The rounding level of logit F's evaluation (a few ulps of max(1, |t|)).
+    tol_h = 16.0 * eps * t_plain.abs().clamp(min=1.0)
+    dx_old = hi - lo
+    dx = dx_old
+    # The residuals at the bracket's ends (inf: not evaluated).
+    h_lo = torch.full_like(x, math.inf)
+    h_hi = h_lo.clone()
+    active = plain.clone()
+    for _ in range(max_steps):
+        if not bool(active.any()):
+            break
+        g, slope, _ = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
+        h = g - t_plain
+        below = h < 0
+        lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
+        h_lo, h_hi = torch.where(below, h, h_lo), torch.where(below, h_hi, h)
+        d = h / slope
+        newton = x - d
+        inside = (newton >= lo) & (newton <= hi)
+        use_newton = inside & (2.0 * d.abs() <= dx_old)
+        # Converged: an exact root; Newton's step within tol_newton (x is smooth on that
+        # scale: the next error is about eps s_min); a step within a few ulps (`ulps`) from a
+        # residual at the rounding level (the step either stays on x's side of the root,
+        # where the residual is smaller still, or passes the root, within the step of it);
+        # or the bracket within two `ulps`. There x moves to Newton's estimate inside the
+        # bracket, or, where an end's residual is at the rounding level, to the end with the
+        # smaller residual: in float32 a flat stretch of the map can put a sign change of
+        # the rounded residual a few ulps from a steep rise that the bracket also spans, so
+        # such a bracket need not hold the root, while that end is forward-exact. A step of
+        # a few ulps alone proves nothing: on the steep edge of a plateau (a narrow
+        # component's tail below the light components' mass) Newton's step is a few ulps
+        # while the root lies far beyond.
+        ulps = (x.abs() + s_min).mul_(4.0 * eps)
+        short = use_newton & (d.abs() <= ulps)
+        converged = (use_newton & (d.abs() <= tol_newton)) | (short & (h.abs() <= tol_h))
+        closed = hi - lo <= 2.0 * ulps
+        done = converged | closed | (h == 0)
+        # Any other step of a few ulps goes half an `ulps` further, so that if the root lies
+        # within it the next evaluation lands beyond the root and the bracket closes.
+        over = short & ~done
+        newton = torch.where(over, newton - d.sign() * 0.5 * ulps, newton)
+        x_next = torch.where(use_newton, newton, torch.lerp(lo, hi, 0.5))
+        h_far = torch.where(below, h_hi, h_lo).abs()
+        x_end = torch.where(h.abs() <= h_far, x, torch.where(below, hi, lo))
+        x_end = torch.where(inside & (torch.minimum(h.abs(), h_far) > tol_h), x - d, x_end)
+        x_next = torch.where(closed & ~converged, x_end, x_next)
+        step = (x_next - x).abs()
+        x = torch.where(active & (h != 0), x_next, x)
+        dx_old, dx = torch.where(active, dx, dx_old), torch.where(active, step, dx)
+        active &= ~done
+    rest = (active | ~plain) & torch.isfinite(t)
+    if bool(rest.any()):
+        cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
+        x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
+    # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
+    # (no cancellation); in log space wherever f is too small for that.
+    _, slope, dens = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
+    lad = torch.log(slope if output == "logit" else dens)
+    redo = rest | ~(dens > 1e8 * finfo.tiny)
+    if bool(redo.any()):
+        cols = (logits[:, redo].T, loc[:, redo].T, log_scale[:, redo].T)
+        lad[redo] = naive.forward(x[redo], *cols, kind, output)[1]
+    return x, lad
+
+
+def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
+                            max_steps: int = 60, fallback_steps: tuple[int, int] = (60, 4)):
+    """x with forward(x) = y, by safeguarded Newton iteration run to convergence.
+
+    The CPU path. Newton's method on logit F(x) = t, with F and 1 - F summed in probability
+    space (cheap, and each exact in its own tail), kept inside the bracket of the components'
+    own inverses and falling back to bisection whenever a step leaves the bracket or fails to
+    halve (Numerical Recipes' rtsafe). An element stops once its Newton step is below
+    sqrt(eps)/4 of the smallest component scale (the next error is then about eps of it), its
+    step is below 4 eps (|x| + that scale) from a residual at the rounding level, or its
+    bracket is below 8 eps (|x| + that scale) wide; any other step that short goes
+    2 eps (|x| + that scale) further, so that the next evaluation closes the bracket if the
+    root is that near. Typically 3-6 evaluations instead of a fixed schedule's 44 (the kernels
+    iterate the same way, in log space, per tile). Targets so far out that the tail mass nears
+    underflow, brackets past the dtype's range, and any element still unconverged after
+    ``max_steps``, are solved in log space by the fixed schedule
+    (:func:`fastflow.reference.naive.inverse_fixed`). The logabsdet is taken in log space at
+    the solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward
+    logabsdet at x.
+    """
+    with torch.no_grad():
+        y_c, logits_c, loc_c, log_scale_c = upcast(y, logits, loc, log_scale)
+        K = logits_c.shape[-1]
+        params = (p.reshape(-1, K).T.contiguous() for p in (logits_c, loc_c, log_scale_c))
+        x, lad = inverse_component_major(y_c.reshape(-1), *params, kind, output, max_steps,
+                                         fallback_steps)
+        return x.view(y.shape).to(y.dtype), lad.view(y.shape).to(y.dtype)
+
+
+def inverse_component_major(y, logits, loc, log_scale, kind: str, output: str,
+                            max_steps: int = 60, fallback_steps: tuple[int, int] = (60, 4)):
+    """:func:`mixture_cdf_inverse_fwd` on flat targets y (N,) with the parameters'
+    component axis first, (K, N), all in the compute dtype (the autoregressive solve's
+    GEMM produces them so). Returns (x, logabsdet), (N,) each."""
+    t = target_logit(y, output)
+    x, lad = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps, fallback_steps)
+    return finish_inverse(x, t, lad, y.dtype)
+
+
+def mixture_cdf_inverse_bwd(
+    grad_x, grad_lad, x, logits, loc, log_scale, kind: str, output: str
+):
+    """VJP of the inverse by implicit differentiation, at its solution x.
+
+    With g the forward map and L = -log g'(x): dL/dy and dL/dtheta follow from
+    dx/dy = 1/g'(x) and dx/dtheta = -(dg/dtheta)/g'(x). Returns grads to y, logits, loc,
+    log_scale in the compute dtype; zero where x is infinite (the boundary targets).
+    """
+    with torch.no_grad():
+        x, logits, loc, log_scale = upcast(x, logits, loc, log_scale)
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, 0.0)
+        _, lad = naive.forward(x, logits, loc, log_scale, kind, output)
+        p = vjp_pieces(x, logits, loc, log_scale, kind, output)
+        ones, zero = torch.ones_like(lad), torch.zeros_like(lad)
+        dlad_dx = vjp_assemble(*output_coefs(zero, ones, p, output), p)[0]
+        cx = torch.where(finite, grad_x.to(lad.dtype), 0.0)
+        cl = torch.where(finite, grad_lad.to(lad.dtype), 0.0)
+        w = torch.where(finite, (cx - cl * dlad_dx) * torch.exp(-lad), 0.0)
+        return [w, *vjp_assemble(*output_coefs(-w, -cl, p, output), p)[1:]]
