@@ -350,3 +350,20 @@ def test_mixture_parameter_gradients_join_in_one_cat():
     assert "aten::slice_backward" not in ops
     params = flow._params(x, None)
     assert len({p.grad_fn for p in params}) == 1 and "Split" in type(params[0].grad_fn).__name__
+
+
+@pytest.mark.parametrize("order", ["natural", "random"])
+def test_first_dimension_starts_with_spread_locations(order):
+    """The first dimension in the order sees no input: its mixture is the output bias alone,
+    which starts with the locations spread over [-1, 1] (MixtureCDFFlow's), whatever the
+    input; the other dimensions keep the layer's default bias (spreading them measured worse:
+    docs/tuning.md, "Initial locations")."""
+    D, K = 5, 4
+    layer = AutoregressiveMixtureFlow(D, K, [16, 16], order=order, seed=3)
+    first = int(torch.argmin(layer.made.input_degrees))
+    out = layer.made(torch.randn(7, D)).view(7, D, 3 * K)
+    spread = torch.linspace(-1.0, 1.0, K)
+    assert torch.equal(out[:, first, K:2 * K], spread.expand(7, K))
+    bias = layer.made.output.bias.view(D, 3 * K)[:, K:2 * K]
+    others = [d for d in range(D) if d != first]
+    assert bias[others].abs().max() <= 1.0 / math.sqrt(16)  # nn.Linear's default range

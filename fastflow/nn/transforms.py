@@ -241,6 +241,15 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         self.made = MADE(features, hidden_features, 3 * components, order=order,
                          hidden_degrees=hidden_degrees, residual=residual,
                          context_features=context_features, seed=seed)
+        # The first dimension in the order sees no input: its mixture is the output bias
+        # alone, whose default values put every location within 1/sqrt(fan_in) of 0. Spread
+        # them over [-1, 1] as MixtureCDFFlow's are. The other dimensions' locations vary
+        # with their inputs from the start; spreading their biases as well measured worse
+        # (docs/tuning.md, "Initial locations").
+        with torch.no_grad():
+            first = int(torch.argmin(self.made.input_degrees))
+            bias = self.made.output.bias.view(features, 3 * components)
+            bias[first, components:2 * components] = torch.linspace(-1.0, 1.0, components)
 
     def extra_repr(self) -> str:
         hidden = [layer.out_features for layer in self.made.layers]
