@@ -48,10 +48,11 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
     K = components
     cdt = compute_dtype(values.dtype)
     with torch.no_grad():
-        v = values.to(cdt)
-        # Everything unit-major, (units, B): a step's new units are rows (contiguous writes),
-        # and its 3K parameters come out of the GEMM component-major, the layout the CPU
-        # inverse iterates in.
+        # Everything unit-major, (units, B): a step's target column, its new units and its
+        # results are rows (contiguous reads and writes), and its 3K parameters come out of
+        # the GEMM component-major, the layout the CPU inverse iterates in.
+        v = values.to(cdt).T.contiguous()
+
         def column(b):  # (H,) -> (H, 1), or a context-folded (B, H) -> (H, B)
             b = b.to(cdt)
             return b.unsqueeze(-1) if b.dim() == 1 else b.T
@@ -59,8 +60,9 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
         weights = [w.to(cdt) for w in weights]
         biases = [column(b) for b in biases]
         out_weight, out_bias = out_weight.to(cdt), column(out_bias)
-        # hs[0]: the solved values in degree order; hs[l + 1]: layer l's activations.
-        hs = [v.new_zeros(D, B)] + [v.new_zeros(w.shape[0], B) for w in weights]
+        # hs[0]: the solved values in degree order; hs[l + 1]: layer l's activations. A step
+        # reads only rows that earlier steps (or its own lower layers) wrote.
+        hs = [v.new_empty(D, B)] + [v.new_empty(w.shape[0], B) for w in weights]
         result, lad = torch.empty_like(v), torch.empty_like(v)
         tab, cols = table.tolist(), order.tolist()
         for t in range(D):
@@ -69,20 +71,24 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
                 if start == end:
                     continue
                 seen = tab[layer][t + 1]
-                a = act(torch.addmm(biases[layer][start:end], w[start:end, :seen],
-                                    hs[layer][:seen]))
+                a = hs[layer + 1][start:end]
+                torch.mm(w[start:end, :seen], hs[layer][:seen], out=a)
+                a.add_(biases[layer][start:end])
+                if activation == "relu":
+                    a.relu_()
+                else:
+                    a.copy_(act(a))
                 if residual and layer > 0:
-                    a = a + hs[layer][start:end]
-                hs[layer + 1][start:end] = a
+                    a.add_(hs[layer][start:end])
             col, seen = cols[t], tab[-1][t + 1]
             rows = slice(3 * K * col, 3 * K * (col + 1))
-            params = torch.addmm(out_bias[rows], out_weight[rows, :seen], hs[-1][:seen])
+            params = torch.mm(out_weight[rows, :seen], hs[-1][:seen]).add_(out_bias[rows])
             if invert:
-                r, r_lad = inverse_component_major(v[:, col], *params.split(K), kind, output)
+                r, r_lad = inverse_component_major(v[col], *params.split(K), kind, output)
             else:
-                r, r_lad = mixture_cdf_fwd(v[:, col], *(p.T for p in params.split(K)), kind,
+                r, r_lad = mixture_cdf_fwd(v[col], *(p.T for p in params.split(K)), kind,
                                            output)
             hs[0][t] = r
-            result[:, col] = r
-            lad[:, col] = r_lad
-    return result.to(values.dtype), lad.to(values.dtype)
+            result[col] = r
+            lad[col] = r_lad
+    return result.T.contiguous().to(values.dtype), lad.T.contiguous().to(values.dtype)
