@@ -16,9 +16,9 @@ import torch
 from . import naive
 from .mixture_cdf import output_coefs, vjp_assemble, vjp_pieces
 from .naive import (
+    GAUSS_BRACKET_PAD,
     HALF_LOG_2PI,
     INV_SQRT2,
-    bracket,
     component_quantile,
     finish_inverse,
     solve_fixed,
@@ -27,23 +27,73 @@ from .naive import (
 )
 
 
-def _logit_and_slope(x, pi, w_f, loc, inv_scale, kind):
-    """logit F(x), its derivative f / (F (1 - F)) and f, with the component axis *first*:
-    x (N,), parameters (K, N) (pi the weights, w_f = pi / s). F, 1 - F and f are each summed
-    in probability space (each exact in its own tail; neither formed by subtraction)."""
-    u = (x - loc).mul_(inv_scale)
-    if kind == "logistic":
-        c = torch.sigmoid(u)
-        c_bar = u.neg_().sigmoid_()
-        dens = c * c_bar
-    else:
-        # erfc, not torch.special.ndtr: ndtr goes through 1 + erf and is 0 below u = -8.
-        c = torch.special.erfc(u * -INV_SQRT2).mul_(0.5)
-        dens = (u * u).mul_(-0.5).exp_().mul_(math.exp(-HALF_LOG_2PI))
-        c_bar = torch.special.erfc(u.mul_(INV_SQRT2)).mul_(0.5)
-    cdf, sf = c.mul_(pi).sum(0), c_bar.mul_(pi).sum(0)
-    f = dens.mul_(w_f).sum(0)
-    return (cdf / sf).log_(), f / (cdf * sf), f
+def _evaluator(pi, w_f, loc, inv_scale, kind):
+    """A function x (N,) -> (logit F(x), its derivative f / (F (1 - F)), f) for the mixture
+    with the component axis *first*: parameters (K, N) (pi the weights, w_f = pi / s). F,
+    1 - F and f are each summed in probability space (each exact in its own tail; neither
+    formed by subtraction). The components' three terms share one (3, K, N) buffer, weighted
+    and summed over the components in one op each: the solve calls this a few times per
+    sampling step on a few thousand elements, where each op's fixed cost counts."""
+    work = loc.new_empty((3, *loc.shape))
+    if kind == "gaussian":
+        # erfc's factor 1/2 and the density's 1 / sqrt(2 pi), in the weights.
+        pi, w_f = 0.5 * pi, w_f * math.exp(-HALF_LOG_2PI)
+    u, u_neg, dens = work.unbind(0)
+    tails = work[:2]
+
+    def evaluate(x):
+        torch.sub(x, loc, out=u).mul_(inv_scale)
+        if kind == "logistic":
+            torch.neg(u, out=u_neg)
+            tails.sigmoid_()
+            torch.mul(u, u_neg, out=dens)
+        else:
+            # erfc, not torch.special.ndtr: ndtr goes through 1 + erf and is 0 below u = -8.
+            torch.mul(u, u, out=dens).mul_(-0.5).exp_()
+            u.mul_(-INV_SQRT2)
+            torch.neg(u, out=u_neg)
+            tails.erfc_()
+        tails.mul_(pi)
+        dens.mul_(w_f)
+        cdf, sf, f = work.sum(1).unbind(0)
+        return (cdf / sf).log_(), f / (cdf * sf), f
+
+    return evaluate
+
+
+def _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside, use_newton,
+                    converged, s_min, t_plain, eps):
+    """The iteration's full rule for a step that may end at the rounding level: returns
+    (x_next, done). Converged: an exact root; Newton's step within tol_newton (passed in as
+    ``converged``: x is smooth on that scale, the next error is about eps s_min); a step
+    within a few ulps (``ulps``) from a residual at the rounding level (``tol_h``: the step
+    either stays on x's side of the root, where the residual is smaller still, or passes the
+    root, within the step of it); or the bracket within two ``ulps``. There x moves to
+    Newton's estimate inside the bracket, or, where an end's residual is at the rounding
+    level, to the end with the smaller residual: in float32 a flat stretch of the map can put
+    a sign change of the rounded residual a few ulps from a steep rise that the bracket also
+    spans, so such a bracket need not hold the root, while that end is forward-exact. A step
+    of a few ulps alone proves nothing: on the steep edge of a plateau (a narrow component's
+    tail below the light components' mass) Newton's step is a few ulps while the root lies
+    far beyond, so any other step that short goes half an ``ulps`` further: if the root lies
+    within it, the next evaluation lands beyond the root and the bracket closes."""
+    ad, h_abs = d.abs(), h.abs()
+    ulps = (x.abs() + s_min).mul_(4.0 * eps)
+    # The rounding level of logit F's evaluation (a few ulps of max(1, |t|)).
+    tol_h = 16.0 * eps * t_plain.abs().clamp(min=1.0)
+    short = use_newton & (ad <= ulps)
+    converged = converged | (short & (h_abs <= tol_h))
+    closed = hi - lo <= 2.0 * ulps
+    done = converged | closed | (h == 0)
+    over = short & ~done
+    newton_over = torch.where(over, newton - d.sign() * 0.5 * ulps, newton)
+    x_next = torch.where(use_newton, newton_over, torch.lerp(lo, hi, 0.5))
+    h_far = torch.where(below, h_hi, h_lo).abs()
+    x_end = torch.where(h_abs <= h_far, x, torch.where(below, hi, lo))
+    x_end = torch.where(inside & (torch.minimum(h_abs, h_far) > tol_h), newton, x_end)
+    x_next = torch.where(closed & ~converged, x_end, x_next)
+    # An exact root stays (its Newton step may be 0 / 0).
+    return torch.where(h != 0, x_next, x), done
 
 
 def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: int,
@@ -51,7 +101,14 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     """The CPU solver on flat targets t (N,) (logit space, compute dtype) with the
     parameters' component axis first, (K, N): the layout in which a PyTorch CPU op over the
     components is a few row operations (a sum over a trailing axis of 8 costs twice as much,
-    a broadcast of x four times). Returns (x, logabsdet) of the forward at x, both (N,)."""
+    a broadcast of x four times). Returns (x, logabsdet) of the forward at x, both (N,), and
+    whether every target was finite and solved by the iteration (no boundary or NaN target,
+    no fallback): then x is finite and :func:`naive.finish_inverse` has nothing to do.
+
+    The solve is op-bound at the autoregressive sampler's sizes (a few thousand elements per
+    call), so an iteration's common path is kept to few tensor ops: the rules for a step near
+    the rounding level (:func:`_near_root_step`) run only when some element can meet them,
+    by a test that every such element passes (see ``ulps_hi``)."""
     finfo = torch.finfo(t.dtype)
     eps = finfo.eps
     # Beyond this |logit| the tail mass nears the dtype's smallest normal number: those
@@ -64,76 +121,80 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     t_plain = torch.where(plain, t, 0.0)
     # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
-    lo, hi, wide = bracket(z, scale, kind, 0)
-    # Brackets past the dtype's range go to the log-space solver, which handles them; their
-    # non-finite values here stay in elements that never iterate.
-    plain &= ~wide
+    if kind == "gaussian":  # padded as naive.bracket pads it
+        lo = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD).amin(0)
+        hi = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD).amax(0)
+    else:
+        lo, hi = z.amin(0), z.amax(0)
+    # Brackets past the dtype's range (an end inf, or NaN) go to the log-space solver, which
+    # handles them; their non-finite values here stay in elements that never iterate.
+    # (lo - lo) + (hi - hi) is 0 exactly where both ends are finite, NaN elsewhere.
+    plain &= (lo - lo).add_(hi - hi) == 0
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
     tol_newton = 0.25 * math.sqrt(eps) * s_min
-    # The rounding level of logit F's evaluation (a few ulps of max(1, |t|)).
-    tol_h = 16.0 * eps * t_plain.abs().clamp(min=1.0)
+    # An upper bound on _near_root_step's ulps = 4 eps (|x| + s_min) for every x the
+    # iteration visits: x stays in the first bracket but for pushes of half an ulps, far
+    # below its max(|lo|, |hi|) + s_min (rounding is monotone, so the bound holds as
+    # computed). A step longer than it in a bracket wider than twice it meets none of that
+    # function's rules.
+    ulps_hi = torch.maximum(lo.abs(), hi.abs()).add_(s_min).mul_(8.0 * eps)
+    closed_hi = 2.0 * ulps_hi
     dx_old = hi - lo
     dx = dx_old
+    evaluate = _evaluator(pi, w_f, loc, inv_scale, kind)
     # The residuals at the bracket's ends (inf: not evaluated).
     h_lo = torch.full_like(x, math.inf)
-    h_hi = h_lo.clone()
-    active = plain.clone()
+    h_hi = h_lo
+    active = plain
+    converging = False
     for _ in range(max_steps):
         if not bool(active.any()):
+            converging = True
             break
-        g, slope, _ = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
+        g, slope, _ = evaluate(x)
         h = g - t_plain
         below = h < 0
         lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
         h_lo, h_hi = torch.where(below, h, h_lo), torch.where(below, h_hi, h)
         d = h / slope
+        ad = d.abs()
         newton = x - d
         inside = (newton >= lo) & (newton <= hi)
-        use_newton = inside & (2.0 * d.abs() <= dx_old)
-        # Converged: an exact root; Newton's step within tol_newton (x is smooth on that
-        # scale: the next error is about eps s_min); a step within a few ulps (`ulps`) from a
-        # residual at the rounding level (the step either stays on x's side of the root,
-        # where the residual is smaller still, or passes the root, within the step of it);
-        # or the bracket within two `ulps`. There x moves to Newton's estimate inside the
-        # bracket, or, where an end's residual is at the rounding level, to the end with the
-        # smaller residual: in float32 a flat stretch of the map can put a sign change of
-        # the rounded residual a few ulps from a steep rise that the bracket also spans, so
-        # such a bracket need not hold the root, while that end is forward-exact. A step of
-        # a few ulps alone proves nothing: on the steep edge of a plateau (a narrow
-        # component's tail below the light components' mass) Newton's step is a few ulps
-        # while the root lies far beyond.
-        ulps = (x.abs() + s_min).mul_(4.0 * eps)
-        short = use_newton & (d.abs() <= ulps)
-        converged = (use_newton & (d.abs() <= tol_newton)) | (short & (h.abs() <= tol_h))
-        closed = hi - lo <= 2.0 * ulps
-        done = converged | closed | (h == 0)
-        # Any other step of a few ulps goes half an `ulps` further, so that if the root lies
-        # within it the next evaluation lands beyond the root and the bracket closes.
-        over = short & ~done
-        newton = torch.where(over, newton - d.sign() * 0.5 * ulps, newton)
-        x_next = torch.where(use_newton, newton, torch.lerp(lo, hi, 0.5))
-        h_far = torch.where(below, h_hi, h_lo).abs()
-        x_end = torch.where(h.abs() <= h_far, x, torch.where(below, hi, lo))
-        x_end = torch.where(inside & (torch.minimum(h.abs(), h_far) > tol_h), x - d, x_end)
-        x_next = torch.where(closed & ~converged, x_end, x_next)
-        step = (x_next - x).abs()
-        x = torch.where(active & (h != 0), x_next, x)
-        dx_old, dx = torch.where(active, dx, dx_old), torch.where(active, step, dx)
-        active &= ~done
-    rest = (active | ~plain) & torch.isfinite(t)
-    if bool(rest.any()):
-        cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
-        x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
+        use_newton = inside & (2.0 * ad <= dx_old)
+        converged = use_newton & (ad <= tol_newton)
+        staying = active & ~converged
+        # NaN steps (0 / 0 at an exact root on a flat stretch) count as near.
+        near = ~((ad > ulps_hi) & (hi - lo > closed_hi))
+        if bool((near & staying).any()):
+            x_next, done = _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside,
+                                           use_newton, converged, s_min, t_plain, eps)
+            staying = active & ~done
+        else:
+            x_next = torch.where(use_newton, newton, torch.lerp(lo, hi, 0.5))
+        # Inactive elements' step sizes are never read again.
+        dx_old, dx = dx, (x_next - x).abs()
+        x = torch.where(active, x_next, x)
+        active = staying
+    clean = converging and bool(plain.all())
+    if not clean:
+        rest = (active | ~plain) & torch.isfinite(t)
+        if bool(rest.any()):
+            cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
+            x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
     # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
     # (no cancellation); in log space wherever f is too small for that.
-    _, slope, dens = _logit_and_slope(x, pi, w_f, loc, inv_scale, kind)
+    _, slope, dens = evaluate(x)
     lad = torch.log(slope if output == "logit" else dens)
-    redo = rest | ~(dens > 1e8 * finfo.tiny)
+    # (An x that is not finite has f = 0 here, and is not clean.)
+    redo = ~(dens > 1e8 * finfo.tiny)
+    if not clean:
+        redo |= rest
     if bool(redo.any()):
+        clean = False
         cols = (logits[:, redo].T, loc[:, redo].T, log_scale[:, redo].T)
         lad[redo] = naive.forward(x[redo], *cols, kind, output)[1]
-    return x, lad
+    return x, lad, clean
 
 
 def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
@@ -171,7 +232,10 @@ def inverse_component_major(y, logits, loc, log_scale, kind: str, output: str,
     component axis first, (K, N), all in the compute dtype (the autoregressive solve's
     GEMM produces them so). Returns (x, logabsdet), (N,) each."""
     t = target_logit(y, output)
-    x, lad = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps, fallback_steps)
+    x, lad, clean = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps,
+                                fallback_steps)
+    if clean:
+        return x.to(y.dtype), lad.neg_().to(y.dtype)
     return finish_inverse(x, t, lad, y.dtype)
 
 
