@@ -9,7 +9,9 @@ forward at the solution (the forward's written-out VJP pieces).
 
 from __future__ import annotations
 
+import functools
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -25,6 +27,26 @@ from .naive import (
     target_logit,
     upcast,
 )
+
+
+@functools.lru_cache
+def _constants(dtype):
+    """The solve's constants as 0-dim tensors of the compute dtype: a Python number in a
+    tensor op is converted to a tensor on every call, a cost that shows at the sampler's
+    sizes. (Never written to.)"""
+    finfo = torch.finfo(dtype)
+
+    def const(value):
+        return torch.tensor(value, dtype=dtype)
+
+    return SimpleNamespace(
+        zero=const(0.0),
+        # Beyond this |logit| the tail mass nears the dtype's smallest normal number.
+        plain_limit=const(-0.85 * math.log(finfo.tiny)),
+        newton_tol=const(0.25 * math.sqrt(finfo.eps)),
+        ulps_hi=const(8.0 * finfo.eps),
+        tiny_f=const(1e8 * finfo.tiny),
+    )
 
 
 def _evaluator(pi, w_f, loc, inv_scale, kind):
@@ -113,12 +135,13 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     eps = finfo.eps
     # Beyond this |logit| the tail mass nears the dtype's smallest normal number: those
     # targets (and any element that has not converged) go to the log-space solver.
-    plain = t.abs() <= -0.85 * math.log(finfo.tiny)
+    c = _constants(t.dtype)
+    plain = t.abs() <= c.plain_limit
     pi = torch.softmax(logits, dim=0)
     scale = torch.exp(log_scale)
     inv_scale = scale.reciprocal()
     w_f = pi * inv_scale
-    t_plain = torch.where(plain, t, 0.0)
+    t_plain = torch.where(plain, t, c.zero)
     # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
     if kind == "gaussian":  # padded as naive.bracket pads it
@@ -129,23 +152,24 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     # Brackets past the dtype's range (an end inf, or NaN) go to the log-space solver, which
     # handles them; their non-finite values here stay in elements that never iterate.
     # (lo - lo) + (hi - hi) is 0 exactly where both ends are finite, NaN elsewhere.
-    plain &= (lo - lo).add_(hi - hi) == 0
+    plain &= (lo - lo).add_(hi - hi) == c.zero
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
-    tol_newton = 0.25 * math.sqrt(eps) * s_min
+    tol_newton = s_min * c.newton_tol
     # An upper bound on _near_root_step's ulps = 4 eps (|x| + s_min) for every x the
-    # iteration visits: x stays in the first bracket but for pushes of half an ulps, far
-    # below its max(|lo|, |hi|) + s_min (rounding is monotone, so the bound holds as
-    # computed). A step longer than it in a bracket wider than twice it meets none of that
-    # function's rules.
-    ulps_hi = torch.maximum(lo.abs(), hi.abs()).add_(s_min).mul_(8.0 * eps)
-    closed_hi = 2.0 * ulps_hi
+    # iteration visits: x stays in the first bracket [lo, hi], where |x| <= max(-lo, hi),
+    # but for pushes of half an ulps, far below that bound + s_min (rounding is monotone,
+    # so the bound holds as computed). A step longer than it in a bracket wider than twice
+    # it meets none of that function's rules.
+    ulps_hi = torch.maximum(lo.neg(), hi).add_(s_min).mul_(c.ulps_hi)
+    closed_hi = ulps_hi + ulps_hi
     dx_old = hi - lo
     dx = dx_old
     evaluate = _evaluator(pi, w_f, loc, inv_scale, kind)
-    # The residuals at the bracket's ends (inf: not evaluated).
-    h_lo = torch.full_like(x, math.inf)
-    h_hi = h_lo
+    # Each iteration's (below, h), from which _near_root_step's residuals at the bracket's
+    # ends are brought up to date only when it runs (inf: an end not evaluated).
+    history = []
+    h_ends = [torch.full_like(x, math.inf)] * 2
     active = plain
     converging = False
     for _ in range(max_steps):
@@ -154,20 +178,24 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
             break
         g, slope, _ = evaluate(x)
         h = g - t_plain
-        below = h < 0
+        below = h < c.zero
         lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
-        h_lo, h_hi = torch.where(below, h, h_lo), torch.where(below, h_hi, h)
+        history.append((below, h))
         d = h / slope
         ad = d.abs()
         newton = x - d
         inside = (newton >= lo) & (newton <= hi)
-        use_newton = inside & (2.0 * ad <= dx_old)
+        use_newton = inside & (ad + ad <= dx_old)
         converged = use_newton & (ad <= tol_newton)
         staying = active & ~converged
         # NaN steps (0 / 0 at an exact root on a flat stretch) count as near.
         near = ~((ad > ulps_hi) & (hi - lo > closed_hi))
         if bool((near & staying).any()):
-            x_next, done = _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside,
+            for past_below, past_h in history:
+                h_ends = [torch.where(past_below, past_h, h_ends[0]),
+                          torch.where(past_below, h_ends[1], past_h)]
+            history.clear()
+            x_next, done = _near_root_step(x, h, d, newton, lo, hi, *h_ends, below, inside,
                                            use_newton, converged, s_min, t_plain, eps)
             staying = active & ~done
         else:
@@ -187,7 +215,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     _, slope, dens = evaluate(x)
     lad = torch.log(slope if output == "logit" else dens)
     # (An x that is not finite has f = 0 here, and is not clean.)
-    redo = ~(dens > 1e8 * finfo.tiny)
+    redo = ~(dens > c.tiny_f)
     if not clean:
         redo |= rest
     if bool(redo.any()):
