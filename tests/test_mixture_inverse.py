@@ -192,6 +192,36 @@ def test_round_trip_and_logabsdet(backend, kind, output):
         torch.testing.assert_close(lad_inv, -lad_fwd, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_logabsdet_from_the_last_iteration(monkeypatch, kind, output, dtype):
+    """When every element converges by Newton's step, the CPU solve takes the logabsdet at
+    x - d from the last iteration's evaluation at x (less d times its derivative) instead of
+    evaluating again: that path must run here and agree with the independent float64 forward
+    at the returned x, as tightly as an evaluation at x would."""
+    from fastflow.reference import mixture_inverse as cpu
+
+    calls = []
+    make = cpu._evaluator
+
+    def counting(*args):
+        evaluate, density_slope = make(*args)
+        return evaluate, lambda x: calls.append(1) or density_slope(x)
+
+    monkeypatch.setattr(cpu, "_evaluator", counting)
+    torch.manual_seed(0)
+    params = random_mixture((4096,), 8, dtype=dtype)
+    x0 = sample_x(*params, (4096,), 4.0).to(dtype)  # unit targets short of 1 in float32
+    y, _ = naive.forward(x0, *params, kind, output)
+    x, lad = cpu.mixture_cdf_inverse_fwd(y, *params, kind, output)
+    assert calls, "the solve did not end on the last-iteration path"
+    expect = oracle(x.double(), *(p.double() for p in params), kind)
+    lad_at_x = expect["logit_lad"] if output == "logit" else expect["log_f"]
+    tol = 4e-6 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(-lad.double().numpy(), lad_at_x, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_boundaries_give_infinities_not_nan(backend, kind, output):

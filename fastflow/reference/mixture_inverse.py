@@ -50,13 +50,15 @@ def _constants(dtype):
 
 
 def _evaluator(pi, w_f, loc, inv_scale, kind):
-    """A function x (N,) -> (logit F(x), its derivative f / (F (1 - F)), f) for the mixture
-    with the component axis *first*: parameters (K, N) (pi the weights, w_f = pi / s). F,
-    1 - F and f are each summed in probability space (each exact in its own tail; neither
-    formed by subtraction). The components' three terms share one (3, K, N) buffer, weighted
-    and summed over the components in one op each: the solve calls this a few times per
-    sampling step on a few thousand elements, where each op's fixed cost counts."""
-    work = loc.new_empty((3, *loc.shape))
+    """Functions of the mixture with the component axis *first*, parameters (K, N) (pi the
+    weights, w_f = pi / s): ``evaluate(x)`` for x (N,) returns (logit F(x), its derivative
+    f / (F (1 - F)), f, F, 1 - F), with F, 1 - F and f each summed in probability space
+    (each exact in its own tail; neither formed by subtraction); ``density_slope(x)`` returns
+    f'(x) from the component terms of the last ``evaluate(x)``. The three terms share one
+    (3, K, N) buffer, weighted and summed over the components in one op each: the solve
+    calls this a few times per sampling step on a few thousand elements, where each op's
+    fixed cost counts."""
+    work, weighted = loc.new_empty((2, 3, *loc.shape)).unbind(0)
     if kind == "gaussian":
         # erfc's factor 1/2 and the density's 1 / sqrt(2 pi), in the weights.
         pi, w_f = 0.5 * pi, w_f * math.exp(-HALF_LOG_2PI)
@@ -75,12 +77,21 @@ def _evaluator(pi, w_f, loc, inv_scale, kind):
             u.mul_(-INV_SQRT2)
             torch.neg(u, out=u_neg)
             tails.erfc_()
-        tails.mul_(pi)
-        dens.mul_(w_f)
-        cdf, sf, f = work.sum(1).unbind(0)
-        return (cdf / sf).log_(), f / (cdf * sf), f
+        torch.mul(tails, pi, out=weighted[:2])
+        torch.mul(dens, w_f, out=weighted[2])
+        cdf, sf, f = weighted.sum(1).unbind(0)
+        return (cdf / sf).log_(), f / (cdf * sf), f, cdf, sf
 
-    return evaluate
+    def density_slope(x):
+        # Each component density's derivative, over its scale: logistic
+        # c (1 - c) (1 - 2 c) = dens (c_bar - c) (tails hold c, c_bar); Gaussian -u phi(u).
+        if kind == "logistic":
+            terms = torch.sub(u_neg, u).mul_(dens)
+        else:
+            terms = torch.sub(loc, x).mul_(inv_scale).mul_(dens)
+        return terms.mul_(w_f).mul_(inv_scale).sum(0)
+
+    return evaluate, density_slope
 
 
 def _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside, use_newton,
@@ -165,18 +176,20 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     closed_hi = ulps_hi + ulps_hi
     dx_old = hi - lo
     dx = dx_old
-    evaluate = _evaluator(pi, w_f, loc, inv_scale, kind)
+    evaluate, density_slope = _evaluator(pi, w_f, loc, inv_scale, kind)
     # Each iteration's (below, h), from which _near_root_step's residuals at the bracket's
     # ends are brought up to date only when it runs (inf: an end not evaluated).
     history = []
     h_ends = [torch.full_like(x, math.inf)] * 2
     active = plain
+    plain_all = bool(plain.all())
     converging = False
+    lad = None
     for _ in range(max_steps):
         if not bool(active.any()):
             converging = True
             break
-        g, slope, _ = evaluate(x)
+        g, slope, dens, cdf, sf = evaluate(x)
         h = g - t_plain
         below = h < c.zero
         lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
@@ -198,23 +211,40 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
             x_next, done = _near_root_step(x, h, d, newton, lo, hi, *h_ends, below, inside,
                                            use_newton, converged, s_min, t_plain, eps)
             staying = active & ~done
+        elif plain_all and not bool(staying.any()):
+            # Every element is at its solution: those active here converged by Newton's
+            # step d <= tol_newton, the others were evaluated at their final x. The active
+            # ones' logabsdet at x - d is the one at x less d times its derivative (the
+            # error, d^2 / 2 times the second derivative, is below eps for such d), which
+            # saves the evaluation at the solutions.
+            lad = torch.log(slope if output == "logit" else dens)
+            lad_slope = density_slope(x).div_(dens)
+            if output == "logit":  # d/dx log(f / (F (1 - F))) = f'/f - f/F + f/(1 - F)
+                lad_slope.sub_(dens / cdf).add_(dens / sf)
+            lad = torch.where(active, lad - d * lad_slope, lad)
+            x = torch.where(active, newton, x)
+            converging = True
+            break
         else:
             x_next = torch.where(use_newton, newton, torch.lerp(lo, hi, 0.5))
         # Inactive elements' step sizes are never read again.
         dx_old, dx = dx, (x_next - x).abs()
         x = torch.where(active, x_next, x)
         active = staying
-    clean = converging and bool(plain.all())
-    if not clean:
-        rest = (active | ~plain) & torch.isfinite(t)
-        if bool(rest.any()):
-            cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
-            x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0], fallback_steps[1])
-    # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one quotient
-    # (no cancellation); in log space wherever f is too small for that.
-    _, slope, dens = evaluate(x)
-    lad = torch.log(slope if output == "logit" else dens)
-    # (An x that is not finite has f = 0 here, and is not clean.)
+    clean = converging and plain_all
+    if lad is None:
+        if not clean:
+            rest = (active | ~plain) & torch.isfinite(t)
+            if bool(rest.any()):
+                cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
+                x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0],
+                                      fallback_steps[1])
+        # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one
+        # quotient (no cancellation); in log space wherever f is too small for that.
+        _, slope, dens, _, _ = evaluate(x)
+        lad = torch.log(slope if output == "logit" else dens)
+    # (An x that is not finite has f = 0 here, and is not clean. Where the last iteration
+    # gave the logabsdet, f is the one at the last iterate, within 1e-4 of the solution's.)
     redo = ~(dens > c.tiny_f)
     if not clean:
         redo |= rest
