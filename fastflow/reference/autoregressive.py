@@ -31,6 +31,8 @@ from .mixture_inverse import inverse_component_major
 from .naive import compute_dtype
 
 ACTIVATIONS = {"relu": torch.relu, "identity": lambda a: a}
+# Steps per block of the one-pass solve's pre-activation GEMMs.
+BLOCK = 8
 
 
 def autoregressive_solve(values, weights, biases, table, order, out_weight, out_bias,
@@ -59,30 +61,51 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
 
         weights = [w.to(cdt) for w in weights]
         biases = [column(b) for b in biases]
-        out_weight, out_bias = out_weight.to(cdt), column(out_bias)
+        # The output rows in degree order: step t's 3K parameters are rows 3K t : 3K (t + 1).
+        out_rows = (order.to(torch.long, copy=False).view(D, 1) * (3 * K)
+                    + torch.arange(3 * K, device=order.device)).reshape(-1)
+        out_weight, out_bias = out_weight.to(cdt)[out_rows], column(out_bias)[out_rows]
         # hs[0]: the solved values in degree order; hs[l + 1]: layer l's activations. A step
         # reads only rows that earlier steps (or its own lower layers) wrote.
         hs = [v.new_empty(D, B)] + [v.new_empty(w.shape[0], B) for w in weights]
         result, lad = torch.empty_like(v), torch.empty_like(v)
         tab, cols = table.tolist(), order.tolist()
+        # Each block of BLOCK steps starts with one GEMM per layer for the pre-activations of
+        # all its units from the units already known (lower degrees); a step then adds only
+        # its own degrees' part. A GEMM of a step's 4-odd units is slow per flop (a few rows
+        # of a long matrix); this does most of the flops in GEMMs BLOCK times taller.
+        w_all, b_all = [*weights, out_weight], [*biases, out_bias]
+        bounds = [row[:D + 1] for row in tab[1:]] + [[3 * K * m for m in range(D + 1)]]
+        pre = [None] * len(w_all)
         for t in range(D):
-            for layer, w in enumerate(weights):
-                start, end = tab[layer + 1][t], tab[layer + 1][t + 1]
+            if t % BLOCK == 0:
+                t0, t1 = t, min(t + BLOCK, D)
+                for layer, (w, b) in enumerate(zip(w_all, b_all, strict=True)):
+                    rows = slice(bounds[layer][t0], bounds[layer][t1])
+                    known = tab[layer][t0]
+                    pre[layer] = torch.addmm(b[rows], w[rows, :known], hs[layer][:known])
+            for layer, w in enumerate(w_all):
+                start, end = bounds[layer][t], bounds[layer][t + 1]
                 if start == end:
                     continue
-                seen = tab[layer][t + 1]
-                a = hs[layer + 1][start:end]
-                torch.mm(w[start:end, :seen], hs[layer][:seen], out=a)
-                a.add_(biases[layer][start:end])
-                if activation == "relu":
-                    a.relu_()
-                else:
-                    a.copy_(act(a))
-                if residual and layer > 0:
-                    a.add_(hs[layer][start:end])
-            col, seen = cols[t], tab[-1][t + 1]
-            rows = slice(3 * K * col, 3 * K * (col + 1))
-            params = torch.mm(out_weight[rows, :seen], hs[-1][:seen]).add_(out_bias[rows])
+                known, seen = tab[layer][t0], tab[layer][t + 1]
+                first = bounds[layer][t0]
+                a = pre[layer][start - first:end - first]
+                if layer < len(weights):
+                    out = hs[layer + 1][start:end]
+                    if seen > known:
+                        torch.addmm(a, w[start:end, known:seen], hs[layer][known:seen], out=out)
+                    else:
+                        out.copy_(a)
+                    if activation == "relu":
+                        out.relu_()
+                    else:
+                        out.copy_(act(out))
+                    if residual and layer > 0:
+                        out.add_(hs[layer][start:end])
+                elif seen > known:
+                    a = torch.addmm(a, w[start:end, known:seen], hs[layer][known:seen])
+            params, col = a, cols[t]
             if invert:
                 r, r_lad = inverse_component_major(v[col], *params.split(K), kind, output)
             else:
