@@ -216,6 +216,16 @@ def _tables(args, argv, only, device, out) -> None:
             lines.append(f"- inverse with at most {cap} iterations per step: "
                          f"{tc['inverse'][0]:.4g}")
         inverse_op.MAX_STEPS = inverse_op.BISECT_STEPS + inverse_op.NEWTON_STEPS
+        # PyTorch's default (allow_tf32 False) compiles the kernel's dots as IEEE fp32 FMAs;
+        # with TF32 they take the tensor cores (bench/investigations/sass_solve.py).
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        try:
+            tt = benchmark.measure_interleaved({"inverse": solve(True)}, device, 2)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        lines.append(f"- inverse with allow_tf32 {not tf32} (the run's default: {tf32}): "
+                     f"{tt['inverse'][0]:.4g}")
         emit(lines + [""], out)
 
     if "W4" in only:
