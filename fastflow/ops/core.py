@@ -25,14 +25,24 @@ from ..reference import naive
 
 # The Python body of each op, by name, for :func:`call`.
 BODIES: dict = {}
+# Each op's treatment under torch.autocast, by name: "float32" (floating inputs cast to
+# float32, as autocast treats its own float32 ops: the mixture maps, their inverse and the
+# solve keep float32 numerics) or "lower" (cast to the region's dtype: MADE's products).
+AUTOCAST: dict = {}
+AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
-def op(name: str):
+def op(name: str, autocast: str = "float32"):
     """Register the decorated function as the custom op ``fastflow::name`` (no mutation) and
-    keep its plain body in BODIES."""
+    keep its plain body in BODIES; ``autocast`` as in AUTOCAST."""
     def register(fn):
         BODIES[name] = fn
-        return torch.library.custom_op(f"fastflow::{name}", mutates_args=())(fn)
+        AUTOCAST[name] = autocast
+        custom = torch.library.custom_op(f"fastflow::{name}", mutates_args=())(fn)
+        if autocast == "float32":  # for direct torch.ops.fastflow calls; call() casts itself
+            for device in AUTOCAST_DEVICES:
+                torch.library.register_autocast(f"fastflow::{name}", device, torch.float32)
+        return custom
 
     return register
 
@@ -68,11 +78,48 @@ def call(name: str, *args):
     bench/investigations/host_overhead.py), on tensors of a torch.func transform through the op's
     autograd.Function (:func:`_function`), else through ``torch.ops.fastflow`` so that compilers,
     tracers, fake tensors, modes and the profiler see the op."""
+    if _any_autocast():
+        device = _autocast_device(args)
+        if device is not None:
+            return _call_autocast(name, device, args)
     if _plain_eager(args):
         return BODIES[name](*args)
     if not torch.compiler.is_compiling() and _transformed(args):
         return _function(name).apply(*args)
     return getattr(torch.ops.fastflow, name)(*args)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled",
+                        lambda: any(map(torch.is_autocast_enabled, AUTOCAST_DEVICES)))
+
+
+def _autocast_device(args) -> str | None:
+    """The device type of the first tensor argument if autocast is on for it, else None."""
+    for a in args:
+        t = a[0] if isinstance(a, list | tuple) and a else a
+        if isinstance(t, torch.Tensor):
+            device = t.device.type
+            return device if (device in AUTOCAST_DEVICES
+                              and torch.is_autocast_enabled(device)) else None
+    return None
+
+
+def _call_autocast(name: str, device: str, args):
+    """Op ``name`` in an autocast region: its floating inputs (but float64) cast as AUTOCAST
+    says, and the op run with autocast off, so that the ops inside it see the dtypes it
+    chose."""
+    target = (torch.float32 if AUTOCAST[name] == "float32"
+              else torch.get_autocast_dtype(device))
+
+    def cast(a):
+        if isinstance(a, list | tuple):
+            return type(a)(cast(t) for t in a)
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64:
+            return a.to(target)
+        return a
+
+    with torch.autocast(device, enabled=False):
+        return call(name, *(cast(a) for a in args))
 
 
 def _transformed(args) -> bool:

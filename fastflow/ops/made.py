@@ -32,7 +32,7 @@ def dense_masked_linear(x, weight, mask, bias, activation: str) -> torch.Tensor:
     return cpu_path.masked_linear_fwd(x, weight, mask, bias, activation)
 
 
-@op("masked_linear_fwd")
+@op("masked_linear_fwd", autocast="lower")
 def masked_linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
     activation: str,
