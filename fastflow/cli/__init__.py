@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="a progress bar on stderr with the running NLL; the report prints "
                        "either way (default: only when stderr is a terminal)")
+    train.add_argument("--autocast", action="store_true",
+                       help="train with the forward pass in a bfloat16 torch.autocast region "
+                       "(the network's products in bfloat16, the mixture ops in float32); "
+                       "the NLL is evaluated in float32 either way (default: float32 "
+                       "throughout)")
     _add_device(train)
 
     smp = sub.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
@@ -158,7 +163,7 @@ def cmd_train(args) -> int:
                         lr=args.lr, hidden=args.hidden, components=args.components,
                         layers=args.layers, dequant=args.dequant, device=args.device,
                         threads=args.threads, seed=args.seed, out=args.out,
-                        progress=args.progress)
+                        progress=args.progress, autocast=args.autocast)
     train(opts)
     return 0
 

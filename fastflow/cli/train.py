@@ -76,6 +76,7 @@ class TrainOptions:
     seed: int = 0
     out: str | None = None
     progress: bool | None = None
+    autocast: bool = False
 
     def resolved(self, key: str):
         value = getattr(self, key)
@@ -361,14 +362,18 @@ class NLLLoss(nn.Module):
         return -self.log_prob(x).mean() / self.flow.features
 
 
-def loss_and_backward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def loss_and_backward(model: nn.Module, batch: torch.Tensor,
+                      autocast: bool = False) -> torch.Tensor:
     """One step's gradients: forward the batch, backpropagate the loss, return it (detached).
 
     ``model`` is an :class:`NLLLoss` or a DistributedDataParallel wrapper of one; under DDP the
     gradients left in the parameters are the average over the ranks, which for equal shards
-    equals the gradient of one process on the concatenated batch.
+    equals the gradient of one process on the concatenated batch. ``autocast``: the forward
+    in a bfloat16 ``torch.autocast`` region (MADE's products in bfloat16, fastflow's mixture
+    ops in float32), the backward outside it, as PyTorch recommends.
     """
-    loss = model(batch)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(batch)
     loss.backward()
     return loss.detach()
 
@@ -413,7 +418,7 @@ def fit(model: nn.Module, train: torch.Tensor, opts: TrainOptions, device: torch
     bar = _progress(steps, show and rank == 0)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        loss = loss_and_backward(model, draw_batch(train, shard, g, device))
+        loss = loss_and_backward(model, draw_batch(train, shard, g, device), opts.autocast)
         opt.step()
         sched.step()
         running = loss if running is None else 0.95 * running + 0.05 * loss
@@ -473,7 +478,8 @@ def train(opts: TrainOptions, stdout=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
         print(f"fastflow train: {opts.data}, {len(train_x)} train / {len(test_x)} test, "
               f"D={config['features']}, {sum(p.numel() for p in loss.parameters())} parameters, "
-              f"device {device}, {world} process{'es' if world > 1 else ''}", file=stdout)
+              f"device {device}, {world} process{'es' if world > 1 else ''}"
+              f"{', bfloat16 autocast' if opts.autocast else ''}", file=stdout)
     previous, threads = fastflow.get_validate_args(), torch.get_num_threads()
     fastflow.set_validate_args(False)  # no host sync per step
     if opts.resolved("threads") and device.type == "cpu":
