@@ -2,7 +2,8 @@
 # The checks a GPU machine runs, in order of value, each under its own time limit so that a
 # slow step cannot take the later ones with it:
 #
-#     bash bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS]
+#     bash bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS] \
+#         [AUTOCAST_SECONDS]
 #
 # 1. the whole suite on the compiled kernels, the kernel test files first (pytest-xdist
 #    workers; each worker's CPU threads limited, since several tests also run float64
@@ -10,13 +11,15 @@
 # 2. `fastflow bench` on every workload, W4 without its torch.compile variant (markdown + CSV
 #    under OUTDIR/bench),
 # 3. the launch and route sweeps (OUTDIR/tune.md), the W2/W4 profile and the host times of
-#    the op layer and of W4's step on this machine's CPU (OUTDIR/profile.md).
+#    the op layer and of W4's step on this machine's CPU (OUTDIR/profile.md),
+# 4. where AUTOCAST_SECONDS is given (default 0: skipped), W4 and W5 with every variant in a
+#    bfloat16 autocast region (OUTDIR/bench-autocast).
 # Logs: OUTDIR/pytest.log, OUTDIR/run.log.
 # The default limits (200 + 200 + 60 + 50 + 25 s) keep the whole script under 9 minutes, one
 # command within 15 minutes of GPU time that include the machine's start; raise them where
 # more time is available (the suite took longer than 300 s under 14 workers on an H100).
 set -u
-OUT=${1:?usage: bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS]}
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [TUNE_SECONDS] [AUTOCAST_SECONDS]}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 T0=$(date +%s)
@@ -54,3 +57,8 @@ timeout 50 python3 bench/investigations/profile_gpu.py --workloads W2,W4 \
 stamp profile $? >> "$OUT/run.log"
 timeout 25 python3 bench/investigations/host_overhead.py >> "$OUT/profile.md" 2>&1
 stamp host $? >> "$OUT/run.log"
+if [ "${5:-0}" -gt 0 ]; then
+  timeout "$5" python3 -m fastflow.cli bench --workloads W4,W5 --autocast --repeat 3 --no-sweep \
+    --no-compile --out "$OUT/bench-autocast" >> "$OUT/run.log" 2>&1
+  stamp autocast $? >> "$OUT/run.log"
+fi

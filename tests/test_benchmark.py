@@ -45,8 +45,9 @@ def test_tiny_run_writes_csv_markdown_and_plot(tmp_path, capsys):
     for want in [("W1", "fastflow"), ("W1", "torch-compile"), ("W1", "copy"),
                  ("W3", "torch-eager"), ("W4", "torch-compile"), ("W5", "fastflow-sample"),
                  ("W5", "torch-eager-log_prob"), ("W5", "fastflow-sample-d-pass"),
-                 ("W4", "zuko-maf"), ("W4", "nflows-maf"),
+                 ("W4", "zuko-maf"), ("W4", "nflows-maf"), ("W4", "zuko-nsf"),
                  ("W5", "zuko-maf-sample"), ("W5", "nflows-maf-sample"),
+                 ("W5", "zuko-nsf-log_prob"), ("W5", "zuko-nsf-sample"),
                  ("W5", "coupling-log_prob"), ("W5", "coupling-sample")]:
         assert want in variants
     assert all(float(r["min_ms"]) > 0 for r in rows)
@@ -55,6 +56,28 @@ def test_tiny_run_writes_csv_markdown_and_plot(tmp_path, capsys):
     assert "sample / log_prob" in md
     assert stem.with_suffix(".png").stat().st_size > 1000
     assert "round-trip error" in capsys.readouterr().out
+
+
+def test_autocast_runs_w4_and_w5_in_a_bfloat16_region(monkeypatch, capsys):
+    """--autocast: every W4 and W5 variant runs in a bfloat16 region (W4's forward only), and
+    none is left on after the run."""
+    real, regions = benchmark.torch.autocast, []
+
+    def spy(*args, **kwargs):
+        if kwargs.get("enabled", True):  # (fastflow's float32 ops turn regions off inside)
+            regions.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark.torch, "autocast", spy)
+    assert benchmark.main(["--size", "tiny", "--repeat", "1", "--workloads", "W4,W5",
+                           "--no-compile", "--autocast"]) == 0
+    out = capsys.readouterr().out
+    assert "zuko-nsf" in out and "speedup vs zuko-nsf" in out
+    assert regions and set(regions) == {benchmark.torch.bfloat16}
+    assert benchmark.AUTOCAST == [None]
+    regions.clear()
+    assert benchmark.main(["--size", "tiny", "--repeat", "1", "--workloads", "W5"]) == 0
+    assert not regions
 
 
 def test_bad_arguments_exit_2(capsys):

@@ -3,8 +3,9 @@
 Every workload times its variants in one process, in interleaved rounds (each variant once
 per round, so that the machine's drifts hit them alike; min and median over rounds), and every
 figure is reported as a ratio within that run: fastflow against the same computation in eager
-PyTorch, under torch.compile, and against peers (zuko, nflows) where they have the model and
-are installed.
+PyTorch, under torch.compile, and against peers where they have the model and are
+installed: zuko's and nflows' affine MAFs, and zuko's spline MAF (NSF, K bins: about the
+mixture's parameters per dimension) with the same MADE sizes.
 The elementwise ops are also reported as achieved GB/s next to a device-to-device copy of the
 same bytes. Writes CSV and markdown (device, versions, date and the command on top) and, with
 matplotlib, a PNG of fastflow's speedup against problem size for W1-W3.
@@ -17,6 +18,7 @@ Sizes: "full" (for a GPU), "cpu" (C1 and a reduced set) and "tiny" (a smoke run)
 
     fastflow bench                       # full on a GPU, cpu otherwise
     fastflow bench --size tiny --workloads W1,W5 --out runs/bench
+    fastflow bench --workloads W4,W5 --autocast   # every variant in a bfloat16 region
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ FLOW_SIZES = {
     "full": (784, [1024, 1024], 10, 256, 4096),
 }
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+PEERS = ("zuko-maf", "zuko-nsf", "nflows-maf")
 KIND, OUTPUT, COLS, K_OPS = "logistic", "logit", 256, 8
 
 
@@ -326,6 +329,16 @@ def _zuko_maf(features, hidden, device):
     return zuko.flows.MAF(features, transforms=1, hidden_features=hidden).to(device)
 
 
+def _zuko_nsf(features, hidden, components, device):
+    zuko = _peer("zuko")
+    if zuko is None:
+        return None
+    torch.manual_seed(0)
+    # bins = K: 3 bins - 1 spline parameters per dimension against the mixture's 3K.
+    return zuko.flows.NSF(features, transforms=1, hidden_features=hidden,
+                          bins=components).to(device)
+
+
 def _nflows_maf(features, hidden, device):
     nflows = _peer("nflows")
     if nflows is None:
@@ -341,11 +354,24 @@ def _nflows_maf(features, hidden, device):
     return NFlow(t, NStd([features])).to(device)
 
 
+# The device type whose bfloat16 autocast region W4's forward and W5's calls run in (None:
+# none), set by ``fastflow bench --autocast``.
+AUTOCAST: list = [None]
+
+
+def _region():
+    device = AUTOCAST[0]
+    if device is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
 def _train_step(loss_fn, params):
     opt = torch.optim.SGD(params, lr=1e-4)
 
     def step():
-        loss = loss_fn()
+        with _region():  # the forward only, as PyTorch recommends
+            loss = loss_fn()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -373,6 +399,11 @@ def w4(size, device, compile_: bool, skipped: list[str]) -> list[Variant]:
         out.append(Variant("zuko-maf", _train_step(lambda: -zmaf().log_prob(x).mean(),
                                                    zmaf.parameters()),
                            note="affine MAF, same MADE sizes"))
+    znsf = _zuko_nsf(D, hidden, K, device)
+    if znsf is not None:
+        out.append(Variant("zuko-nsf", _train_step(lambda: -znsf().log_prob(x).mean(),
+                                                   znsf.parameters()),
+                           note=f"spline MAF, {K} bins, same MADE sizes"))
     nmaf = _nflows_maf(D, hidden, device)
     if nmaf is None:
         skipped.append("nflows-maf: nflows is not installed")
@@ -393,7 +424,7 @@ def w5(size, device, skipped: list[str]) -> list[Variant]:
 
     def no_grad(fn):
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), _region():
                 return fn()
         return run
 
@@ -415,6 +446,10 @@ def w5(size, device, skipped: list[str]) -> list[Variant]:
     else:
         out += [Variant("zuko-maf-log_prob", no_grad(lambda: zmaf().log_prob(x))),
                 Variant("zuko-maf-sample", no_grad(lambda: zmaf().sample((batch,))))]
+        znsf = _zuko_nsf(D, hidden, K, device)
+        out += [Variant("zuko-nsf-log_prob", no_grad(lambda: znsf().log_prob(x)),
+                        note=f"spline MAF, {K} bins"),
+                Variant("zuko-nsf-sample", no_grad(lambda: znsf().sample((batch,))))]
     nmaf = _nflows_maf(D, hidden, device)
     if nmaf is None:
         skipped.append("nflows-maf: nflows is not installed")
@@ -486,7 +521,7 @@ def ratios(results: list[Result]) -> list[tuple[str, str, float]]:
     for w in ("W1", "W2", "W3", "W4"):
         add(w, "speedup vs torch eager", (w, "torch-eager"), (w, "fastflow"))
         add(w, "speedup vs torch.compile", (w, "torch-compile"), (w, "fastflow"))
-    for peer in ("zuko-maf", "nflows-maf"):
+    for peer in PEERS:
         add("W4", f"speedup vs {peer}", ("W4", peer), ("W4", "fastflow"))
     if ("W1", "fastflow") in g and ("W1", "copy") in g:
         out.append(("W1", "bandwidth / copy bandwidth", g[("W1", "fastflow")] / g[("W1", "copy")]))
@@ -499,7 +534,7 @@ def ratios(results: list[Result]) -> list[tuple[str, str, float]]:
         ("W5", "fastflow-sample"))
     add("W5", "coupling sample / log_prob (lower is better)", ("W5", "coupling-sample"),
         ("W5", "coupling-log_prob"))
-    for peer in ("zuko-maf", "nflows-maf"):
+    for peer in PEERS:
         add("W5", f"{peer} sample / log_prob (lower is better)", ("W5", f"{peer}-sample"),
             ("W5", f"{peer}-log_prob"))
         add("W5", f"sample speedup vs {peer} sampling", ("W5", f"{peer}-sample"),
@@ -620,6 +655,9 @@ def parse_args(argv, parser_class=argparse.ArgumentParser):
                    help="skip the torch.compile variants: of every workload, or of those listed")
     p.add_argument("--no-sweep", action="store_true", help="skip the size sweep and its plot")
     p.add_argument("--out", default=None, help="directory for CSV, markdown and PNG")
+    p.add_argument("--autocast", action="store_true",
+                   help="W4's forward and W5's calls in a bfloat16 torch.autocast region, for "
+                   "every variant (peers and baselines included)")
     args = p.parse_args(argv)
     wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     bad = [w for w in wanted if w not in WORKLOADS]
@@ -649,6 +687,15 @@ def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     results, skipped = [], []
+    AUTOCAST[0] = device.type if args.autocast else None
+    try:
+        _run(args, size, device, env, command, stem, results, skipped)
+    finally:
+        AUTOCAST[0] = None
+    return 0
+
+
+def _run(args, size, device, env, command, stem, results, skipped) -> None:
     for name in args.workloads:
         wl = build(name, size, device, name not in args.no_compile)
         print(f"{name} ({size}): {', '.join(v.name for v in wl.variants)}", flush=True)
@@ -669,7 +716,6 @@ def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
                 print(f"wrote {stem}.png")
             else:
                 print("no plot: matplotlib is not installed (pip install matplotlib)")
-    return 0
 
 
 if __name__ == "__main__":
