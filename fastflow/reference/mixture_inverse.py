@@ -30,14 +30,14 @@ from .naive import (
 
 
 @functools.lru_cache
-def _constants(dtype):
-    """The solve's constants as 0-dim tensors of the compute dtype: a Python number in a
-    tensor op is converted to a tensor on every call, a cost that shows at the sampler's
-    sizes. (Never written to.)"""
+def _constants(dtype, device):
+    """The solve's constants as 0-dim tensors of the compute dtype on the data's device: a
+    Python number in a tensor op is converted to a tensor on every call, a cost that shows at
+    the sampler's sizes. (Never written to.)"""
     finfo = torch.finfo(dtype)
 
     def const(value):
-        return torch.tensor(value, dtype=dtype)
+        return torch.tensor(value, dtype=dtype, device=device)
 
     return SimpleNamespace(
         zero=const(0.0),
@@ -146,7 +146,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     eps = finfo.eps
     # Beyond this |logit| the tail mass nears the dtype's smallest normal number: those
     # targets (and any element that has not converged) go to the log-space solver.
-    c = _constants(t.dtype)
+    c = _constants(t.dtype, t.device)
     plain = t.abs() <= c.plain_limit
     pi = torch.softmax(logits, dim=0)
     scale = torch.exp(log_scale)
