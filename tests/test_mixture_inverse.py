@@ -192,14 +192,8 @@ def test_round_trip_and_logabsdet(backend, kind, output):
         torch.testing.assert_close(lad_inv, -lad_fwd, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("output", OUTPUTS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_cpu_logabsdet_from_the_last_iteration(monkeypatch, kind, output, dtype):
-    """When every element converges by Newton's step, the CPU solve takes the logabsdet at
-    x - d from the last iteration's evaluation at x (less d times its derivative) instead of
-    evaluating again: that path must run here and agree with the independent float64 forward
-    at the returned x, as tightly as an evaluation at x would."""
+def _counting_density_slope(monkeypatch):
+    """Calls of the CPU solve's last-iteration logabsdet path, recorded."""
     from fastflow.reference import mixture_inverse as cpu
 
     calls = []
@@ -210,6 +204,20 @@ def test_cpu_logabsdet_from_the_last_iteration(monkeypatch, kind, output, dtype)
         return evaluate, lambda x: calls.append(1) or density_slope(x)
 
     monkeypatch.setattr(cpu, "_evaluator", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_logabsdet_from_the_last_iteration(monkeypatch, kind, output, dtype):
+    """When every element converges by Newton's step, the CPU solve takes the logabsdet at
+    the new x from the last iteration's evaluation at x (plus the step times its derivative)
+    instead of evaluating again: that path must run here and agree with the independent
+    float64 forward at the returned x, as tightly as an evaluation at x would."""
+    from fastflow.reference import mixture_inverse as cpu
+
+    calls = _counting_density_slope(monkeypatch)
     torch.manual_seed(0)
     params = random_mixture((4096,), 8, dtype=dtype)
     x0 = sample_x(*params, (4096,), 4.0).to(dtype)  # unit targets short of 1 in float32
@@ -220,6 +228,25 @@ def test_cpu_logabsdet_from_the_last_iteration(monkeypatch, kind, output, dtype)
     lad_at_x = expect["logit_lad"] if output == "logit" else expect["log_f"]
     tol = 4e-6 if dtype == torch.float32 else 1e-12
     np.testing.assert_allclose(-lad.double().numpy(), lad_at_x, rtol=tol, atol=tol)
+
+
+def test_cpu_logabsdet_correction_takes_the_step_taken(monkeypatch):
+    """The last-iteration logabsdet moves by the step x actually took (Newton's d rounded into
+    x), not by d: with a narrow component (s = e^-7.07) the half ulp between them times the
+    logabsdet's slope (about u / s) was 1.65e-4 off in float32, where an evaluation at x is
+    5e-7 off."""
+    from fastflow.reference import mixture_inverse as cpu
+
+    calls = _counting_density_slope(monkeypatch)
+    params = [torch.tensor([v]) for v in (
+        [-0.753308892250061, -0.8250265717506409, 0.2062089592218399],
+        [1.1203248500823975, 0.12307325750589371, -1.0332531929016113],
+        [-7.0730133056640625, 0.2200731784105301, -0.8600203990936279])]
+    y = torch.tensor([3.083138942718506])
+    x, lad = cpu.mixture_cdf_inverse_fwd(y, *params, "gaussian", "logit")
+    assert calls, "the solve did not end on the last-iteration path"
+    lad_at_x = oracle(x.double(), *(p.double() for p in params), "gaussian")["logit_lad"]
+    np.testing.assert_allclose(-lad.double().numpy(), lad_at_x, rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)

@@ -214,15 +214,18 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
         elif plain_all and not bool(staying.any()):
             # Every element is at its solution: those active here converged by Newton's
             # step d <= tol_newton, the others were evaluated at their final x. The active
-            # ones' logabsdet at x - d is the one at x less d times its derivative (the
-            # error, d^2 / 2 times the second derivative, is below eps for such d), which
-            # saves the evaluation at the solutions.
+            # ones' logabsdet at their new x is the one at x plus the step times its
+            # derivative (the error, the step squared over 2 times the second derivative, is
+            # below eps for such steps), which saves the evaluation at the solutions. The
+            # step is the one taken, x - d rounded, not d: for a narrow component half an
+            # ulp of x times the derivative (about u / s) is far above eps.
             lad = torch.log(slope if output == "logit" else dens)
             lad_slope = density_slope(x).div_(dens)
             if output == "logit":  # d/dx log(f / (F (1 - F))) = f'/f - f/F + f/(1 - F)
                 lad_slope.sub_(dens / cdf).add_(dens / sf)
-            lad = torch.where(active, lad - d * lad_slope, lad)
-            x = torch.where(active, newton, x)
+            x_new = torch.where(active, newton, x)
+            lad = torch.where(active, lad + (x_new - x) * lad_slope, lad)
+            x = x_new
             converging = True
             break
         else:
