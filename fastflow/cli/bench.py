@@ -321,22 +321,23 @@ def _peer(name: str):
         return None
 
 
-def _zuko_maf(features, hidden, device):
+def _zuko_flow(name, features, hidden, device, **kwargs):
+    """zuko.flows.<name> with one transform and the given MADE sizes, or None."""
     zuko = _peer("zuko")
     if zuko is None:
         return None
     torch.manual_seed(0)
-    return zuko.flows.MAF(features, transforms=1, hidden_features=hidden).to(device)
+    return getattr(zuko.flows, name)(features, transforms=1, hidden_features=hidden,
+                                     **kwargs).to(device)
+
+
+def _zuko_maf(features, hidden, device):
+    return _zuko_flow("MAF", features, hidden, device)
 
 
 def _zuko_nsf(features, hidden, components, device):
-    zuko = _peer("zuko")
-    if zuko is None:
-        return None
-    torch.manual_seed(0)
     # bins = K: 3 bins - 1 spline parameters per dimension against the mixture's 3K.
-    return zuko.flows.NSF(features, transforms=1, hidden_features=hidden,
-                          bins=components).to(device)
+    return _zuko_flow("NSF", features, hidden, device, bins=components)
 
 
 def _nflows_maf(features, hidden, device):

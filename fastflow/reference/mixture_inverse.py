@@ -18,9 +18,9 @@ import torch
 from . import naive
 from .mixture_cdf import output_coefs, vjp_assemble, vjp_pieces
 from .naive import (
-    GAUSS_BRACKET_PAD,
     HALF_LOG_2PI,
     INV_SQRT2,
+    bracket,
     component_quantile,
     finish_inverse,
     solve_fixed,
@@ -155,15 +155,10 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
     t_plain = torch.where(plain, t, c.zero)
     # The bracket from the components' own inverses z_k; the start: their pi-weighted mean.
     z = torch.addcmul(loc, scale, component_quantile(t_plain, kind))
-    if kind == "gaussian":  # padded as naive.bracket pads it
-        lo = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD).amin(0)
-        hi = torch.add(z, scale, alpha=GAUSS_BRACKET_PAD).amax(0)
-    else:
-        lo, hi = z.amin(0), z.amax(0)
-    # Brackets past the dtype's range (an end inf, or NaN) go to the log-space solver, which
-    # handles them; their non-finite values here stay in elements that never iterate.
-    # (lo - lo) + (hi - hi) is 0 exactly where both ends are finite, NaN elsewhere.
-    plain &= (lo - lo).add_(hi - hi) == c.zero
+    lo, hi, wide = bracket(z, scale, kind, 0)
+    # Brackets past the dtype's range go to the log-space solver, which handles them; their
+    # non-finite values here stay in elements that never iterate.
+    plain &= ~wide
     x = z.mul_(pi).sum(0).clamp_(lo, hi)
     s_min = scale.amin(0)
     tol_newton = s_min * c.newton_tol
