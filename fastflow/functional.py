@@ -147,8 +147,7 @@ def masked_linear(
         # refuse).
         y = _call("masked_linear_fwd", flat, weight, mask, bias, activation)
         return y.reshape(*x.shape[:-1], weight.shape[0])
-    # Under torch.compile the plan's Python bookkeeping is not traceable: dense there.
-    if how == "blocks" and blocks is not None and not torch.compiler.is_compiling():
+    if how == "blocks" and blocks is not None:
         blocks = blocks() if callable(blocks) else blocks
         if blocks is not None:
             y = _blocked.PrefixLinear.apply(flat, weight, mask, bias, blocks,

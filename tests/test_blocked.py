@@ -4,6 +4,7 @@ against the dense masked product and autograd, and how MADE picks and refreshes 
 import pytest
 import torch
 
+import fastflow
 from fastflow.nn import MADE, AutoregressiveMixtureFlow
 from fastflow.nn import made as made_nn
 from fastflow.ops import blocked, dispatch
@@ -74,6 +75,54 @@ def test_prefix_linear_gradients_match_finite_differences(relu, monkeypatch):
             for s in ((4, 7), (24, 7), (24,))]
     torch.autograd.gradcheck(
         lambda x, w, b: blocked.PrefixLinear.apply(x, w, mask, b, blocks, relu), args)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["identity", "relu"])
+def test_prefix_linear_second_derivatives(relu, monkeypatch):
+    """create_graph=True through the blocks: the recorded backward has its own gradients."""
+    _free_blocks(monkeypatch, (4,))
+    mask = _prefix_mask([0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, 7, 7, 7], 7)
+    blocks = blocked.plan_blocks(blocked.prefix_limits(mask), 7)
+    assert len(blocks) == 2
+    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+            for s in ((4, 7), (16, 7), (16,))]
+    torch.autograd.gradgradcheck(
+        lambda x, w, b: blocked.PrefixLinear.apply(x, w, mask, b, blocks, relu), args)
+
+
+def test_flow_on_the_blocks_route_under_torch_func(monkeypatch):
+    """The default CPU route (blocks) under vmap(grad), jacrev, jacfwd and create_graph=True
+    gives what the dense route gives: the transforms and forward-mode AD take the dense
+    product, a recorded backward the differentiable one."""
+    _free_blocks(monkeypatch)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "auto")
+    torch.manual_seed(0)
+    flow = fastflow.flows.MAF(5, transforms=2, components=3, hidden_features=(24, 24)).double()
+    made = flow.transforms[0].made
+    assert all(layer.blocks() is not None for layer in [made.layers[1], made.output])
+    x = torch.randn(3, 5, dtype=torch.float64)
+
+    def row(xi):
+        return flow.log_prob(xi.unsqueeze(0)).squeeze(0)
+
+    xr = x.clone().requires_grad_()
+    g, = torch.autograd.grad(flow.log_prob(xr).sum(), xr, create_graph=True)
+    hess = torch.stack([torch.autograd.grad(g[:, j].sum(), xr, retain_graph=True)[0]
+                        for j in range(5)], 1)
+    monkeypatch.setitem(dispatch.CPU_ROUTE, "linear", "dense")
+    monkeypatch.setitem(dispatch.CPU_ROUTE, "head", "dense")
+    xd = x.clone().requires_grad_()
+    want = torch.autograd.grad(flow.log_prob(xd).sum(), xd)[0]
+    want_hess = torch.stack([torch.autograd.functional.hessian(row, xi) for xi in x])
+    monkeypatch.undo()
+    _free_blocks(monkeypatch)
+    torch.testing.assert_close(g, want)
+    torch.testing.assert_close(hess, want_hess)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(row))(x), want)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(torch.func.jacrev(row)))(x),
+                               want_hess)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(torch.func.jacrev(row)))(x),
+                               want_hess)
 
 
 def test_prefix_limits_accepts_only_sorted_prefix_masks():

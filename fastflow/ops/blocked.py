@@ -66,7 +66,9 @@ class PrefixLinear(torch.autograd.Function):
 
     Backward: the weight's gradient block by block, zero right of each block and masked; x's
     gradient by column segments: columns [L_{b-1}, L_b) are read by blocks b.. only, whose
-    rows are contiguous, so each segment is one product and nothing accumulates.
+    rows are contiguous, so each segment is one product and nothing accumulates. Where the
+    backward is itself recorded (``create_graph=True``) it is the dense product's, in
+    differentiable ops, so that higher derivatives see it.
     """
 
     @staticmethod
@@ -84,14 +86,16 @@ class PrefixLinear(torch.autograd.Function):
         if relu:
             y.relu_()
         ctx.blocks, ctx.relu, ctx.has_bias = blocks, relu, bias is not None
-        ctx.save_for_backward(x, wm, mask, y if relu else None)
+        ctx.save_for_backward(x, weight, wm, mask, y if relu else None)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, wm, mask, y = ctx.saved_tensors
+        x, weight, wm, mask, y = ctx.saved_tensors
         if ctx.relu:
             grad = grad * (y > 0)
+        if torch.is_grad_enabled():
+            return _recorded_backward(ctx, grad, x, weight, mask)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = x.new_empty(x.shape)
@@ -111,3 +115,12 @@ class PrefixLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, None, grad_b, None, None
+
+
+def _recorded_backward(ctx, grad, x, weight, mask):
+    """PrefixLinear's gradients as the dense product's, out of place, for autograd to record."""
+    need = ctx.needs_input_grad
+    grad_x = grad @ (weight * mask) if need[0] else None
+    grad_w = (grad.t() @ x) * mask if need[1] else None
+    grad_b = grad.sum(0) if ctx.has_bias and need[3] else None
+    return grad_x, grad_w, None, grad_b, None, None

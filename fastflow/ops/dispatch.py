@@ -83,8 +83,18 @@ def route(x: torch.Tensor, part: str, grad: bool | None = None) -> str:
         return "dense"
     key = part if (torch.is_grad_enabled() if grad is None else grad) else part + "_inference"
     if x.is_cuda:
-        return GPU_ROUTE[key]
-    return "kernel" if choice == "triton" else CPU_ROUTE[key]
+        how = GPU_ROUTE[key]
+    else:
+        how = "kernel" if choice == "triton" else CPU_ROUTE[key]
+    return "dense" if how == "blocks" and not _blocks_allowed() else how
+
+
+def _blocks_allowed() -> bool:
+    """Whether the "blocks" route can run: its Python plan is not traceable by a compiler, and
+    its autograd.Function has neither a batching rule nor a forward-mode derivative, so
+    torch.compile, the torch.func transforms and forward-mode AD take the dense product."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch.autograd.forward_ad._current_level >= 0)
 
 
 def head_fused(values: torch.Tensor, recorded) -> bool:
