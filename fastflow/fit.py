@@ -123,6 +123,25 @@ def _as_matrix(value, name: str, dtype: torch.dtype, device: torch.device) -> to
     return tensor
 
 
+def _check_support(flow, x: torch.Tensor) -> None:
+    """ValueError where a row of the data lies outside the flow's support (its first
+    transform's domain, e.g. [0, 1] for a flow that starts with Logit): training with
+    validation off would report the -inf it gives as divergence."""
+    distribution = getattr(flow, "distribution", None)
+    if not callable(distribution):
+        return
+    try:
+        support = distribution().support
+    except (TypeError, ValueError, NotImplementedError):  # no support to check against
+        return
+    inside = support.check(x)
+    if not bool(inside.all()):
+        row = int((~inside).nonzero()[0, 0])
+        raise ValueError(f"data row {row} lies outside the flow's support ({support}); "
+                         f"transform the data into it, or start the flow with a transform "
+                         f"from the data's range")
+
+
 def _optimizer(optimizer, params, lr: float) -> torch.optim.Optimizer:
     if optimizer is None:
         return torch.optim.Adam(params, lr=lr)
@@ -253,6 +272,7 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         raise ValueError(f"data has {features} features (columns) but the flow has {expected}")
     if features == 0:
         raise ValueError("data has no features (shape (N, 0))")
+    _check_support(flow, x)
     c = None
     if context is not None:
         c = _as_matrix(context, "context", dtype, device)
@@ -350,7 +370,7 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
     if was_training is not None:
         flow.train()
     validate_args = get_validate_args()
-    set_validate_args(False)  # the data were checked above; no host sync per call
+    set_validate_args(False)  # the data were checked above (finite, in the support)
     try:
         stop = False
         while not stop:

@@ -333,3 +333,24 @@ def test_bad_arguments_are_value_errors_naming_them(kwargs, message):
 def test_a_flow_without_log_prob_is_refused():
     with pytest.raises(ValueError, match="flow must have log_prob and parameters"):
         fastflow.fit(nn.Linear(2, 2), moons(20), steps=1)
+
+
+def test_data_outside_the_flows_support_is_refused_before_training():
+    from fastflow.distributions import StandardNormal
+    from fastflow.nn import Flow, Logit, MixtureCDFFlow
+
+    flow = Flow([Logit(2), MixtureCDFFlow(2, 3)], StandardNormal(2))
+    before = [p.detach().clone() for p in flow.parameters()]
+    data = torch.rand(50, 2)
+    data[17, 1] = 1.5
+    with pytest.raises(ValueError, match="data row 17 lies outside the flow's support"):
+        fastflow.fit(flow, data, steps=2, progress=False)
+    assert all(torch.equal(p, b) for p, b in zip(flow.parameters(), before, strict=True))
+    data[17, 1] = 0.5
+    assert fastflow.fit(flow, data, steps=2, progress=False).steps == 2
+
+
+def test_a_context_for_a_flow_without_one_is_refused():
+    with pytest.raises(ValueError, match="no transform of this flow takes one"):
+        fastflow.fit(fastflow.flows.MixtureCDF(2), moons(50), steps=1, progress=False,
+                     context=torch.randn(50, 1))

@@ -66,6 +66,21 @@ def test_flow_refuses_a_transform_given_values_outside_its_domain():
     Flow([Reverse(2)], Uniform(2))  # no transform fixes a range: nothing to check
 
 
+@pytest.mark.parametrize("case", ["unit-then-sigmoid", "unit-then-mixture"])
+def test_flow_refuses_a_transform_on_r_given_values_in_the_unit_interval(case):
+    """A transform on R fed only [0, 1] maps onto part of its range: the density would
+    integrate to 0.23 and 0.31 here."""
+    unit = MixtureCDFFlow(2, 3, output="unit")
+    transforms, base = {
+        "unit-then-sigmoid": ([unit, Sigmoid(2)], Uniform(2)),
+        "unit-then-mixture": ([unit, MixtureCDFFlow(2, 3)], StandardNormal(2)),
+    }[case]
+    with pytest.raises(ValueError, match=r"transform 1, .* takes values in R but transform 0, "
+                                         r"MixtureCDFFlow\(output='unit'\), gives values in "
+                                         r"\[0, 1\] only.*output='logit'"):
+        Flow(transforms, base)
+
+
 @pytest.mark.parametrize("kind", ["logistic", "gaussian"])
 def test_the_shortest_flow_is_a_normalized_density(backend, kind):
     """``Flow([MixtureCDFFlow(1, 3)], StandardNormal(1))``, defaults only, integrates to one

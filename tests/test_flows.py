@@ -110,6 +110,24 @@ def test_coupling_takes_a_replacement_network():
         CouplingMixtureFlow(5, 2, network=nn.Linear(2, 5))(torch.randn(3, 5))
 
 
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_wider_data_run_every_layer_in_their_dtype(name):
+    """float64 data into a float32 flow computes in float64 (the coupling's conditioner with
+    its weights cast, as MADE's layers): the float64 copy of the flow gives the same values,
+    and the float32 parameters get their gradients."""
+    torch.manual_seed(0)
+    flow = _build(name).float()
+    wide = _build(name)
+    wide.load_state_dict(flow.state_dict())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    log_p = flow.log_prob(x)
+    assert log_p.dtype == torch.float64
+    torch.testing.assert_close(log_p, wide.log_prob(x), rtol=0, atol=0)
+    log_p.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in flow.parameters())
+
+
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="transforms must be an int >= 1"):
         MAF(3, transforms=0)

@@ -135,3 +135,78 @@ def test_pyro_latent_site_and_an_svi_step():
     z = trace.nodes["z"]["value"]
     assert z.shape == (2,)
     torch.testing.assert_close(trace.nodes["z"]["fn"].log_prob(z), flow.log_prob(z))
+
+
+def test_torch_uniform_bases_with_per_feature_bounds():
+    """Uniform(zeros(D), ones(D)) is the unit cube: a unit-output flow over it is valid; a
+    cube of other bounds or a logit output is refused with the range named."""
+    unit = MixtureCDFFlow(3, 3, output="unit")
+    cube = Independent(torch.distributions.Uniform(torch.zeros(3), torch.ones(3)), 1)
+    flow = Flow([unit], cube)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(flow.log_prob(x), unit(x)[1])  # the cube's density is 1
+    with pytest.raises(ValueError, match="maps onto R but the base Independent"):
+        Flow([MixtureCDFFlow(3, 3)], cube)
+    wide = Independent(torch.distributions.Uniform(-torch.ones(3), torch.ones(3)), 1)
+    with pytest.raises(ValueError, match="maps onto \\[0, 1\\] but the base Independent"):
+        Flow([unit], wide)
+
+
+def test_a_base_with_a_batch_shape_is_refused():
+    base = Independent(Normal(torch.zeros(4, 2), 1.0), 1)
+    with pytest.raises(ValueError, match=r"base must have batch shape \(\), got \(4,\)"):
+        Flow([MixtureCDFFlow(2, 3)], base)
+
+
+def test_adapter_broadcasts_its_context_as_the_flow_does():
+    flow = Flow([AutoregressiveMixtureFlow(3, 3, [8], context_features=2, seed=0)],
+                StandardNormal(3)).double()
+    ctx = torch.randn(5, 2, dtype=torch.float64)
+    base = Independent(Normal(torch.zeros(5, 3, dtype=torch.float64), 1.0), 1)
+    td = TransformedDistribution(base, [flow.transforms[0].as_transform(ctx)])
+    x = td.rsample((4,))
+    assert x.shape == (4, 5, 3)
+    torch.testing.assert_close(td.log_prob(x), flow.log_prob(x, ctx))
+
+
+def test_flow_distribution_rsample_and_log_prob_and_bad_values():
+    flow = Flow([AutoregressiveMixtureFlow(2, 3, [8], context_features=3, seed=0)],
+                StandardNormal(2)).double()
+    d = flow.distribution(torch.randn(6, 3, dtype=torch.float64))
+    x, log_p = d.rsample_and_log_prob((4,))
+    assert x.shape == (4, 6, 2) and log_p.shape == (4, 6)
+    torch.testing.assert_close(log_p, d.log_prob(x))
+    with pytest.raises(ValueError, match=r"value of shape \(5, 2\) does not broadcast against "
+                                         r"the batch shape \(6,\)"):
+        d.log_prob(torch.randn(5, 2, dtype=torch.float64))
+
+
+def test_a_context_no_transform_takes_is_refused():
+    flow = Flow([MixtureCDFFlow(2, 3), Reverse(2)], StandardNormal(2))
+    for call in (lambda: flow.log_prob(torch.randn(5, 2), torch.randn(5, 1)),
+                 lambda: flow.sample(3, torch.randn(5, 1))):
+        with pytest.raises(ValueError, match="no transform of this flow takes one"):
+            call()
+
+
+def test_pyro_plates_expand_the_wrapped_flow_and_refuse_the_bare_one():
+    """pyro's plates expand only pyro distributions: the bare FlowDistribution inside a plate
+    it does not fit is refused (not drawn with the wrong shape); pyro's own wrapper and an
+    expanded distribution give one draw per plate element."""
+    pyro = pytest.importorskip("pyro")
+    from pyro.contrib.zuko import ZukoToPyro
+
+    flow = Flow([AutoregressiveMixtureFlow(2, 3, [8], seed=0)], StandardNormal(2))
+
+    def model(make):
+        with pyro.plate("data", 10):
+            return pyro.sample("z", make(flow.distribution()))
+
+    with pytest.raises(ValueError, match="pyro.plate 'data' .*ZukoToPyro"):
+        model(lambda d: d)
+    for make in (ZukoToPyro, lambda d: d.expand((10,))):
+        trace = pyro.poutine.trace(model).get_trace(make)
+        trace.compute_log_prob()
+        z = trace.nodes["z"]["value"]
+        assert z.shape == (10, 2) and trace.nodes["z"]["log_prob"].shape == (10,)
+        torch.testing.assert_close(trace.nodes["z"]["log_prob"], flow.log_prob(z))

@@ -27,6 +27,17 @@ def coupling_network(in_features: int, out_features: int, hidden_features) -> nn
     return nn.Sequential(*layers)
 
 
+def _call_in_dtype(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``network(inputs)`` in the inputs' dtype: a network whose floating parameters have
+    another dtype runs with them cast to it (float64 data through a float32 conditioner
+    computes in float64, as MADE's layers do; the casts pass gradients back)."""
+    params = dict(network.named_parameters())
+    if all(p.dtype == inputs.dtype or not p.is_floating_point() for p in params.values()):
+        return network(inputs)
+    cast = {k: p.to(inputs.dtype) if p.is_floating_point() else p for k, p in params.items()}
+    return torch.func.functional_call(network, cast, (inputs,))
+
+
 class CouplingMixtureFlow(_MixtureTransform):
     """Flow++'s coupling layer with a mixture-CDF transform of the second part.
 
@@ -76,7 +87,7 @@ class CouplingMixtureFlow(_MixtureTransform):
 
     def _params(self, kept, context):
         inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], -1)
-        out = self.network(inputs)
+        out = _call_in_dtype(self.network, inputs)
         expected = (self.features - self.split) * 3 * self.components
         if out.shape[-1] != expected:
             raise ValueError(f"the network must return {expected} outputs per row "

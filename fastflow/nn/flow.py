@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -10,23 +11,7 @@ from torch.distributions import Distribution, constraints
 
 from ..checks import check_float_tensor
 from ..distributions import as_size
-from .transforms import Compose, Transform, chain_inverse
-
-
-def _broadcast_context(context, x):
-    """context expanded to x's leading shape where it broadcasts there (a view); else as
-    given, for the transforms' shape check to name."""
-    if context is None or not isinstance(x, torch.Tensor) or context.dim() == 0:
-        return context
-    lead = x.shape[:-1]
-    if context.shape[:-1] == lead:
-        return context
-    try:
-        if torch.broadcast_shapes(context.shape[:-1], lead) == lead:
-            return context.expand(*lead, context.shape[-1])
-    except RuntimeError:
-        pass
-    return context
+from .transforms import Compose, Transform, broadcast_context, chain_inverse
 
 
 def _range_name(c) -> str | None:
@@ -37,7 +22,9 @@ def _range_name(c) -> str | None:
     if c is constraints.real or type(c) is type(constraints.real):
         return "R"
     if isinstance(c, constraints.interval | constraints.half_open_interval):
-        if float(c.lower_bound) == 0.0 and float(c.upper_bound) == 1.0:
+        # Bounds are numbers or per-feature tensors (Uniform(zeros(D), ones(D))).
+        lower, upper = torch.as_tensor(c.lower_bound), torch.as_tensor(c.upper_bound)
+        if bool((lower == 0).all()) and bool((upper == 1).all()):
             return "[0, 1]"
     return None
 
@@ -52,13 +39,19 @@ def check_ranges(transforms, base) -> None:
     transform's range is not the base's support: a unit output into a Gaussian base leaves
     the density unnormalized, a logit output into a Uniform base gives -inf almost everywhere.
     """
-    current, source = None, None
+    current, source, last = None, None, None
     for i, t in enumerate(transforms):
         domain = _range_name(t.domain) if t.domain is not None else None
         if domain == "[0, 1]" and current == "R":
             raise ValueError(
                 f"transform {i}, {_describe(t)}, takes values in [0, 1] but {source} gives "
                 f"values in R")
+        if domain == "R" and current == "[0, 1]":
+            raise ValueError(
+                f"transform {i}, {_describe(t)}, takes values in R but {source} gives "
+                f"values in [0, 1] only: the flow's density would not integrate to one"
+                + ("; build the earlier one with output='logit'" if hasattr(last, "output")
+                   else ""))
         if t.codomain is not None:
             current, source = _range_name(t.codomain), f"transform {i}, {_describe(t)},"
             last = t
@@ -170,6 +163,12 @@ class Flow(nn.Module):
         # float64 data into a float32 flow always has: the layers run in the wider dtype).
         return x.to(torch.promote_types(x.dtype, dtype))
 
+    def _check_takes_context(self, context) -> None:
+        if context is not None and not any(t.context_features for t in self.transforms):
+            raise ValueError(
+                "context was given but no transform of this flow takes one; build a "
+                "conditional flow (e.g. fastflow.flows.MAF(features, context=C))")
+
     def _forward_guarded(self, x, context):
         """(z, logabsdet, lost): the data-to-base chain. Rows whose values leave the floating
         range on the way (a far tail of a steep transform overflows, or a network fed such a
@@ -178,7 +177,8 @@ class Flow(nn.Module):
         spurious "not finite" error) downstream. Rows of x holding NaN are not flagged:
         their NaN comes through."""
         x = self._prepare(x)
-        context = _broadcast_context(context, x)
+        self._check_takes_context(context)
+        context = broadcast_context(context, x)
         value, total, lost = x, None, None
         for t in self.transforms:
             value, lad = t(value, context)
@@ -217,6 +217,7 @@ class Flow(nn.Module):
     def rsample_and_log_prob(self, sample_shape=(), context: torch.Tensor | None = None):
         """(x, log p(x)) for differentiable samples, from the sampling pass alone."""
         shape = _sample_shape(sample_shape)
+        self._check_takes_context(context)
         n = math.prod(shape)
         batch = () if context is None else tuple(context.shape[:-1])
         if context is not None:
@@ -247,6 +248,10 @@ def _base_features(base) -> int | None:
         if len(event) != 1:
             raise ValueError(f"base must have event shape (D,), got {event}; wrap a "
                              f"distribution over scalars in torch.distributions.Independent")
+        if base.batch_shape:
+            raise ValueError(f"base must have batch shape (), got {tuple(base.batch_shape)}: "
+                             f"a flow's batch comes from its context or from "
+                             f"flow.distribution().expand(...)")
         return event[0]
     if not hasattr(base, "features") or not hasattr(base, "log_prob"):
         raise ValueError(f"base must be a fastflow base or a torch.distributions.Distribution, "
@@ -259,6 +264,22 @@ def _base_rsample(base, shape):
     if getattr(base, "has_rsample", False):
         return base.rsample(torch.Size(shape))
     return base.sample(torch.Size(shape))
+
+
+def _check_pyro_plates(batch_shape) -> None:
+    runtime = sys.modules.get("pyro.poutine.runtime")
+    if runtime is None:  # pyro not imported: no plate can be active
+        return
+    for frame in runtime.get_plates():
+        if frame.dim is None:  # a sequential plate: nothing to broadcast
+            continue
+        size = batch_shape[frame.dim] if -frame.dim <= len(batch_shape) else 1
+        if size != frame.size:
+            raise ValueError(
+                f"pyro.plate {frame.name!r} (size {frame.size}, dim {frame.dim}) is active but "
+                f"this FlowDistribution has batch shape {tuple(batch_shape)}, and pyro expands "
+                f"only its own distributions: sample pyro.contrib.zuko.ZukoToPyro(dist), or "
+                f"dist.expand(...) to the plates' shape")
 
 
 class FlowDistribution(Distribution):
@@ -295,23 +316,40 @@ class FlowDistribution(Distribution):
         return FlowDistribution(self.flow, context, batch_shape)
 
     def log_prob(self, value):
-        lead = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        check_float_tensor(value, "value")
+        try:
+            lead = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(f"value of shape {tuple(value.shape)} does not broadcast against "
+                             f"the batch shape {tuple(self.batch_shape)} (with event shape "
+                             f"{tuple(self.event_shape)})") from None
         if value.shape[:-1] != lead:
             value = value.expand(*lead, value.shape[-1])
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape=()):
+        return self.rsample_and_log_prob(sample_shape)[0]
+
+    def rsample_and_log_prob(self, sample_shape=()):
+        """(x, log p(x)) for differentiable samples of shape ``sample_shape + batch_shape +
+        (D,)``, the density from the sampling pass alone (zuko's method of that name)."""
         shape = tuple(_sample_shape(sample_shape))
         if self.context is None:
-            return self.flow.rsample(shape + tuple(self.batch_shape))
-        return self.flow.rsample(shape, self.context)
+            return self.flow.rsample_and_log_prob(shape + tuple(self.batch_shape))
+        return self.flow.rsample_and_log_prob(shape, self.context)
 
     def sample(self, sample_shape=()):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
     def __call__(self, sample_shape=()):
-        """A reparameterized draw, as pyro's sample statements call a distribution."""
+        """A reparameterized draw, as pyro's sample statements call a distribution.
+
+        pyro's plates expand only pyro's own distributions: inside a ``pyro.plate`` whose
+        size this distribution's batch shape does not already have, a ValueError says to
+        wrap it as ``pyro.contrib.zuko.ZukoToPyro(dist)`` (which plates expand) rather than
+        return a draw of the wrong shape."""
+        _check_pyro_plates(self.batch_shape)
         return self.rsample(sample_shape)
 
     @property

@@ -33,11 +33,16 @@ class Transform(nn.Module):
     (``constraints.real`` or ``constraints.unit_interval``, per feature); None where the
     transform keeps whatever range it is given (a permutation). :class:`~fastflow.nn.Flow`
     uses them to refuse a chain whose density would not be normalized.
+
+    ``context_features`` is the size of the context the transform is conditioned on, None
+    for one that takes no context (a conditional subclass sets it): a :class:`Flow` refuses
+    a context that none of its transforms takes.
     """
 
     features: int
     domain = None
     codomain = None
+    context_features: int | None = None
 
     def _check(self, x: torch.Tensor, name: str = "x") -> None:
         check_float_tensor(x, name)
@@ -63,6 +68,22 @@ class Transform(nn.Module):
         return TorchTransform(self, context, cache_size=cache_size)
 
 
+def broadcast_context(context, x):
+    """context expanded to x's leading shape where it broadcasts there (a view); else as
+    given, for the transforms' shape check to name."""
+    if context is None or not isinstance(x, torch.Tensor) or context.dim() == 0:
+        return context
+    lead = x.shape[:-1]
+    if context.shape[:-1] == lead:
+        return context
+    try:
+        if torch.broadcast_shapes(context.shape[:-1], lead) == lead:
+            return context.expand(*lead, context.shape[-1])
+    except RuntimeError:
+        pass
+    return context
+
+
 def _vector(c):
     return constraints.independent(c if c is not None else constraints.real, 1)
 
@@ -86,14 +107,14 @@ class TorchTransform(torch.distributions.Transform):
         return _vector(self.transform.domain)
 
     def _call(self, z):
-        return self.transform.inverse(z, self.context)[0]
+        return self.transform.inverse(z, broadcast_context(self.context, z))[0]
 
     def _inverse(self, x):
-        return self.transform(x, self.context)[0]
+        return self.transform(x, broadcast_context(self.context, x))[0]
 
     def log_abs_det_jacobian(self, z, x):
         """log|dx/dz| = -(the density direction's logabsdet at x), summed over features."""
-        return -self.transform(x, self.context)[1]
+        return -self.transform(x, broadcast_context(self.context, x))[1]
 
     def with_cache(self, cache_size: int = 1):
         if self._cache_size == cache_size:
@@ -134,6 +155,11 @@ class Compose(Transform):
     @property
     def codomain(self):
         return next((t.codomain for t in reversed(self.transforms) if t.codomain is not None),
+                    None)
+
+    @property
+    def context_features(self):
+        return next((t.context_features for t in self.transforms if t.context_features),
                     None)
 
     def forward(self, x, context=None):
