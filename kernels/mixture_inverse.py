@@ -157,7 +157,8 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     step is a few ulps of x from a residual at the rounding level, or its bracket is a few
     ulps wide; any other step of a few ulps goes 2 eps (|x| + s_min) further, so that the next
     evaluation closes the bracket if the root is that near. The tile stops when every lane
-    has, or after MAX_STEPS iterations.
+    has; lanes still active after MAX_STEPS iterations bisect in the floats' integer order,
+    at most one more iteration per bit of the dtype.
     """
     scale = tl.exp(log_scale)
     if KIND == 0:
@@ -167,12 +168,14 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         # scale units (a literal: compiled Triton refuses module-level floats).
         pad = 1e-3
     if t.dtype == tl.float64:
+        bits = 64
         eps = 2.220446049250313e-16
         sqrt_eps = 1.4901161193847656e-08
         cbrt_eps = 6.055454452393343e-06
         tiny = 1e-280
         big = 8.988465674311579e+307  # half the largest float64
     else:
+        bits = 32
         eps = 1.1920928955078125e-07
         sqrt_eps = 0.00034526698300124393
         cbrt_eps = 0.004921566601151848
@@ -262,11 +265,15 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         halley = (denom >= 0.5) & (denom <= 2.0)
         newton = x + tl.where(halley, step_n / denom, step_n)
         inside = (newton >= lo) & (newton <= hi)
-        use_newton = inside & (2.0 * tl.abs(newton - x) <= tl.abs(dx_old))
+        # Past MAX_STEPS the lanes still active (a bracket orders of magnitude wider than the
+        # smallest scale, which halving does not resolve in time) bisect in the floats'
+        # integer order only: one step per bit of the dtype leaves adjacent floats.
+        forced = steps >= MAX_STEPS
+        use_newton = inside & (2.0 * tl.abs(newton - x) <= tl.abs(dx_old)) & ~forced
         # Converged: an exact root; Newton's step within tol_halley or tol_newton (x is
         # smooth on that scale); a step within a few ulps (`ulps`) from a residual at the
-        # rounding level (the step either stays on x's side of the root, where the residual
-        # is smaller still, or passes the root, within the step of it); or the bracket
+        # rounding level (x stays: forward-exact, and within the step of the root where the
+        # map is smooth); or the bracket
         # within two `ulps`. There x moves to the step's end inside the bracket, or, where
         # an end's residual is at the rounding level, to the end with the smaller residual:
         # in float32 a flat stretch of the map can put a sign change of the rounded residual
@@ -276,8 +283,11 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         # the light components' mass) it can be a few ulps while the root lies far beyond.
         ulps = 4.0 * eps * (tl.abs(x) + s_min)
         short = use_newton & (tl.abs(newton - x) <= ulps)
-        converged = ((use_newton & (tl.abs(step_n) <= tl.where(halley, tol_halley, tol_newton)))
-                     | (short & (tl.abs(h) <= tol_h)))
+        smooth = use_newton & (tl.abs(step_n) <= tl.where(halley, tol_halley, tol_newton))
+        # A short step from a residual at the rounding level: x itself stays (the step could
+        # cross the steep rise of a narrow component beside a plateau at the target's level).
+        stays = short & (tl.abs(h) <= tol_h) & ~smooth
+        converged = smooth | stays
         closed = hi - lo <= 2.0 * ulps
         done = converged | closed | (h == 0.0)
         h_far = tl.abs(tl.where(below, h_hi, h_lo))
@@ -288,16 +298,16 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         over = short & ~done
         newton = tl.where(over, newton + tl.where(newton > x, 0.5, -0.5) * ulps, newton)
         x_next = tl.where(use_newton, newton,
-                          tl.where(wide, _key_mid(lo, hi), 0.5 * lo + 0.5 * hi))
+                          tl.where(wide | forced, _key_mid(lo, hi), 0.5 * lo + 0.5 * hi))
         x_next = tl.where(closed & ~converged, x_end, x_next)
         step = tl.abs(x_next - x)
-        x = tl.where(active & (h != 0.0), x_next, x)
+        x = tl.where(active & (h != 0.0) & ~stays, x_next, x)
         dx_old = tl.where(active, dx, dx_old)
         dx = tl.where(active, step, dx)
         active = active & ~done
         steps += 1
         pending = tl.max(tl.where(active, 1, 0), axis=0)
-        pending = tl.where(steps < MAX_STEPS, pending, 0)
+        pending = tl.where(steps < MAX_STEPS + bits, pending, 0)
     if KIND == 0:
         # lad = -log g'(x) = log(F (1 - F) / f) (logit) or -log f (unit), from probability-
         # space sums without cancellation (each C, 1 - C, c is a product); log space's hazard

@@ -1,7 +1,7 @@
 """Randomized search for wrong roots of the float32 inverse over the accuracy contract's ranges.
 
     python bench/investigations/inverse_search.py [--n 1000000] [--backend reference|triton]
-        [--seed 0]
+        [--seed 0] [--log-scale 10]
 
 Draws ``--n`` problems per kind (logits uniform in +-50, log_scale in [-10, 10], K uniform in
 1..64 per batch, loc spread up to 1000, targets over |logit| <= 80 or z in [1e-30, 1 - 1e-7],
@@ -63,11 +63,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=4096, help="problems per batch (one K)")
     parser.add_argument("--kinds", default="logistic,gaussian")
+    parser.add_argument("--log-scale", type=float, default=10.0,
+                        help="log_scale uniform in +-this (the contract's range: 10; a "
+                             "network's outputs are unbounded)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ["FASTFLOW_BACKEND"] = args.backend
     gen = torch.Generator().manual_seed(args.seed)
-    print(f"backend {args.backend}, seed {args.seed}, {args.n} problems per kind")
+    print(f"backend {args.backend}, seed {args.seed}, {args.n} problems per kind, "
+          f"log_scale in +-{args.log_scale:g}")
     print("| kind | output | problems | wrong roots | worst error / tolerance | seconds |")
     print("|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
@@ -79,7 +83,7 @@ def main(argv=None):
             n = min(args.batch, args.n - done)
             output = ("logit", "unit")[batch % 2]
             K = int(torch.randint(1, 65, (1,), generator=gen))
-            y, *params = search_problems(kind, output, n, K, gen)
+            y, *params = search_problems(kind, output, n, K, gen, args.log_scale)
             start = time.perf_counter()
             x, _ = fastflow.mixture_cdf_inverse(*(v.to(DEVICE) for v in (y, *params)),
                                                 kind=kind, output=output)

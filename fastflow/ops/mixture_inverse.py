@@ -36,8 +36,9 @@ from .core import (
 )
 
 # The inverse's iteration budget. The kernels iterate safeguarded Halley per tile until every
-# element has converged, capped at MAX_STEPS iterations (a compile-time constant: the worst
-# case of the earlier fixed schedule). reference.naive's inverse_fixed runs
+# element has converged; lanes still active after MAX_STEPS iterations (a compile-time
+# constant: the worst case of the earlier fixed schedule) bisect in the floats' integer
+# order, one more iteration per bit of the dtype at most. reference.naive's inverse_fixed runs
 # that fixed schedule (BISECT_STEPS bisection, then NEWTON_STEPS Newton steps) and serves as a
 # benchmark baseline; the CPU path iterates to convergence.
 BISECT_STEPS = 40

@@ -23,7 +23,7 @@ from .naive import (
     bracket,
     component_quantile,
     finish_inverse,
-    solve_fixed,
+    solve_bisect,
     target_logit,
     upcast,
 )
@@ -99,9 +99,9 @@ def _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside, use_newt
     """The iteration's full rule for a step that may end at the rounding level: returns
     (x_next, done). Converged: an exact root; Newton's step within tol_newton (passed in as
     ``converged``: x is smooth on that scale, the next error is about eps s_min); a step
-    within a few ulps (``ulps``) from a residual at the rounding level (``tol_h``: the step
-    either stays on x's side of the root, where the residual is smaller still, or passes the
-    root, within the step of it); or the bracket within two ``ulps``. There x moves to
+    within a few ulps (``ulps``) from a residual at the rounding level (``tol_h``: x stays,
+    forward-exact, and within the step of the root where the map is smooth); or the bracket
+    within two ``ulps``. There x moves to
     Newton's estimate inside the bracket, or, where an end's residual is at the rounding
     level, to the end with the smaller residual: in float32 a flat stretch of the map can put
     a sign change of the rounded residual a few ulps from a steep rise that the bracket also
@@ -115,7 +115,10 @@ def _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside, use_newt
     # The rounding level of logit F's evaluation (a few ulps of max(1, |t|)).
     tol_h = 16.0 * eps * t_plain.abs().clamp(min=1.0)
     short = use_newton & (ad <= ulps)
-    converged = converged | (short & (h_abs <= tol_h))
+    # x itself is at the rounding level: it stays (the step could cross the steep rise of a
+    # narrow component beside a plateau at the target's level and end far from the level).
+    stays = short & (h_abs <= tol_h) & ~converged
+    converged = converged | stays
     closed = hi - lo <= 2.0 * ulps
     done = converged | closed | (h == 0)
     over = short & ~done
@@ -126,11 +129,10 @@ def _near_root_step(x, h, d, newton, lo, hi, h_lo, h_hi, below, inside, use_newt
     x_end = torch.where(inside & (torch.minimum(h_abs, h_far) > tol_h), newton, x_end)
     x_next = torch.where(closed & ~converged, x_end, x_next)
     # An exact root stays (its Newton step may be 0 / 0).
-    return torch.where(h != 0, x_next, x), done
+    return torch.where((h != 0) & ~stays, x_next, x), done
 
 
-def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: int,
-                fallback_steps: tuple[int, int]):
+def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: int):
     """The CPU solver on flat targets t (N,) (logit space, compute dtype) with the
     parameters' component axis first, (K, N): the layout in which a PyTorch CPU op over the
     components is a few row operations (a sum over a trailing axis of 8 costs twice as much,
@@ -235,8 +237,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
             rest = (active | ~plain) & torch.isfinite(t)
             if bool(rest.any()):
                 cols = (logits[:, rest].T, loc[:, rest].T, log_scale[:, rest].T)
-                x[rest] = solve_fixed(t[rest], *cols, kind, fallback_steps[0],
-                                      fallback_steps[1])
+                x[rest] = solve_bisect(t[rest], *cols, kind)
         # The forward logabsdet at x: log f, or log(f / (F (1 - F))) formed as one
         # quotient (no cancellation); in log space wherever f is too small for that.
         _, slope, dens, _, _ = evaluate(x)
@@ -254,7 +255,7 @@ def _inverse_kn(t, logits, loc, log_scale, kind: str, output: str, max_steps: in
 
 
 def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
-                            max_steps: int = 60, fallback_steps: tuple[int, int] = (60, 4)):
+                            max_steps: int = 60):
     """x with forward(x) = y, by safeguarded Newton iteration run to convergence.
 
     The CPU path. Newton's method on logit F(x) = t, with F and 1 - F summed in probability
@@ -268,8 +269,10 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
     root is that near. Typically 3-6 evaluations instead of a fixed schedule's 44 (the kernels
     iterate the same way, in log space, per tile). Targets so far out that the tail mass nears
     underflow, brackets past the dtype's range, and any element still unconverged after
-    ``max_steps``, are solved in log space by the fixed schedule
-    (:func:`fastflow.reference.naive.inverse_fixed`). The logabsdet is taken in log space at
+    ``max_steps`` (a bracket many orders of magnitude wider than the smallest scale, which
+    halving does not resolve in that many steps), are solved in log space by bisection in
+    the floats' integer order (:func:`fastflow.reference.naive.solve_bisect`: one step per
+    bit of the dtype, however wide the bracket). The logabsdet is taken in log space at
     the solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward
     logabsdet at x.
     """
@@ -277,19 +280,17 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
         y_c, logits_c, loc_c, log_scale_c = upcast(y, logits, loc, log_scale)
         K = logits_c.shape[-1]
         params = (p.reshape(-1, K).T.contiguous() for p in (logits_c, loc_c, log_scale_c))
-        x, lad = inverse_component_major(y_c.reshape(-1), *params, kind, output, max_steps,
-                                         fallback_steps)
+        x, lad = inverse_component_major(y_c.reshape(-1), *params, kind, output, max_steps)
         return x.view(y.shape).to(y.dtype), lad.view(y.shape).to(y.dtype)
 
 
 def inverse_component_major(y, logits, loc, log_scale, kind: str, output: str,
-                            max_steps: int = 60, fallback_steps: tuple[int, int] = (60, 4)):
+                            max_steps: int = 60):
     """:func:`mixture_cdf_inverse_fwd` on flat targets y (N,) with the parameters'
     component axis first, (K, N), all in the compute dtype (the autoregressive solve's
     GEMM produces them so). Returns (x, logabsdet), (N,) each."""
     t = target_logit(y, output)
-    x, lad, clean = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps,
-                                fallback_steps)
+    x, lad, clean = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps)
     if clean:
         return x.to(y.dtype), lad.neg_().to(y.dtype)
     return finish_inverse(x, t, lad, y.dtype)

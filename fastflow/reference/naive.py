@@ -169,7 +169,7 @@ def bracket(z, scale, kind, dim):
     own inverses z = loc + scale component_quantile(t) along ``dim`` (padded by
     GAUSS_BRACKET_PAD scales for the Gaussian quantile's approximation error). ``wide`` marks
     the elements where some end is not finite (a scale, or scale times the quantile, past the
-    dtype's range): their bracket is the whole finite range, which :func:`_solve_wide`
+    dtype's range): their bracket is the whole finite range, which :func:`solve_bisect`
     searches."""
     if kind == "gaussian":
         lo_k = torch.add(z, scale, alpha=-GAUSS_BRACKET_PAD)
@@ -197,18 +197,23 @@ def _key_float(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(k < 0, -value, value)
 
 
-def _solve_wide(t, logits, loc, log_scale, kind):
-    """Roots of logit F(x) = t (flat finite targets (N,), parameters (N, K)) for brackets
-    past the dtype's range: +-inf where F at half the largest finite float is still short of
-    the target (or past it at minus that), otherwise bisection over the floats between in
-    their integer order, which halves the count of floats in the bracket each step, so that one
-    step per bit of the dtype leaves adjacent floats; the end whose residual is smaller is
-    returned (forward-exact to the dtype)."""
-    # Half the largest float: x - loc stays finite for any loc within the other half.
+def solve_bisect(t, logits, loc, log_scale, kind):
+    """Roots of logit F(x) = t (flat finite targets (N,), parameters (N, K)) by bisection
+    over the floats of the parameters' bracket in their integer order, which halves the count
+    of floats in the bracket each step, so that one step per bit of the dtype leaves adjacent
+    floats however wide the bracket is against the components' scales (linear bisection of
+    [-1e19, 1e19] needs some 130 halvings to find a root near 1e-13). The end whose residual
+    is smaller is returned (forward-exact to the dtype). A bracket past the dtype's range is
+    cut to half the largest finite float (x - loc then stays finite), and x is +-inf where F
+    there is still short of the target (or past it at minus that)."""
     big = 0.5 * torch.finfo(t.dtype).max
     log_pi = torch.log_softmax(logits, dim=-1)
     inv_scale = torch.exp(-log_scale)
-    lo, hi = torch.full_like(t, -big), torch.full_like(t, big)
+    scale = torch.exp(log_scale)
+    lo, hi, wide = bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale,
+                          kind, -1)
+    lo = torch.where(wide, -big, lo).clamp(min=-big)
+    hi = torch.where(wide, big, hi).clamp(max=big)
     h_lo = logit_forward(lo, log_pi, loc, inv_scale, kind) - t
     h_hi = logit_forward(hi, log_pi, loc, inv_scale, kind) - t
     bits = 64 if t.dtype == torch.float64 else 32
@@ -221,8 +226,10 @@ def _solve_wide(t, logits, loc, log_scale, kind):
         lo, hi = torch.where(below, mid, lo), torch.where(above, mid, hi)
         h_lo, h_hi = torch.where(below, h, h_lo), torch.where(above, h, h_hi)
     x = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
-    x = torch.where(h_hi < 0, math.inf, x)
-    return torch.where(h_lo > 0, -math.inf, x)
+    # Past an end cut at +-big the root is past the dtype's range; past a parameter end
+    # (the residual there rounded across zero) that end is the nearest float.
+    x = torch.where((h_hi < 0) & (hi >= big), math.inf, x)
+    return torch.where((h_lo > 0) & (lo <= -big), -math.inf, x)
 
 
 def finish_inverse(x, t, lad, dtype):
@@ -275,7 +282,7 @@ def solve_fixed(t, logits, loc, log_scale, kind, bisect_steps, newton_steps):
     x = torch.where(torch.minimum(h_lo.abs(), h_hi.abs()) <= tol_h, end, x)
     wide &= torch.isfinite(t)
     if bool(wide.any()):
-        x[wide] = _solve_wide(t[wide], logits[wide], loc[wide], log_scale[wide], kind)
+        x[wide] = solve_bisect(t[wide], logits[wide], loc[wide], log_scale[wide], kind)
     return x
 
 
@@ -285,7 +292,7 @@ def inverse_fixed(
     """A fixed schedule in log space: bisection steps in logit space, then safeguarded
     Newton steps (the kernels' earlier algorithm; now the CPU solver's fallback and a
     benchmark baseline). One data-dependent branch: elements whose bracket is past the
-    dtype's range go to :func:`_solve_wide` (a host sync, and under torch.compile a graph
+    dtype's range go to :func:`solve_bisect` (a host sync, and under torch.compile a graph
     break between the schedule and that branch)."""
     with torch.no_grad():
         y_c, logits_c, loc_c, log_scale_c = upcast(y, logits, loc, log_scale)
