@@ -9,22 +9,16 @@ and which checkout ran. Alternate the two versions' processes a few times and co
 mins: single runs on a small shared machine move by tens of percent.
 """
 
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 import fastflow
 from fastflow.cli.bench import flow_model
 
-
-def min_ms(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from c1_validation import _best_ms as min_ms  # noqa: E402
 
 
 def main():
