@@ -10,6 +10,8 @@ or per call) and cost one host synchronisation per call. They are skipped while
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 KINDS = ("logistic", "gaussian")
@@ -45,6 +47,31 @@ def check_choice(name: str, value, choices) -> None:
     """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_count(name: str, value, least: int = 1) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` unless it is an integer (not a
+    bool) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return int(value)
+
+
+def hidden_sizes(name: str, value, allow_empty: bool = False) -> list[int]:
+    """Hidden layer sizes as a list of ints >= 1: a sequence of them, or one int for one
+    layer; a ValueError naming ``name`` otherwise."""
+    sizes = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+        else value
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        sizes = None
+    if (sizes is None or (not sizes and not allow_empty)
+            or any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1
+                   for h in sizes)):
+        raise ValueError(f"{name} must be positive sizes (a sequence of ints >= 1, or one "
+                         f"int), got {value!r}")
+    return [int(h) for h in sizes]
 
 
 def check_kind_output(kind, output=None) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
+from .checks import check_count
 from .functional import mixture_cdf_inverse, mixture_log_prob
 
 
@@ -40,9 +41,7 @@ class _Base(nn.Module):
 
     def __init__(self, features: int):
         super().__init__()
-        if features < 1:
-            raise ValueError(f"features must be >= 1, got {features}")
-        self.features = features
+        self.features = check_count("features", features)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
 
     def _shape(self, shape):
@@ -107,9 +106,7 @@ class MixtureOfGaussians(_Base):
 
     def __init__(self, features: int, components: int):
         super().__init__(features)
-        if components < 1:
-            raise ValueError(f"components must be >= 1, got {components}")
-        self.components = components
+        self.components = check_count("components", components)
         self.logits = nn.Parameter(torch.zeros(features, components))
         self.loc = nn.Parameter(torch.linspace(-2.0, 2.0, components).repeat(features, 1))
         self.log_scale = nn.Parameter(torch.zeros(features, components))

@@ -15,6 +15,7 @@ transforms the features are reversed, so each dimension is conditioned on the ot
 
 from __future__ import annotations
 
+from .checks import check_count, hidden_sizes
 from .distributions import StandardNormal
 from .nn import AutoregressiveMixtureFlow, Flow, FlowDistribution, MixtureCDFFlow, Reverse
 from .nn.coupling import CouplingMixtureFlow
@@ -42,8 +43,7 @@ class _OneLineFlow(Flow):
 def _check_counts(features: int, transforms: int, components: int, context: int) -> None:
     for name, value, least in (("features", features, 1), ("transforms", transforms, 1),
                                ("components", components, 1), ("context", context, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        check_count(name, value, least)
 
 
 def _interleave(layers, features):
@@ -67,7 +67,7 @@ class MAF(_OneLineFlow):
                  seed: int | None = None):
         _check_counts(features, transforms, components, context)
         layers = [AutoregressiveMixtureFlow(
-            features, components, list(hidden_features), kind=kind,
+            features, components, hidden_sizes("hidden_features", hidden_features), kind=kind,
             direction=self.direction, output="logit", context_features=context or None,
             seed=None if seed is None else seed + i) for i in range(transforms)]
         super().__init__(_interleave(layers, features), StandardNormal(features))

@@ -241,5 +241,5 @@ def test_one_pass_route_reports_bad_input_and_a_diverged_network():
         with pytest.raises(ValueError, match="z must lie in"):
             t.inverse(torch.full_like(z, float("nan")))
         t.made.output.bias[4] = float("inf")  # a log_scale of the first dimension
-        with pytest.raises(ValueError, match="mixture parameters are not finite"):
+        with pytest.raises(ValueError, match="weights are not finite"):
             t.inverse(z)

@@ -174,6 +174,52 @@ def test_a_diverged_network_is_an_error_not_minus_inf():
         flow.log_prob(torch.full((3, 2), 5.0))
 
 
+def _wild(flow, scale=3.0):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return flow
+
+
+@pytest.mark.parametrize("case", ["coupling", "iaf-density", "maf-sample"])
+def test_overflowing_networks_give_minus_inf_on_every_route(case):
+    """Finite networks whose outputs overflow for extreme values: the coupling layer and the
+    one-pass solve (an IAF's density, a MAF's sampling, without gradients) mark those rows as
+    the D-pass route does (value inf, log-density -inf), with validation on, instead of
+    raising "not finite"; a diverged network is still an error."""
+    torch.manual_seed(0)
+    if case == "coupling":
+        flow = _wild(fastflow.flows.Coupling(2, transforms=2, components=3,
+                                             hidden_features=(8,)))
+        x = torch.tensor([[3e38, 3e38], [0.1, 0.2]])
+        lp = flow.log_prob(x)
+        assert lp[0] == -math.inf and torch.isfinite(lp[1])
+    elif case == "iaf-density":
+        flow = fastflow.flows.IAF(2, transforms=2, components=3, hidden_features=(8,),
+                                  kind="gaussian")
+        x = torch.tensor([[-1e30, -1e30], [0.5, 0.5]])
+        with torch.no_grad():
+            lp = flow.log_prob(x)  # the one-pass route
+        torch.testing.assert_close(lp, flow.log_prob(x).detach())  # the D-pass route
+        assert lp[0] == -math.inf and torch.isfinite(lp[1])
+    else:
+        flow = _wild(fastflow.flows.MAF(3, transforms=2, components=3, hidden_features=(8,),
+                                        kind="gaussian"))
+        x = flow.sample(500)
+        assert not x.isnan().any()
+        lost = ~torch.isfinite(x).all(-1)
+        assert lost.any()  # the case arises
+        x, lp = flow.rsample_and_log_prob(500)
+        assert not x.isnan().any() and not lp.isnan().any()
+    network = next(m for m in flow.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        network.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weights are not finite"):
+        with torch.no_grad():
+            flow.log_prob(torch.full((3, flow.features), 1e30))
+
+
 def test_float32_data_into_a_float64_flow_computes_in_float64():
     """It used to compute in float32 (1.3e-6 off); now it is exactly the float64 result."""
     flow = Flow([AutoregressiveMixtureFlow(2, 3, [16], seed=0), Reverse(2),
@@ -196,6 +242,16 @@ def test_dequantized_log_prob_follows_the_flow_dtype():
     assert lp.dtype == torch.float64
 
 
+def test_dequantization_takes_uint8_images_of_256_levels():
+    """uint8 pixels against levels = 256: compared in uint8, 256 wrapped to 0 and every
+    image was refused."""
+    flow = Flow([Logit(2, alpha=1e-3), MixtureCDFFlow(2, 2)], StandardNormal(2))
+    x = torch.tensor([[0, 255], [17, 128]], dtype=torch.uint8)
+    assert torch.isfinite(dequantized_log_prob(flow, UniformDequantization(2, 256), x)).all()
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 3\]"):
+        dequantized_log_prob(flow, UniformDequantization(2, 4), x)
+
+
 def test_small_inputs_name_the_problem():
     flow = Flow(MixtureCDFFlow(2, 3), StandardNormal(2))  # one transform, not in a list
     assert len(flow.transforms) == 1
@@ -211,6 +267,12 @@ def test_small_inputs_name_the_problem():
         Flow(3, StandardNormal(2))
     with pytest.raises(ValueError, match="base must have event shape"):
         Flow(MixtureCDFFlow(2, 3), Normal(torch.zeros(2), torch.ones(2)))
+    for make in (lambda: Reverse(0), lambda: Logit(0), lambda: MixtureOfGaussians(2.5, 3),
+                 lambda: StandardNormal(True)):
+        with pytest.raises(ValueError, match="features must be an int >= 1"):
+            make()
+    with pytest.raises(ValueError, match="components must be an int >= 1"):
+        MixtureOfGaussians(2, 0)
 
 
 def test_sample_shapes_in_flow_and_distribution():

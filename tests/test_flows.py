@@ -139,6 +139,13 @@ def test_bad_arguments_name_the_problem():
         Coupling(1)
     with pytest.raises(ValueError, match="output must be 'logit' for a coupling"):
         CouplingMixtureFlow(4, 2, output="unit")
+    # Hidden sizes: one int is one layer, as in MADE; zero or negative sizes (which left a
+    # coupling's conditioner ignoring its input) are refused for every constructor.
+    for name in ("MAF", "IAF", "Coupling"):
+        assert CONSTRUCTORS[name](4, hidden_features=16).log_prob(torch.randn(3, 4)).shape == (3,)
+        for bad in ((0,), (64, 0), (-3,), 2.5, "64"):
+            with pytest.raises(ValueError, match="hidden_features must be positive sizes"):
+                CONSTRUCTORS[name](4, hidden_features=bad)
 
 
 def test_fit_trains_a_one_line_flow():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_kind_output
+from .. import checks
+from ..checks import check_count, check_kind_output, hidden_sizes
 from ..functional import mixture_cdf, mixture_cdf_inverse
 from .made import check_context
 from .transforms import _MixtureTransform
@@ -59,10 +60,10 @@ class CouplingMixtureFlow(_MixtureTransform):
                  kind: str = "logistic", output: str = "logit",
                  context_features: int | None = None, network: nn.Module | None = None):
         super().__init__()
+        check_count("features", features, 1)
         if features < 2:
             raise ValueError(f"features must be >= 2 for a coupling layer, got {features}")
-        if components < 1:
-            raise ValueError(f"components must be >= 1, got {components}")
+        check_count("components", components)
         check_kind_output(kind, output)
         if output != "logit":
             raise ValueError("output must be 'logit' for a coupling layer: its conditioner's "
@@ -74,7 +75,8 @@ class CouplingMixtureFlow(_MixtureTransform):
         n_in = self.split + (context_features or 0)
         n_out = (features - self.split) * 3 * components
         if network is None:
-            network = coupling_network(n_in, n_out, list(hidden_features))
+            network = coupling_network(n_in, n_out,
+                                       hidden_sizes("hidden_features", hidden_features))
             # Start the transformed features' locations spread over [-1, 1].
             last = network[-1]
             with torch.no_grad():
@@ -98,8 +100,11 @@ class CouplingMixtureFlow(_MixtureTransform):
     def _transform(self, values, context, invert: bool):
         check_context(context, self.context_features, values)
         kept, moved = values[..., :self.split], values[..., self.split:]
+        params, lost = self._params(kept, context), None
+        if checks.should_validate():
+            params, lost = self._finite_params(params, self.network)
         op = mixture_cdf_inverse if invert else mixture_cdf
-        out, lad = op(moved, *self._params(kept, context), kind=self.kind, output=self.output)
+        out, lad = self._mark_lost(*op(moved, *params, kind=self.kind, output=self.output), lost)
         return torch.cat([kept, out], -1), lad.sum(-1)
 
     def forward(self, x, context=None):

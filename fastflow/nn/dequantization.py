@@ -32,7 +32,8 @@ class _Dequantizer(nn.Module):
             raise ValueError(f"x must be an integer tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() < 1 or x.shape[-1] != self.features:
             raise ValueError(f"x must have {self.features} features, got shape {tuple(x.shape)}")
-        if x.numel() and (x.min() < 0 or x.max() >= self.levels):
+        # Compared as int64: a uint8 tensor against levels = 256 would wrap to 0.
+        if x.numel() and (x.min() < 0 or x.max().long() >= self.levels):
             raise ValueError(f"x must lie in [0, {self.levels - 1}] (levels={self.levels})")
 
 

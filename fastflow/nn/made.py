@@ -106,9 +106,7 @@ class MADE(nn.Module):
             raise ValueError(f"features must be >= 1, got {features}")
         if out_multiplier < 1:
             raise ValueError(f"out_multiplier must be >= 1, got {out_multiplier}")
-        hidden = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
-        if not hidden or any(h < 1 for h in hidden):
-            raise ValueError(f"hidden_features must be positive sizes, got {hidden_features!r}")
+        hidden = checks.hidden_sizes("hidden_features", hidden_features)
         if residual and len(set(hidden)) != 1:
             raise ValueError("residual=True needs hidden_features of one size")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -203,6 +203,31 @@ class _MixtureTransform(Transform):
         return (f"features={self.features}, components={self.components}, "
                 f"kind={self.kind!r}, output={self.output!r}")
 
+    @staticmethod
+    def _check_network(network: nn.Module) -> None:
+        """A non-finite result from finite inputs is an overflow (a finite network fed values
+        far outside the data) unless the network's own weights are not finite."""
+        if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
+            raise ValueError("the network's weights are not finite (did training diverge?)")
+
+    def _finite_params(self, params, network: nn.Module):
+        """(params, lost): elements whose mixture parameters overflowed get harmless
+        parameters here and the value inf in the output (``_mark_lost``), which
+        :class:`Flow` reads as a log-density of -inf; non-finite weights are an error."""
+        lost = ~(torch.isfinite(params[0]) & torch.isfinite(params[1])
+                 & torch.isfinite(params[2])).all(-1)
+        if not bool(lost.any()):
+            return params, None
+        self._check_network(network)
+        keep = lost.unsqueeze(-1)
+        return [p.masked_fill(keep, 0.0) for p in params], lost
+
+    @staticmethod
+    def _mark_lost(out, lad, lost):
+        if lost is None:
+            return out, lad
+        return out.masked_fill(lost, math.inf), lad.masked_fill(lost, 0.0)
+
 
 class MixtureCDFFlow(_MixtureTransform):
     """The elementwise CDF flow: a learned K-component mixture per dimension.
@@ -304,26 +329,10 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         params = self._params(inputs, context)
         lost = None
         if checks.should_validate():
-            params, lost = self._finite_params(params)
+            params, lost = self._finite_params(params, self.made)
         op = mixture_cdf_inverse if invert else mixture_cdf
         out, lad = op(values, *params, kind=self.kind, output=self.output)
-        if lost is not None:
-            out, lad = out.masked_fill(lost, math.inf), lad.masked_fill(lost, 0.0)
-        return out, lad
-
-    def _finite_params(self, params):
-        """(params, lost): elements whose mixture parameters overflowed (a finite network fed
-        values far outside the data, whose outputs leave the floating range) get harmless
-        parameters here and the value inf in the output, which :class:`Flow` reads as a
-        log-density of -inf. A network whose own weights are not finite is an error."""
-        lost = ~(torch.isfinite(params[0]) & torch.isfinite(params[1])
-                 & torch.isfinite(params[2])).all(-1)
-        if not bool(lost.any()):
-            return params, None
-        if not all(bool(torch.isfinite(p).all()) for p in self.made.parameters()):
-            raise ValueError("the network's weights are not finite (did training diverge?)")
-        keep = lost.unsqueeze(-1)
-        return [p.masked_fill(keep, 0.0) for p in params], lost
+        return self._mark_lost(out, lad, lost)
 
     def _fused_forward(self, inputs, values):
         """MADE's output layer and the mixture CDF in one kernel: the (B, D, 3K) parameters
@@ -366,20 +375,16 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
             output=self.output, invert=invert, residual=self.made.residual,
             activation="relu" if type(act) is nn.ReLU else act)
         if checks.should_validate():
-            # One sync after the solve. The parameters exist only inside it: a NaN result from
-            # valid input means they were not finite (a diverged network), which the D-pass
-            # route reports too.
+            # After the solve. The parameters exist only inside it: a NaN result from valid
+            # input means they were not finite, an overflow of a finite network (those rows
+            # are marked as the D-pass route marks them) or a diverged one (an error).
             name = "z" if invert else "x"
-            given = (checks.target_check(name, values, self.output) if invert
-                     else checks.input_check(name, values, self.output))
-            checks.validate_values([
-                given,
-                # A side of +-inf with no logabsdet is an overflow (a scale past the dtype's
-                # range), not a diverged network; the flow scores such rows -inf.
-                ("the network's mixture parameters",
-                 torch.isnan(side) | (torch.isnan(lad) & torch.isfinite(side)),
-                 f"are not finite for some rows of {name}"),
-            ])
+            checks.validate_values([checks.target_check(name, values, self.output) if invert
+                                    else checks.input_check(name, values, self.output)])
+            lost = (torch.isnan(side) | torch.isnan(lad)).any(-1, keepdim=True)
+            if bool(lost.any()):
+                self._check_network(self.made)
+                side, lad = self._mark_lost(side, lad, lost)
         return side.reshape(*lead, self.features), lad.reshape(*lead, self.features)
 
     def forward(self, x, context=None):
@@ -410,7 +415,7 @@ class Logit(Transform):
         super().__init__()
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
-        self.features, self.alpha = features, alpha
+        self.features, self.alpha = checks.check_count("features", features), alpha
 
     def extra_repr(self) -> str:
         return f"features={self.features}, alpha={self.alpha}"
@@ -484,4 +489,4 @@ class Reverse(Permutation):
     """Reverse the order of the features."""
 
     def __init__(self, features: int):
-        super().__init__(torch.arange(features - 1, -1, -1))
+        super().__init__(torch.arange(checks.check_count("features", features) - 1, -1, -1))
