@@ -479,8 +479,9 @@ def test_bench_forwards_its_arguments(capsys, monkeypatch):
 
 
 def test_console_entry_point_runs_as_a_program(tmp_path):
-    """python -m fastflow.cli: exit codes reach the shell; errors stay one line."""
-    ok = subprocess.run([sys.executable, "-m", "fastflow.cli", "info"], capture_output=True,
+    """python -m fastflow (and fastflow.cli): exit codes reach the shell; errors stay one
+    line."""
+    ok = subprocess.run([sys.executable, "-m", "fastflow", "info"], capture_output=True,
                         text=True, timeout=120)
     assert ok.returncode == 0 and "backend for CPU tensors" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "fastflow.cli", "sample", "--checkpoint",

@@ -644,13 +644,17 @@ def plot(path, rows, env) -> bool:
 
 
 def parse_args(argv, parser_class=argparse.ArgumentParser):
-    p = parser_class(prog="fastflow bench", description=__doc__.split("\n\n")[0])
+    p = parser_class(prog="fastflow bench",
+                     description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--size", choices=tuple(OP_SIZES), default=None,
                    help="workload sizes (default: full on a GPU, cpu otherwise)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help="comma-separated subset of " + ",".join(WORKLOADS))
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per variant")
+                   help="comma-separated subset of " + ",".join(WORKLOADS)
+                   + " (default: all)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default: auto, CUDA where available)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed repetitions per variant (default: %(default)s)")
     p.add_argument("--no-compile", nargs="?", const=",".join(WORKLOADS), default="",
                    metavar="W4,...",
                    help="skip the torch.compile variants: of every workload, or of those listed")

@@ -521,8 +521,9 @@ def _finish(loss: NLLLoss, config: dict, out: Path, train_x, test_x, device,
         plot_2d(loss.flow, train_x, png, device)
     else:
         png = None
-        print(f"no picture: the data have {config['features']} features (pictures are drawn "
-              "for 2-D data)", file=stdout)
+        n = config["features"]
+        print(f"no picture: the data have {n} feature{'s' if n != 1 else ''} (pictures are "
+              "drawn for 2-D data)", file=stdout)
     if png is not None:
         print(f"wrote {png}", file=stdout)
     return {"metrics": metrics, "checkpoint": ckpt, "png": png}

@@ -1,0 +1,7 @@
+"""``python -m fastflow``: the ``fastflow`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
