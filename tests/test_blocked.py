@@ -125,6 +125,27 @@ def test_flow_on_the_blocks_route_under_torch_func(monkeypatch):
                                want_hess)
 
 
+def test_blocks_route_under_batched_gradients(monkeypatch):
+    """is_grads_batched=True and jacobian(vectorize=True) run the backward on batched
+    gradients, for which products into out= views have no batching rule: the blocks route
+    gives the dense route's Jacobian."""
+    _free_blocks(monkeypatch)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "auto")
+    made = MADE(9, [24, 24], out_multiplier=3).double()
+    assert made.output.blocks() is not None
+    x = torch.randn(2, 9, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(made, x, vectorize=True)
+    xr = x.clone().requires_grad_()
+    out = made(xr)
+    eye = torch.eye(out.numel(), dtype=torch.float64).reshape(-1, *out.shape)
+    rows = torch.autograd.grad(out, xr, eye, is_grads_batched=True)[0]
+    monkeypatch.setitem(dispatch.CPU_ROUTE, "linear", "dense")
+    monkeypatch.setitem(dispatch.CPU_ROUTE, "head", "dense")
+    want = torch.autograd.functional.jacobian(made, x)
+    torch.testing.assert_close(jac, want)
+    torch.testing.assert_close(rows.reshape(want.shape), want)
+
+
 def test_prefix_limits_accepts_only_sorted_prefix_masks():
     mask = _prefix_mask([0, 2, 2, 5], 6)
     assert blocked.prefix_limits(mask).tolist() == [0, 2, 2, 5]

@@ -67,8 +67,8 @@ class PrefixLinear(torch.autograd.Function):
     Backward: the weight's gradient block by block, zero right of each block and masked; x's
     gradient by column segments: columns [L_{b-1}, L_b) are read by blocks b.. only, whose
     rows are contiguous, so each segment is one product and nothing accumulates. Where the
-    backward is itself recorded (``create_graph=True``) it is the dense product's, in
-    differentiable ops, so that higher derivatives see it.
+    backward is itself recorded (``create_graph=True``) or runs on batched gradients it is the
+    dense product's, out of place, so that higher derivatives and batching rules see it.
     """
 
     @staticmethod
@@ -94,7 +94,7 @@ class PrefixLinear(torch.autograd.Function):
         x, weight, wm, mask, y = ctx.saved_tensors
         if ctx.relu:
             grad = grad * (y > 0)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or _batched(grad):
             return _recorded_backward(ctx, grad, x, weight, mask)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -117,8 +117,17 @@ class PrefixLinear(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b, None, None
 
 
+def _batched(grad) -> bool:
+    """Whether the backward runs on a batch of gradients (``is_grads_batched=True``,
+    ``jacobian(vectorize=True)``, torch.func), where products into ``out=`` views have no
+    batching rule."""
+    functorch = torch._C._functorch
+    return functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad)
+
+
 def _recorded_backward(ctx, grad, x, weight, mask):
-    """PrefixLinear's gradients as the dense product's, out of place, for autograd to record."""
+    """PrefixLinear's gradients as the dense product's, out of place: for autograd to record
+    (create_graph=True) and for batched gradients."""
     need = ctx.needs_input_grad
     grad_x = grad @ (weight * mask) if need[0] else None
     grad_w = (grad.t() @ x) * mask if need[1] else None
