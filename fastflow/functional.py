@@ -74,7 +74,8 @@ def mixture_cdf_inverse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`mixture_cdf`, on a bracket from the components' own inverses: Newton
     (Halley in the Triton kernels) with bisection safeguards, run until each element has
-    converged (the kernels stop a tile once all its elements have, at most 44 iterations).
+    converged (the kernels stop a tile once all its elements have; past 44 iterations its
+    remaining elements only bisect, in the floats' integer order, one iteration per bit).
 
     Args:
         y: targets in the forward's output space, shape ``S``: z in [0, 1] for ``"unit"``,

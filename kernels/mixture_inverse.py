@@ -6,8 +6,9 @@ for target t lies between the components' own inverses min_k x_k(t) and max_k x_
 search runs in logit space for both outputs (a unit target z becomes log z - log(1-z)): Newton
 steps on logit F, evaluated in log space, from the pi-weighted mean of the components'
 inverses, falling back to bisection whenever a step leaves the bracket or fails to halve.
-Each tile loops until all its elements have converged (typically a handful of evaluations),
-at most a compile-time cap of iterations. No host synchronisation.
+Each tile loops until all its elements have converged (typically a handful of evaluations);
+past a compile-time count of iterations the elements still active only bisect, in the floats'
+integer order, at most one more iteration per bit of the dtype. No host synchronisation.
 """
 
 import torch
@@ -411,7 +412,8 @@ def mixture_cdf_inverse_fwd(
     y, logits, loc, log_scale, kind: str, output: str, max_steps: int, steps_out=None
 ):
     """Launch the inverse: (x, lad) in y's dtype, lad = log|dx/dy|. Each tile iterates until
-    all its elements have converged, at most ``max_steps`` times; ``steps_out``, an int32
+    all its elements have converged (past ``max_steps`` iterations by bisection only, one per
+    bit of the dtype at most); ``steps_out``, an int32
     tensor with one entry per program (:func:`num_programs`), receives those counts."""
     K = logits.shape[-1]
     x = torch.empty_like(y, memory_format=torch.contiguous_format)

@@ -584,6 +584,16 @@ def test_inverse_of_a_narrow_component_beside_a_very_wide_one(backend, kind, dty
     assert (x.abs() < 1e-11).all()
 
 
+def test_cpu_inverse_of_targets_past_half_the_float_range():
+    """A root between half the largest float32 and the largest (logit target 2e38 of one
+    logistic of scale 1) is that root on the CPU path, not +-inf."""
+    one = torch.zeros(1, 1)
+    x, lad = fastflow.mixture_cdf_inverse(torch.tensor([2e38, -3e38, 1e30]), one, one, one,
+                                          kind="logistic", output="logit")
+    assert x.tolist() == pytest.approx([2e38, -3e38, 1e30], rel=1e-6)
+    assert (lad == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("kind", KINDS)

@@ -149,13 +149,15 @@ def _tables(args, argv, only, device, out) -> None:
         sweep("W3 inverse, K = 8 (baseline: W1's forward)", k_inv.LAUNCH, configs,
               lambda: variants["fastflow"].fn, ("W1-fastflow", w1f), device, args.repeat, out,
               max_err)
-        for cap in (44, 12, 8, 6):  # the per-tile iteration cap of the Newton inverse
+        # MAX_STEPS: the iterations per tile before the remaining lanes only bisect (in the
+        # floats' integer order, one iteration per bit at most).
+        for cap in (44, 12, 8, 6):
             inverse_op.MAX_STEPS = cap
             t0 = time.perf_counter()
             vs, err = benchmark.w3(n, device, False)
             t = benchmark.measure_interleaved({"inv": vs[0].fn, "fwd": w1f}, device,
                                               args.repeat)
-            emit([f"- W3 with at most {cap} Newton/bisection iterations per tile: "
+            emit([f"- W3 with Newton steps for at most {cap} iterations per tile: "
                   f"inverse / forward time {t['inv'][0] / t['fwd'][0]:.3f}, "
                   f"round-trip error {err:.2e} ({time.perf_counter() - t0:.1f} s)"], out)
         inverse_op.MAX_STEPS = inverse_op.BISECT_STEPS + inverse_op.NEWTON_STEPS
@@ -213,7 +215,7 @@ def _tables(args, argv, only, device, out) -> None:
         for cap in (8, 3):
             inverse_op.MAX_STEPS = cap
             tc = benchmark.measure_interleaved({"inverse": solve(True)}, device, 2)
-            lines.append(f"- inverse with at most {cap} iterations per step: "
+            lines.append(f"- inverse with Newton steps for at most {cap} iterations per step: "
                          f"{tc['inverse'][0]:.4g}")
         inverse_op.MAX_STEPS = inverse_op.BISECT_STEPS + inverse_op.NEWTON_STEPS
         # PyTorch's default (allow_tf32 False) compiles the kernel's dots as IEEE fp32 FMAs;

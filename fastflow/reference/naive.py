@@ -203,17 +203,17 @@ def solve_bisect(t, logits, loc, log_scale, kind):
     of floats in the bracket each step, so that one step per bit of the dtype leaves adjacent
     floats however wide the bracket is against the components' scales (linear bisection of
     [-1e19, 1e19] needs some 130 halvings to find a root near 1e-13). The end whose residual
-    is smaller is returned (forward-exact to the dtype). A bracket past the dtype's range is
-    cut to half the largest finite float (x - loc then stays finite), and x is +-inf where F
-    there is still short of the target (or past it at minus that)."""
+    is smaller is returned (forward-exact to the dtype). A bracket past the dtype's range
+    (``wide``) is [-M/2, M/2], M the largest finite float (x - loc then stays finite), and x
+    is +-inf where F there is still short of the target (or past it at minus that)."""
     big = 0.5 * torch.finfo(t.dtype).max
     log_pi = torch.log_softmax(logits, dim=-1)
     inv_scale = torch.exp(-log_scale)
     scale = torch.exp(log_scale)
     lo, hi, wide = bracket(loc + scale * component_quantile(t, kind).unsqueeze(-1), scale,
                           kind, -1)
-    lo = torch.where(wide, -big, lo).clamp(min=-big)
-    hi = torch.where(wide, big, hi).clamp(max=big)
+    lo = torch.where(wide, -big, lo)
+    hi = torch.where(wide, big, hi)
     h_lo = logit_forward(lo, log_pi, loc, inv_scale, kind) - t
     h_hi = logit_forward(hi, log_pi, loc, inv_scale, kind) - t
     bits = 64 if t.dtype == torch.float64 else 32
@@ -226,10 +226,10 @@ def solve_bisect(t, logits, loc, log_scale, kind):
         lo, hi = torch.where(below, mid, lo), torch.where(above, mid, hi)
         h_lo, h_hi = torch.where(below, h, h_lo), torch.where(above, h, h_hi)
     x = torch.where(h_lo.abs() <= h_hi.abs(), lo, hi)
-    # Past an end cut at +-big the root is past the dtype's range; past a parameter end
-    # (the residual there rounded across zero) that end is the nearest float.
-    x = torch.where((h_hi < 0) & (hi >= big), math.inf, x)
-    return torch.where((h_lo > 0) & (lo <= -big), -math.inf, x)
+    # Past a wide bracket's ends (+-big) the root is past the dtype's range; past a parameter
+    # end (the residual there rounded across zero) that end is the nearest float.
+    x = torch.where((h_hi < 0) & wide, math.inf, x)
+    return torch.where((h_lo > 0) & wide, -math.inf, x)
 
 
 def finish_inverse(x, t, lad, dtype):
@@ -290,10 +290,10 @@ def inverse_fixed(
     y, logits, loc, log_scale, kind: str, output: str, bisect_steps: int, newton_steps: int
 ):
     """A fixed schedule in log space: bisection steps in logit space, then safeguarded
-    Newton steps (the kernels' earlier algorithm; now the CPU solver's fallback and a
-    benchmark baseline). One data-dependent branch: elements whose bracket is past the
-    dtype's range go to :func:`solve_bisect` (a host sync, and under torch.compile a graph
-    break between the schedule and that branch)."""
+    Newton steps (the kernels' earlier algorithm; now a benchmark baseline). One
+    data-dependent branch: elements whose bracket is past the dtype's range go to
+    :func:`solve_bisect` (a host sync, and under torch.compile a graph break between the
+    schedule and that branch)."""
     with torch.no_grad():
         y_c, logits_c, loc_c, log_scale_c = upcast(y, logits, loc, log_scale)
         t = target_logit(y_c, output)
