@@ -143,6 +143,8 @@ def test_bad_arguments_name_the_problem():
     # coupling's conditioner ignoring its input) are refused for every constructor.
     for name in ("MAF", "IAF", "Coupling"):
         assert CONSTRUCTORS[name](4, hidden_features=16).log_prob(torch.randn(3, 4)).shape == (3,)
+        if name == "Coupling":  # no hidden layer: a linear conditioner
+            assert Coupling(4, hidden_features=()).log_prob(torch.randn(3, 4)).shape == (3,)
         for bad in ((0,), (64, 0), (-3,), 2.5, "64"):
             with pytest.raises(ValueError, match="hidden_features must be positive sizes"):
                 CONSTRUCTORS[name](4, hidden_features=bad)

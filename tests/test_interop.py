@@ -13,6 +13,7 @@ from fastflow.nn import (
     Logit,
     MixtureCDFFlow,
     Reverse,
+    Transform,
 )
 
 
@@ -182,11 +183,41 @@ def test_flow_distribution_rsample_and_log_prob_and_bad_values():
 
 
 def test_a_context_no_transform_takes_is_refused():
-    flow = Flow([MixtureCDFFlow(2, 3), Reverse(2)], StandardNormal(2))
+    flow = Flow([MixtureCDFFlow(2, 3), Compose([Reverse(2), MixtureCDFFlow(2, 3)])],
+                StandardNormal(2))
     for call in (lambda: flow.log_prob(torch.randn(5, 2), torch.randn(5, 1)),
                  lambda: flow.sample(3, torch.randn(5, 1))):
         with pytest.raises(ValueError, match="no transform of this flow takes one"):
             call()
+
+
+class _Shift(Transform):
+    """A user's conditional transform that does not declare ``takes_context``."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x, context=None):
+        return x - context, x.new_zeros(x.shape[:-1])
+
+    def inverse(self, z, context=None):
+        return z + context, z.new_zeros(z.shape[:-1])
+
+
+def test_a_transform_that_does_not_say_may_take_a_context():
+    """Only transforms that say they take no context make the flow refuse one: a subclass
+    that does not say is given it, alone or inside a Compose."""
+    for flow in (Flow([_Shift(2)], StandardNormal(2)),
+                 Flow([MixtureCDFFlow(2, 3), Compose([Reverse(2), _Shift(2)])],
+                      StandardNormal(2))):
+        x, c = torch.randn(5, 2), torch.randn(5, 2)
+        z = flow(x, c)[0]
+        torch.testing.assert_close(flow.log_prob(x, c), StandardNormal(2).log_prob(z)
+                                   + flow(x, c)[1])
+    assert Compose([Reverse(2), MixtureCDFFlow(2, 3)]).takes_context is False
+    assert Compose([Reverse(2), _Shift(2)]).takes_context is None
+    assert AutoregressiveMixtureFlow(2, 3, [8], context_features=1).takes_context is True
 
 
 def test_pyro_plates_expand_the_wrapped_flow_and_refuse_the_bare_one():

@@ -102,8 +102,13 @@ def test_dequantizers_reject_bad_data():
         deq(torch.tensor([[0, 4]]))
     with pytest.raises(ValueError, match="x must have 2 features"):
         deq(torch.zeros(3, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="levels must be >= 2"):
+    with pytest.raises(ValueError, match="levels must be an int >= 2"):
         UniformDequantization(2, 1)
+    with pytest.raises(ValueError, match="features must be an int >= 1"):
+        UniformDequantization(2.5, 4)
+    # hidden sizes as everywhere else: one int is one layer
+    assert len(VariationalDequantization(2, 4, hidden_features=16).noise.transforms[1]
+               .made.layers) == 1
 
 
 def test_uniform_dequantization_stays_in_the_cell():

@@ -659,7 +659,8 @@ def parse_args(argv, parser_class=argparse.ArgumentParser):
                    metavar="W4,...",
                    help="skip the torch.compile variants: of every workload, or of those listed")
     p.add_argument("--no-sweep", action="store_true", help="skip the size sweep and its plot")
-    p.add_argument("--out", default=None, help="directory for CSV, markdown and PNG")
+    p.add_argument("--out", default=None,
+                   help="directory for CSV, markdown and PNG (default: none, print only)")
     p.add_argument("--autocast", action="store_true",
                    help="W4's forward and W5's calls in a bfloat16 torch.autocast region, for "
                    "every variant (peers and baselines included)")

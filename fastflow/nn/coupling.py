@@ -45,7 +45,8 @@ class CouplingMixtureFlow(_MixtureTransform):
     Args:
         features: D (at least 2).
         components: K, the mixture's components per transformed feature.
-        hidden_features: hidden sizes of the default conditioner (ignored with ``network``).
+        hidden_features: hidden sizes of the default conditioner, an MLP (empty: one linear
+            map; ignored with ``network``).
         kind: "logistic" or "gaussian".
         output: "logit" (the only choice: the conditioner's half stays in R, so the layer
             maps R^D to R^D).
@@ -76,7 +77,8 @@ class CouplingMixtureFlow(_MixtureTransform):
         n_out = (features - self.split) * 3 * components
         if network is None:
             network = coupling_network(n_in, n_out,
-                                       hidden_sizes("hidden_features", hidden_features))
+                                       hidden_sizes("hidden_features", hidden_features,
+                                                    allow_empty=True))
             # Start the transformed features' locations spread over [-1, 1].
             last = network[-1]
             with torch.no_grad():

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import check_count
 from ..distributions import StandardNormal
 from .flow import Flow
 from .transforms import AutoregressiveMixtureFlow, Logit
@@ -21,11 +22,8 @@ from .transforms import AutoregressiveMixtureFlow, Logit
 class _Dequantizer(nn.Module):
     def __init__(self, features: int, levels: int):
         super().__init__()
-        if features < 1:
-            raise ValueError(f"features must be >= 1, got {features}")
-        if levels < 2:
-            raise ValueError(f"levels must be >= 2, got {levels}")
-        self.features, self.levels = features, levels
+        self.features = check_count("features", features)
+        self.levels = check_count("levels", levels, 2)
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex():
@@ -61,7 +59,7 @@ class VariationalDequantization(_Dequantizer):
         super().__init__(features, levels)
         self.noise = Flow(
             [Logit(features, alpha=0.0),
-             AutoregressiveMixtureFlow(features, components, list(hidden_features),
+             AutoregressiveMixtureFlow(features, components, hidden_features,
                                        output="logit", direction="iaf",
                                        context_features=features, seed=seed)],
             StandardNormal(features),

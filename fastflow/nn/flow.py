@@ -164,7 +164,7 @@ class Flow(nn.Module):
         return x.to(torch.promote_types(x.dtype, dtype))
 
     def _check_takes_context(self, context) -> None:
-        if context is not None and not any(t.context_features for t in self.transforms):
+        if context is not None and all(t.takes_context is False for t in self.transforms):
             raise ValueError(
                 "context was given but no transform of this flow takes one; build a "
                 "conditional flow (e.g. fastflow.flows.MAF(features, context=C))")

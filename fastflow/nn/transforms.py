@@ -34,15 +34,15 @@ class Transform(nn.Module):
     transform keeps whatever range it is given (a permutation). :class:`~fastflow.nn.Flow`
     uses them to refuse a chain whose density would not be normalized.
 
-    ``context_features`` is the size of the context the transform is conditioned on, None
-    for one that takes no context (a conditional subclass sets it): a :class:`Flow` refuses
-    a context that none of its transforms takes.
+    ``takes_context`` says whether the transform uses a context: None (unknown, the default
+    for a subclass that does not say), True or False. A :class:`Flow` refuses a context when
+    every transform says False.
     """
 
     features: int
     domain = None
     codomain = None
-    context_features: int | None = None
+    takes_context: bool | None = None
 
     def _check(self, x: torch.Tensor, name: str = "x") -> None:
         check_float_tensor(x, name)
@@ -158,9 +158,9 @@ class Compose(Transform):
                     None)
 
     @property
-    def context_features(self):
-        return next((t.context_features for t in self.transforms if t.context_features),
-                    None)
+    def takes_context(self):
+        says = [t.takes_context for t in self.transforms]
+        return True if True in says else (False if all(v is False for v in says) else None)
 
     def forward(self, x, context=None):
         return chain_forward(self.transforms, x, context)
@@ -202,6 +202,10 @@ class _MixtureTransform(Transform):
     def extra_repr(self) -> str:
         return (f"features={self.features}, components={self.components}, "
                 f"kind={self.kind!r}, output={self.output!r}")
+
+    @property
+    def takes_context(self) -> bool:
+        return getattr(self, "context_features", None) is not None
 
     @staticmethod
     def _check_network(network: nn.Module) -> None:
@@ -409,6 +413,8 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
 class Logit(Transform):
     """[0, 1]^D -> R^D: y = logit(alpha + (1 - 2 alpha) x), the usual squash for image data."""
 
+    takes_context = False
+
     domain, codomain = constraints.unit_interval, constraints.real
 
     def __init__(self, features: int, alpha: float = 1e-6):
@@ -462,6 +468,8 @@ class Sigmoid(Logit):
 
 class Permutation(Transform):
     """Reorder the features: z = x[..., perm]."""
+
+    takes_context = False
 
     def __init__(self, permutation):
         super().__init__()
