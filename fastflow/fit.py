@@ -92,6 +92,10 @@ def _as_matrix(value, name: str, dtype: torch.dtype, device: torch.device) -> to
     """``value`` (a tensor, numpy array or nested list) as a finite 2-D tensor of ``dtype`` on
     ``device``; ValueError naming ``name`` otherwise. Integers are converted to floats; bools,
     complex numbers, strings and other objects are refused."""
+    if isinstance(value, torch.utils.data.Dataset | torch.utils.data.DataLoader):
+        raise ValueError(f"{name} must be an (N, D) tensor or array, got a "
+                         f"{type(value).__name__}; fit shuffles and batches the rows itself "
+                         f"(for a TensorDataset pass its tensors: dataset.tensors[0])")
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
         if tensor.dtype == torch.bool or tensor.is_complex():
@@ -255,7 +259,8 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
     if not callable(getattr(flow, "log_prob", None)) or not callable(
             getattr(flow, "parameters", None)):
         raise ValueError(f"flow must have log_prob and parameters methods, got "
-                         f"{type(flow).__name__}")
+                         f"{type(flow).__name__} (a flow whose call gives its distribution, "
+                         f"as zuko's do, needs a wrapper whose log_prob(x) is flow().log_prob(x))")
 
     dtype, flow_device = _flow_dtype_device(flow)
     if device is None:

@@ -354,3 +354,13 @@ def test_a_context_for_a_flow_without_one_is_refused():
     with pytest.raises(ValueError, match="no transform of this flow takes one"):
         fastflow.fit(fastflow.flows.MixtureCDF(2), moons(50), steps=1, progress=False,
                      context=torch.randn(50, 1))
+
+
+def test_datasets_and_loaders_are_refused_with_the_way_out():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dataset = TensorDataset(moons(20))
+    for data in (dataset, DataLoader(dataset)):
+        with pytest.raises(ValueError, match=r"got a (TensorDataset|DataLoader); fit shuffles"):
+            fastflow.fit(small_flow(), data, steps=1, progress=False)
+
