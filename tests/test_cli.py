@@ -335,6 +335,20 @@ def test_sample_writes_finite_points(moons_run, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(again), x)
 
 
+def test_out_paths_that_cannot_be_written_are_clear_errors(moons_run, tmp_path, capsys):
+    """A file given as train's --out directory, and a sample --out in a missing directory,
+    are one-line errors naming --out (not a raw OS error), and nothing is written."""
+    existing = tmp_path / "a_file"
+    existing.write_text("")
+    code, _, err = run(capsys, "train", "--out", str(existing), "--steps", "1")
+    assert_one_line_error(code, err, "--out must name a directory", "a_file")
+    target = tmp_path / "missing" / "x.npy"
+    code, _, err = run(capsys, "sample", "--checkpoint", str(moons_run / "checkpoint.pt"),
+                       "-n", "3", "--out", str(target))
+    assert_one_line_error(code, err, "--out's directory", "does not exist")
+    assert not target.parent.exists()
+
+
 def test_sample_matches_the_trained_flow(moons_run):
     """The checkpoint rebuilds the same density: log p from the rebuilt flow equals the one
     computed from the raw state dict loaded into a fresh model."""

@@ -176,6 +176,9 @@ def cmd_sample(args) -> int:
 
     if not args.out.endswith(".npy"):
         raise DemoError(f"--out must name a .npy file, got {args.out!r}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise DemoError(f"--out's directory {folder!r} does not exist")
     device = resolve_device(args.device)
     flow, config = load_checkpoint(args.checkpoint)
     torch.manual_seed(args.seed)

@@ -475,6 +475,8 @@ def train(opts: TrainOptions, stdout=None) -> dict:
                                         else None)
     out = Path(opts.out) if opts.out else Path("runs") / data_label(opts.data)
     if rank == 0:
+        if out.exists() and not out.is_dir():
+            raise DemoError(f"--out must name a directory, got the file {str(out)!r}")
         out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
         print(f"fastflow train: {opts.data}, {len(train_x)} train / {len(test_x)} test, "
               f"D={config['features']}, {sum(p.numel() for p in loss.parameters())} parameters, "
