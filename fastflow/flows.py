@@ -66,8 +66,9 @@ class MAF(_OneLineFlow):
                  components: int = 8, hidden_features=(64, 64), kind: str = "logistic",
                  seed: int | None = None):
         _check_counts(features, transforms, components, context)
+        hidden = hidden_sizes("hidden_features", hidden_features)
         layers = [AutoregressiveMixtureFlow(
-            features, components, hidden_sizes("hidden_features", hidden_features), kind=kind,
+            features, components, hidden, kind=kind,
             direction=self.direction, output="logit", context_features=context or None,
             seed=None if seed is None else seed + i) for i in range(transforms)]
         super().__init__(_interleave(layers, features), StandardNormal(features))

@@ -64,30 +64,31 @@ def test_prefix_linear_matches_the_dense_product_and_its_gradients(case, counts,
     assert (got[1][mask == 0] == 0).all()  # no gradient leaks onto masked weights
 
 
+def _prefix_linear_case(limits, n_blocks, relu):
+    """PrefixLinear over a 7-column prefix mask with these row limits, cut into ``n_blocks``
+    blocks, as a function of (x, weight, bias), and float64 arguments for it."""
+    mask = _prefix_mask(limits, 7)
+    blocks = blocked.plan_blocks(blocked.prefix_limits(mask), 7)
+    assert len(blocks) == n_blocks
+    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+            for s in ((4, 7), (len(limits), 7), (len(limits),))]
+    return (lambda x, w, b: blocked.PrefixLinear.apply(x, w, mask, b, blocks, relu)), args
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["identity", "relu"])
 def test_prefix_linear_gradients_match_finite_differences(relu, monkeypatch):
     _free_blocks(monkeypatch, (4,))
-    limits = [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7]
-    mask = _prefix_mask(limits, 7)
-    blocks = blocked.plan_blocks(blocked.prefix_limits(mask), 7)
-    assert len(blocks) == 3
-    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
-            for s in ((4, 7), (24, 7), (24,))]
-    torch.autograd.gradcheck(
-        lambda x, w, b: blocked.PrefixLinear.apply(x, w, mask, b, blocks, relu), args)
+    fn, args = _prefix_linear_case(
+        [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7], 3, relu)
+    torch.autograd.gradcheck(fn, args)
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["identity", "relu"])
 def test_prefix_linear_second_derivatives(relu, monkeypatch):
     """create_graph=True through the blocks: the recorded backward has its own gradients."""
     _free_blocks(monkeypatch, (4,))
-    mask = _prefix_mask([0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, 7, 7, 7], 7)
-    blocks = blocked.plan_blocks(blocked.prefix_limits(mask), 7)
-    assert len(blocks) == 2
-    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
-            for s in ((4, 7), (16, 7), (16,))]
-    torch.autograd.gradgradcheck(
-        lambda x, w, b: blocked.PrefixLinear.apply(x, w, mask, b, blocks, relu), args)
+    fn, args = _prefix_linear_case([0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, 7, 7, 7], 2, relu)
+    torch.autograd.gradgradcheck(fn, args)
 
 
 def test_flow_on_the_blocks_route_under_torch_func(monkeypatch):
