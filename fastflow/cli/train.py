@@ -181,13 +181,16 @@ def _read_csv(path: Path) -> torch.Tensor:
                 except ValueError:
                     values = None
                 if values is None:
-                    if not rows and first is None and not any(_is_number(v) for v in fields):
+                    if (not rows and first is None and not any(_is_number(v) for v in fields)
+                            and not any(_other_separator(v) for v in fields)):
                         first = line_no  # a header line
                         continue
                     column, text = next((j, v) for j, v in enumerate(fields, 1)
                                         if not _is_number(v))
+                    hint = (f" (values must be separated by commas, not {_other_separator(text)})"
+                            if _other_separator(text) else "")
                     raise DemoError(f"--data {path}: line {line_no}, column {column}: "
-                                    f"{text.strip()!r} is not a number")
+                                    f"{text.strip()!r} is not a number{hint}")
                 if width is None:
                     width, first = len(values), line_no
                 elif len(values) != width:
@@ -201,6 +204,16 @@ def _read_csv(path: Path) -> torch.Tensor:
     if not rows:
         raise DemoError(f"--data {path}: no rows of numbers in the file")
     return torch.tensor(rows, dtype=torch.float64)
+
+
+def _other_separator(text: str) -> str | None:
+    """The separator's name where ``text`` is several numbers joined by semicolons, tabs or
+    spaces (a CSV written with another separator), else None."""
+    for sep, name in ((";", "semicolons"), ("\t", "tabs"), (None, "spaces")):
+        parts = text.split(sep)
+        if len(parts) > 1 and all(_is_number(v) for v in parts):
+            return name
+    return None
 
 
 def _is_number(text: str) -> bool:
