@@ -468,8 +468,6 @@ def train(opts: TrainOptions, stdout=None) -> dict:
                         f"grey levels; {opts.data} holds continuous values, used as given")
     train_x, test_x = load_data(opts.data, opts.seed)  # a bad data file fails here
     config = model_config(opts, features=train_x.shape[1])
-    if config["levels"] is not None or config["features"] == 2:
-        pyplot()  # fail before training, not after, when matplotlib is missing
     rank, world, device = init_distributed(resolve_device(opts.device))
     torch.manual_seed(opts.seed)
     if min(config["hidden"], default=0) < 1 or config["layers"] < 1 or config["components"] < 1:
@@ -514,6 +512,14 @@ def train(opts: TrainOptions, stdout=None) -> dict:
     return result
 
 
+def _have_pyplot() -> bool:
+    try:
+        pyplot()
+    except DemoError:
+        return False
+    return True
+
+
 def _finish(loss: NLLLoss, config: dict, out: Path, train_x, test_x, device,
             stdout) -> dict:
     """Rank 0: evaluate, print, save the checkpoint and the picture."""
@@ -530,7 +536,12 @@ def _finish(loss: NLLLoss, config: dict, out: Path, train_x, test_x, device,
     print(f"wrote {ckpt}", file=stdout)
     label = Path(config["path"]).stem if config["data"] == "file" else config["data"]
     png = out / f"{label}.png"
-    if config["levels"] is not None:
+    drawable = config["levels"] is not None or config["features"] == 2
+    if drawable and not _have_pyplot():
+        png = None
+        print("no picture: matplotlib is not installed (pip install 'fastflow[demo]')",
+              file=stdout)
+    elif config["levels"] is not None:
         plot_digits(loss.flow, config, test_x, png, device)
     elif config["features"] == 2:
         plot_2d(loss.flow, train_x, png, device)
