@@ -103,8 +103,8 @@ def mixture_log_prob(
 ) -> torch.Tensor:
     """Log-density of the mixture, ``log sum_k pi_k c((x - mu_k)/s_k) / s_k``, shape ``S``.
 
-    Arguments as for :func:`mixture_cdf`; this is the mixture density model of the course
-    notes "Likelihood Models: Flow Models" and computes only the density (no CDF).
+    Arguments as for :func:`mixture_cdf`; this is the mixture density model of the lecture
+    "Likelihood Models: Flow Models" and computes only the density (no CDF).
     """
     x, logits, loc, log_scale = checks.mixture_args("x", x, logits, loc, log_scale, kind, None)
     if checks.should_validate(validate_args):

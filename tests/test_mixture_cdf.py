@@ -632,7 +632,7 @@ def test_scale_beyond_float_range_gives_the_limits(backend, dtype, log_scale, ki
     """One component with 1/s beyond the dtype's range and x - loc = 2.5 or -1: u = +-inf.
     y is +-inf (logit) or 1 and 0 (unit); log f is -inf (its exact value, about -|u|, is not
     representable); the logit logabsdet is its exact finite limit, -log_scale (logistic) or
-    log|x - loc| - 2 log_scale (Gaussian), not NaN (the issue: logistic, float32, x - loc = 1,
+    log|x - loc| - 2 log_scale (Gaussian), not NaN (the regression: logistic, float32, x - loc = 1,
     log_scale = -90 gave y = inf and logabsdet = NaN; float64 gives 90)."""
     x = torch.tensor([2.5, -1.0], dtype=dtype)
     params = [torch.zeros(2, 1, dtype=dtype), torch.zeros(2, 1, dtype=dtype),
@@ -811,8 +811,9 @@ def _grads_of_finite_outputs(x, params, kind, output):
 @pytest.mark.parametrize("dtype,log_scale", SATURATING)
 def test_gradients_beyond_float_range_are_the_limits(backend, dtype, log_scale, kind,
                                                      output):
-    """The issue's elements (one component, x - loc = 2.5 and -1, 1/s overflowing), with a
-    second component farther out (log_scale - 3 at x - loc = 2 and -1.5), and an element
+    """The elements of test_scale_beyond_float_range_gives_the_limits (one component,
+    x - loc = 2.5 and -1, 1/s overflowing), with a second component farther out
+    (log_scale - 3 at x - loc = 2 and -1.5), and an element
     with x == loc. The logit logabsdet, -log s* (logistic) or log|x - loc*| - 2 log s*
     (Gaussian), has those gradients; "unit" y (1 or 0) and the density have none; at
     x == loc the logits' and log-scales' gradients are finite (x's and loc's overflow)."""

@@ -120,7 +120,7 @@ def test_logit_sigmoid_permutation_are_exact_inverses():
 @pytest.mark.parametrize("base", ["uniform", "normal", "mog"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_1d_cdf_flow_integrates_to_one(kind, base):
-    """The 1-D CDF flow of the course notes "Likelihood Models: Flow Models" on each base:
+    """The 1-D CDF flow of the lecture "Likelihood Models: Flow Models" on each base:
     unit output onto a uniform base, logit output onto a Gaussian or a learnable Gaussian
     mixture."""
     bases = {"uniform": (Uniform(1), "unit"), "normal": (StandardNormal(1), "logit"),
@@ -136,7 +136,7 @@ def test_1d_cdf_flow_integrates_to_one(kind, base):
 @pytest.mark.parametrize("base", ["normal", "mog"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_2d_autoregressive_flow_integrates_to_one(kind, base):
-    """The 2-D autoregressive flow of the course notes "Likelihood Models: Flow Models":
+    """The 2-D autoregressive flow of the lecture "Likelihood Models: Flow Models":
     z1 = f(x1), z2 = f(x2; x1)."""
     base_dist = StandardNormal(2) if base == "normal" else MixtureOfGaussians(2, 3)
     flow = Flow([AutoregressiveMixtureFlow(2, 3, [16], kind=kind, output="logit", seed=0)],
