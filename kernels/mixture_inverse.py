@@ -113,14 +113,16 @@ def _logit_slope_eval(x, log_pi, loc, log_scale, KIND: tl.constexpr, FAST: tl.co
 @triton.jit
 def _logistic_prob_eval(x, pi, loc, inv_s, tiny, f_min, FAST: tl.constexpr):
     """A logistic mixture's logit F(x), the inverse slope 1/g' = F (1 - F) / f of g = logit F,
-    and g''/g' = f'/f - f/F + f/(1 - F), from :func:`logistic_sums`, with whether that is
-    exact enough: False for a lane whose F or 1 - F is below ``tiny``, or f below ``f_min``
-    (:func:`f_floor`: far enough down that a term which underflowed could matter), which
-    then needs :func:`_logit_slope_eval`'s log space. One logarithm per element instead of the log
-    space's logsumexps; also returns f.
+    and g''/g' = f'/f - f/F + f/(1 - F), from :func:`logistic_sums`, with whether a lane
+    needs :func:`_logit_slope_eval`'s log space instead: its F or 1 - F is below ``tiny``, its
+    f below ``f_min`` (:func:`f_floor`: far enough down that a term which underflowed could
+    matter), or a sum is not finite. One logarithm per element instead of the log space's
+    logsumexps; also returns f.
     """
     big_f, big_s, f, df = logistic_sums(x, pi, loc, inv_s, FAST)
-    need = (big_f < tiny) | (big_s < tiny) | (f < f_min)
+    # Each test fails on NaN: x at a component's location whose 1/s overflowed (0 * inf), or
+    # an infinite f, also takes log space.
+    need = ~((big_f >= tiny) & (big_s >= tiny) & (f >= f_min) & (f < float("inf")))
     big_f = tl.where(need, 1.0, big_f)
     big_s = tl.where(need, 1.0, big_s)
     f = tl.where(need, 1.0, f)
@@ -193,12 +195,12 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     hi_k = tl.where(hi_k == hi_k, hi_k, float("inf"))
     lo = tl.min(tl.where(mask, lo_k, float("inf")), axis=1)
     hi = tl.max(tl.where(mask, hi_k, -float("inf")), axis=1)
-    # A bracket past the dtype's range (a scale, or scale times the quantile, overflowed):
-    # the search spans [-big, big] (x - loc stays finite), bisecting in the floats' integer
-    # order; a root past it is +-inf.
-    wide = active & ((lo < -big) | (hi > big))
-    lo = tl.where(active, tl.maximum(lo, -big), 0.0)
-    hi = tl.where(active, tl.minimum(hi, big), 0.0)
+    # A bracket past the dtype's range (an end not finite: a scale, or scale times the
+    # quantile, overflowed): the search spans [-big, big] (x - loc stays finite), bisecting in
+    # the floats' integer order; a root past it is +-inf. Finite ends, even past big, stay.
+    wide = active & ((lo - lo) + (hi - hi) != 0.0)
+    lo = tl.where(active, tl.where(wide, -big, lo), 0.0)
+    hi = tl.where(active, tl.where(wide, big, hi), 0.0)
     s_min = tl.min(tl.where(mask, scale, float("inf")), axis=1)
     s_min = tl.where(active, tl.minimum(s_min, big), 1.0)
     # A Halley step of size d leaves an error of order d^3 / s^2, a Newton step d^2 / s.

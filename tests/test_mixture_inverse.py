@@ -1,6 +1,8 @@
 """mixture_cdf_inverse: the accuracy contract against an independent float64 root, kernels
 against the reference (outputs and implicit-differentiation gradients), boundaries, round trips."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -584,14 +586,73 @@ def test_inverse_of_a_narrow_component_beside_a_very_wide_one(backend, kind, dty
     assert (x.abs() < 1e-11).all()
 
 
-def test_cpu_inverse_of_targets_past_half_the_float_range():
+def test_inverse_of_targets_past_half_the_float_range(backend):
     """A root between half the largest float32 and the largest (logit target 2e38 of one
-    logistic of scale 1) is that root on the CPU path, not +-inf."""
-    one = torch.zeros(1, 1)
-    x, lad = fastflow.mixture_cdf_inverse(torch.tensor([2e38, -3e38, 1e30]), one, one, one,
+    logistic of scale 1, or the location 3e38 with target -1e38) is that root, not +-inf; a
+    root past the largest float is +-inf on its own side (loc 3e38, target 1e38; scale
+    e^10 at target 1e36). Regression: the kernels searched only [-M/2, M/2] and returned
+    -inf for the last two."""
+    t = torch.tensor([2e38, -3e38, 1e30, -1e38, 1e38, 1e36])
+    loc = torch.tensor([0.0, 0.0, 0.0, 3e38, 3e38, 0.0])[:, None]
+    log_scale = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 10.0])[:, None]
+    x, lad = fastflow.mixture_cdf_inverse(t.to(DEVICE), torch.zeros_like(loc).to(DEVICE),
+                                          loc.to(DEVICE), log_scale.to(DEVICE),
                                           kind="logistic", output="logit")
-    assert x.tolist() == pytest.approx([2e38, -3e38, 1e30], rel=1e-6)
-    assert (lad == 0).all()
+    x, lad = x.cpu(), lad.cpu()
+    assert x[:4].tolist() == pytest.approx([2e38, -3e38, 1e30, 2e38], rel=1e-6)
+    assert x[4:].tolist() == [float("inf")] * 2
+    assert lad.tolist() == [0.0] * 4 + [float("inf")] * 2
+
+
+@pytest.mark.parametrize("log_scale", [88.0, 89.0, 95.0, 103.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inverse_of_one_overflowing_scale_keeps_the_side(backend, kind, log_scale):
+    """One component whose scale is near or past float32's largest value: the root
+    loc + s q(z) of z = 0.999, 0.7 and 0.3 (q the component's quantile), that root in float32
+    where it and s are finite and +-inf on its own side where either is not (the kernels gave
+    -inf for each root past float32's range: a bracket end at +inf was kept as the lower
+    end)."""
+    z = torch.tensor([0.999, 0.7, 0.3])
+    zero = torch.zeros(3, 1)
+    x, lad = fastflow.mixture_cdf_inverse(z.to(DEVICE), zero.to(DEVICE), zero.to(DEVICE),
+                                          torch.full((3, 1), log_scale).to(DEVICE), kind=kind)
+    x, lad = x.cpu(), lad.cpu()
+    z64 = z.double()
+    q = torch.logit(z64) if kind == "logistic" else math.sqrt(2) * torch.erfinv(2 * z64 - 1)
+    root = (math.exp(log_scale) * q).float()
+    if math.exp(log_scale) > torch.finfo(torch.float32).max:  # s itself is past the range
+        root = torch.sign(root) * math.inf
+    assert (root.isinf() == x.isinf()).all() and (x[x.isinf()] == root[root.isinf()]).all()
+    torch.testing.assert_close(x[~x.isinf()], root[~root.isinf()], rtol=1e-5, atol=0)
+    assert (lad[x.isinf()] == float("inf")).all() and torch.isfinite(lad[~x.isinf()]).all()
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_inverse_at_a_location_whose_inverse_scale_overflows(backend, output):
+    """A logistic of log_scale -100 (1/s past float32's range) at its own location: target
+    logit 0 (z = 1/2) has the root x = loc, and logabsdet minus the forward's there, -100
+    (logit) or -(100 - log 4) (unit); beside a second component of scale 1 the roots of
+    z = 0.3 and 0.999 have finite logabsdets too, minus the forward's at the returned roots.
+    Regression: the kernels' probability-space sums were 0 * inf = NaN there and the
+    logabsdet NaN."""
+    y = torch.tensor([0.0 if output == "logit" else 0.5])
+    x, lad = fastflow.mixture_cdf_inverse(y.to(DEVICE), torch.zeros(1, 1).to(DEVICE),
+                                          torch.zeros(1, 1).to(DEVICE),
+                                          torch.full((1, 1), -100.0).to(DEVICE), kind="logistic",
+                                          output=output)
+    assert x.cpu().tolist() == [0.0]
+    expected = -100.0 if output == "logit" else -(100.0 - math.log(4.0))
+    assert lad.cpu().tolist() == pytest.approx([expected], rel=1e-6)
+    z = torch.tensor([0.3, 0.999])
+    params = [torch.tensor([[0.0, 0.0]] * 2), torch.tensor([[0.0, 1.0]] * 2),
+              torch.tensor([[-100.0, 0.0]] * 2)]
+    x, lad = fastflow.mixture_cdf_inverse(z.to(DEVICE), *(p.to(DEVICE) for p in params),
+                                          kind="logistic")
+    x, lad = x.cpu(), lad.cpu()
+    assert torch.isfinite(lad).all(), lad
+    _, fwd_lad = fastflow.mixture_cdf(x.to(DEVICE), *(p.to(DEVICE) for p in params),
+                                      kind="logistic")
+    torch.testing.assert_close(lad, -fwd_lad.cpu(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
