@@ -166,6 +166,73 @@ def test_a_nan_row_stays_nan_and_others_are_untouched():
         flow.log_prob(x)
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_infinite_rows_on_r_get_minus_inf_with_zero_gradient(validate):
+    """A row holding +-inf (as a sample that overflowed does) has density 0 on R: -inf,
+    its gradient zero, the other rows untouched; log_prob agrees with rsample_and_log_prob
+    on the flow's own overflowed samples. Before, validation raised "must be finite" and,
+    without it, the row was NaN."""
+    flow = fastflow.flows.MAF(2, transforms=2, hidden_features=[16], seed=0)
+    x = torch.tensor([[math.inf, 0.5], [0.3, -math.inf], [0.1, 0.2]], requires_grad=True)
+    previous = fastflow.get_validate_args()
+    fastflow.set_validate_args(validate)
+    try:
+        lp = flow().log_prob(x)
+        lp.sum().backward()
+        lp_finite = flow().log_prob(x[2:].detach())
+    finally:
+        fastflow.set_validate_args(previous)
+    assert lp[:2].tolist() == [-math.inf, -math.inf]
+    torch.testing.assert_close(lp[2:], lp_finite)
+    assert (x.grad[:2] == 0).all() and torch.isfinite(x.grad).all()
+    # The flow's own samples: scale a layer up until some overflow to +-inf.
+    torch.manual_seed(5)
+    flow = fastflow.flows.Coupling(2, transforms=2, hidden_features=[16])
+    _perturb(flow, 0.5)
+    with torch.no_grad():
+        samples, lp_sample = flow().rsample_and_log_prob((5000,))
+        over = torch.isinf(samples).any(-1)
+        assert over.any() and (lp_sample[over] == -math.inf).all()
+        lp = flow().log_prob(samples)
+    assert (lp[over] == -math.inf).all() and not lp.isnan().any()
+
+
+def test_logit_flow_samples_stay_in_the_unit_interval():
+    """Logit's image is [logit(alpha), -logit(alpha)] for alpha > 0: a base sample past it
+    gives x = 0 or 1, inside the support, which log_prob accepts (before, 26% of this wide
+    flow's samples lay outside [0, 1] and log_prob refused them)."""
+    torch.manual_seed(0)
+    flow = Flow([Logit(1), MixtureCDFFlow(1, 3)], StandardNormal(1))
+    with torch.no_grad():
+        flow.transforms[1].log_scale.fill_(2.5)
+        x = flow.sample(20000)
+        assert ((x >= 0) & (x <= 1)).all()
+        assert ((x == 0) | (x == 1)).float().mean() > 0.1  # the case arises
+        assert torch.isfinite(flow.log_prob(x)).all()
+    # Logit(alpha).inverse clamps; the density direction is unchanged.
+    y = torch.tensor([[-20.0], [0.0], [20.0]])
+    xs, _ = Logit(1).inverse(y)
+    assert xs[:, 0].tolist() == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["logistic", "gaussian"])
+def test_sigmoid_onto_a_uniform_base_is_normalized_and_finite(kind):
+    """Sigmoid's default alpha = 0 is the exact bijection of R onto (0, 1): a logit-output
+    mixture then Sigmoid onto a Uniform base has a finite log-density at every finite x
+    (float32: sigmoid(20) rounds to 1) and integrates to one; with Logit's alpha it is -inf
+    where z leaves [0, 1] and still integrates to one (the map is one to one)."""
+    torch.manual_seed(0)
+    x = torch.linspace(-400, 400, 800001, dtype=torch.float64)[:, None]
+    for alpha in (0.0, 1e-6):
+        sigmoid = Sigmoid(1) if alpha == 0.0 else Sigmoid(1, alpha=alpha)  # the default: 0
+        flow = Flow([MixtureCDFFlow(1, 4, kind=kind), sigmoid], Uniform(1))
+        with torch.no_grad():
+            far = flow.log_prob(torch.tensor([[20.0], [-20.0], [1e30]]))
+            density = flow.double().log_prob(x).exp()
+        assert torch.isfinite(far[:2]).all() == (alpha == 0.0)
+        assert torch.trapezoid(density, x[:, 0]).item() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_a_diverged_network_is_an_error_not_minus_inf():
     flow = _steep_far_flow()
     with torch.no_grad():

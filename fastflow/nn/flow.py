@@ -175,11 +175,15 @@ class Flow(nn.Module):
         value overflows inside, leaving no value for the row's logabsdet) are flagged in
         ``lost`` and set to zero before the next transform, so that they cause no NaN (and no
         spurious "not finite" error) downstream. Rows of x holding NaN are not flagged:
-        their NaN comes through."""
+        their NaN comes through. On R, rows holding +-inf (a sample that overflowed) are
+        flagged too: their density is 0."""
         x = self._prepare(x)
         self._check_takes_context(context)
         context = broadcast_context(context, x)
         value, total, lost = x, None, None
+        if _range_name(self.transforms[0].domain) == "R":
+            lost = torch.isinf(x).any(-1)
+            value = x.masked_fill(lost.unsqueeze(-1), 0.0)
         for t in self.transforms:
             value, lad = t(value, context)
             total = lad if total is None else total + lad
@@ -200,7 +204,8 @@ class Flow(nn.Module):
         """Log-density of x, shape ``x.shape[:-1]``. A context of shape (B, C) is broadcast
         over x's leading axes, so that samples of shape (n, B, D) score as drawn. Finite x
         gives a finite log-density, or -inf where its value is below the dtype's range (a
-        row whose values overflow inside the chain); never NaN."""
+        row whose values overflow inside the chain); never NaN. On R a row holding +-inf
+        (as a sample that overflowed is) gets -inf, with zero gradient."""
         z, lad, lost = self._forward_guarded(x, context)
         return (self.base.log_prob(z) + lad).masked_fill(lost, -math.inf)
 

@@ -411,7 +411,13 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
 
 
 class Logit(Transform):
-    """[0, 1]^D -> R^D: y = logit(alpha + (1 - 2 alpha) x), the usual squash for image data."""
+    """[0, 1]^D -> R^D: y = logit(alpha + (1 - 2 alpha) x), the usual squash for image data.
+
+    With alpha > 0 the image is [logit(alpha), -logit(alpha)] (about +-13.8 for the default
+    1e-6): the inverse clamps to it, so a flow's samples stay in [0, 1], and the base's mass
+    outside that interval (of order alpha for a fitted flow) lands on the boundary; the
+    density on [0, 1] then integrates to one minus that mass. alpha = 0 is the exact bijection
+    onto R, for data strictly inside (0, 1)."""
 
     takes_context = False
 
@@ -437,11 +443,19 @@ class Logit(Transform):
         lad = math.log1p(-2 * self.alpha) - log_s - log_1ms
         return log_s - log_1ms, lad.sum(-1)
 
-    def _sigmoid(self, y):
+    def _sigmoid(self, y, clamp):
+        # With alpha > 0 the logit's image is [logit(alpha), -logit(alpha)], not R. Sampling
+        # (``clamp``) puts a y past it (a base sample in the mass outside the image) on that
+        # end, so that samples stay in [0, 1], the support that log_prob accepts; the density
+        # direction does not (x there has density 0, and the map stays one to one).
+        if clamp and self.alpha > 0:
+            end = math.log(self.alpha) - math.log1p(-self.alpha)
+            y = y.clamp(end, -end)
         s = torch.sigmoid(y)
         lad = nn.functional.logsigmoid(y) + nn.functional.logsigmoid(-y) - math.log1p(
             -2 * self.alpha)
-        return (s - self.alpha) / (1 - 2 * self.alpha), lad.sum(-1)
+        x = (s - self.alpha) / (1 - 2 * self.alpha)
+        return (x.clamp(0.0, 1.0) if clamp else x), lad.sum(-1)
 
     def forward(self, x, context=None):
         self._check(x)
@@ -449,17 +463,23 @@ class Logit(Transform):
 
     def inverse(self, z, context=None):
         self._check(z, "z")
-        return self._sigmoid(z)
+        return self._sigmoid(z, clamp=True)
 
 
 class Sigmoid(Logit):
-    """R^D -> [0, 1]^D, the inverse of :class:`Logit`."""
+    """R^D -> [0, 1]^D: z = (sigmoid(x) - alpha) / (1 - 2 alpha), the inverse of
+    :class:`Logit` with the same alpha. The default alpha = 0 is the exact bijection onto
+    (0, 1), so every finite x has a finite density; with alpha > 0 the map reaches
+    [-alpha', 1 + alpha'] and an x whose z leaves [0, 1] has density 0 (-inf log-density)."""
 
     domain, codomain = constraints.real, constraints.unit_interval
 
+    def __init__(self, features: int, alpha: float = 0.0):
+        super().__init__(features, alpha)
+
     def forward(self, x, context=None):
         self._check(x)
-        return self._sigmoid(x)
+        return self._sigmoid(x, clamp=False)
 
     def inverse(self, z, context=None):
         self._check(z, "z")
