@@ -78,6 +78,12 @@ def _mixture_cdf_bwd_kernel(
         gy = tl.load(gy_ptr + offs_n * s_gy, mask=mask_n, other=0.0).to(CDT)
     else:
         gy = gl * 0.0
+    # At x = +-inf the map is flat at its limits: no gradient to anything (zero cotangents at
+    # x = 0 give exact zeros, where inf * 0 = NaN would reach the shared parameters' sums).
+    far = tl.abs(x) == float("inf")
+    x = tl.where(far, 0.0, x)
+    gl = tl.where(far, 0.0, gl)
+    gy = tl.where(far, 0.0, gy)
     log_pi, loc, log_scale, mask = load_mixture(
         logit_ptr, loc_ptr, log_scale_ptr, s_lr, s_lc, s_lk, s_mr, s_mc, s_mk, s_sr, s_sc, s_sk,
         offs_n, mask_n, C, K, BLOCK_K, CDT, DENSE, True,

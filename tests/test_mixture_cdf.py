@@ -601,6 +601,43 @@ def test_log_space_logistic_terms_exact_past_softplus_threshold():
     torch.testing.assert_close(lad, want, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("output", ["unit", "logit", "density"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_infinite_x_has_no_gradient_and_leaves_shared_parameters_finite(backend, kind, output):
+    """At x = +-inf the map is flat at its limits: its gradients are 0, and the parameters
+    shared with finite elements get exactly the finite elements' gradients (before, the
+    infinite element's inf * 0 made x's gradient and every shared parameter's NaN, even for
+    a loss that does not use that element)."""
+    torch.manual_seed(0)
+    K = 3
+    shared = [torch.randn(2, K), torch.randn(2, K), 0.5 * torch.randn(2, K)]
+    x = torch.tensor([[math.inf, 0.3], [-0.7, -math.inf], [1.1, 0.2]])
+
+    def grads(x):
+        x = x.clone().to(DEVICE).requires_grad_()
+        params = [p.clone().to(DEVICE).requires_grad_() for p in shared]
+        previous = fastflow.get_validate_args()
+        fastflow.set_validate_args(False)  # "logit" refuses infinite x under validation
+        try:
+            if output == "density":
+                loss = fastflow.mixture_log_prob(x, *params, kind=kind)[2].sum()
+            else:
+                y, lad = fastflow.mixture_cdf(x, *params, kind=kind, output=output)
+                loss = (y[2] + lad[2]).sum()  # the infinite elements' outputs unused
+        finally:
+            fastflow.set_validate_args(previous)
+        loss.backward()
+        return [t.grad.cpu() for t in (x, *params)]
+
+    g = grads(x)
+    assert all(torch.isfinite(t).all() for t in g), g
+    assert g[0][0, 0] == 0 and g[0][1, 1] == 0
+    # Only row 2 feeds the loss: the same as with finite values in place of the infinities.
+    g_finite = grads(torch.where(torch.isinf(x), torch.zeros_like(x), x))
+    for a, b in zip(g, g_finite, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # Scales beyond the dtype's range: 1/s = exp(-log_scale) overflows (log_scale below about
 # -88.7 in float32, -709.8 in float64), so u = (x - loc)/s is +-inf, or 0 * inf at x == loc.
 

@@ -247,8 +247,11 @@ def mixture_cdf_bwd(grad_y, grad_lad, x, logits, loc, log_scale, kind: str, outp
             p = vjp_pieces(*sub, kind, output)
             fixed = vjp_assemble(*output_coefs(gy[bad], gl[bad], p, output), p)
             _limit_vjp(fixed, gy[bad], gl[bad], *sub, p, kind, output)
+            # At x = +-inf the map is flat at its limits: no gradient to anything (else
+            # inf * 0 = NaN would reach the shared parameters' sums).
+            far = torch.isinf(sub[0])
             for g, g_bad in zip(grads, fixed, strict=True):
-                g[bad] = g_bad
+                g[bad] = g_bad.masked_fill(far if g_bad.dim() == 1 else far[:, None], 0.0)
         return grads
 
 
