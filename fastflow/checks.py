@@ -92,6 +92,14 @@ def check_float_tensor(x, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def check_float_tensors(x_name: str, x, logits, loc, log_scale) -> None:
+    """The public Functions' own check (they skip the functional API's): floating-point
+    tensors only, so that integers never reach a backend that would truncate."""
+    for name, t in ((x_name, x), ("logits", logits), ("loc", loc), ("log_scale", log_scale)):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            check_float_tensor(t, name)
+
+
 def _broadcasts_to(shape, full) -> bool:
     """Whether ``shape`` broadcasts to exactly ``full`` (plain Python: torch.broadcast_shapes
     cost more host time than the rest of an op's checks)."""

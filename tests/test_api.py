@@ -86,6 +86,26 @@ def test_unknown_kind_and_output_are_rejected(func):
         _raises(func, "output must be one of", x, *params, output="probit")
 
 
+@pytest.mark.parametrize("bad", ["x", "logits", "loc", "log_scale"])
+def test_public_autograd_functions_reject_integer_tensors(bad):
+    """The Functions skip the functional API's checks; an integer tensor would reach a backend
+    that truncates (a long x gave integer y and logabsdet): a ValueError naming it."""
+    from fastflow.ops import MixtureCDF, MixtureCDFInverse, MixtureLogProb
+
+    x, params = _good()
+    args = dict(zip(["x", "logits", "loc", "log_scale"], [torch.sigmoid(x), *params],
+                    strict=True))
+    args[bad] = torch.ones_like(args[bad], dtype=torch.long)
+    values = list(args.values())
+    name = "y" if bad == "x" else bad
+    with pytest.raises(ValueError, match=f"{name} must be a floating-point tensor"):
+        MixtureCDFInverse.apply(*values, "logistic", "unit")
+    with pytest.raises(ValueError, match=f"{bad} must be a floating-point tensor"):
+        MixtureCDF.apply(*values, "logistic", "unit")
+    with pytest.raises(ValueError, match=f"{bad} must be a floating-point tensor"):
+        MixtureLogProb.apply(*values, "logistic")
+
+
 @pytest.mark.parametrize("kind,output,match", [
     ("logisitc", "unit", "kind must be one of"), ("logistic", "Unit", "output must be one of"),
     ("gaussian", "density", "output must be one of")])

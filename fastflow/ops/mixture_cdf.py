@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_kind_output
+from ..checks import check_float_tensors, check_kind_output
 from ..reference import mixture_cdf as cpu_path
 from ..reference import naive
 from . import dispatch
@@ -151,6 +151,7 @@ class MixtureCDF(torch.autograd.Function):
 
     @staticmethod
     def forward(x, logits, loc, log_scale, kind: str, output: str):
+        check_float_tensors("x", x, logits, loc, log_scale)
         return call("mixture_cdf_fwd", x, *expand_params(x, logits, loc, log_scale),
                               kind, output)
 
@@ -186,6 +187,7 @@ class MixtureLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(x, logits, loc, log_scale, kind: str):
+        check_float_tensors("x", x, logits, loc, log_scale)
         return call("mixture_log_prob_fwd", x, *expand_params(x, logits, loc, log_scale),
                               kind)
 

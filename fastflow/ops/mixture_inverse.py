@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_kind_output
+from ..checks import check_float_tensors, check_kind_output
 from ..reference import mixture_inverse as cpu_path
 from ..reference import naive
 from . import dispatch
@@ -142,6 +142,7 @@ class MixtureCDFInverse(torch.autograd.Function):
 
     @staticmethod
     def forward(y, logits, loc, log_scale, kind: str, output: str):
+        check_float_tensors("y", y, logits, loc, log_scale)
         return call("mixture_cdf_inverse_fwd", y,
                               *expand_params(y, logits, loc, log_scale), kind, output)
 
