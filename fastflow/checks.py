@@ -38,8 +38,13 @@ def get_validate_args() -> bool:
 def should_validate(validate_args: bool | None = None) -> bool:
     """Whether to run the value checks: on (per call or by default), and neither traced by
     torch.compile nor inside a torch.func transform."""
-    on = _validate_default if validate_args is None else validate_args
-    return (bool(on) and not torch.compiler.is_compiling()
+    if validate_args is None:
+        on = _validate_default
+    elif isinstance(validate_args, bool):
+        on = validate_args
+    else:
+        raise ValueError(f"validate_args must be a bool or None, got {validate_args!r}")
+    return (on and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active())
 
 
@@ -55,6 +60,26 @@ def check_count(name: str, value, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     return int(value)
+
+
+def check_seed(seed) -> int | None:
+    """None, or an int seed (not a bool); a ValueError naming ``seed`` otherwise."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return None if seed is None else int(seed)
+
+
+def check_optional_count(name: str, value) -> int | None:
+    """None, or an int >= 1 (:func:`check_count`)."""
+    return None if value is None else check_count(name, value)
+
+
+def check_real(name: str, value) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` unless it is a real number (not a
+    bool, not NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def hidden_sizes(name: str, value, allow_empty: bool = False) -> list[int]:
@@ -173,7 +198,10 @@ def masked_linear_args(x, weight, mask, bias, activation):
 
 
 def validate_values(checks: list[tuple[str, torch.Tensor, str]]) -> None:
-    """Raise ValueError for the first (name, bad-mask, what) whose mask has a True; one sync."""
+    """Raise ValueError for the first (name, bad-mask, what) whose mask has a True; one sync.
+    Meta tensors hold no values: nothing to check (shapes were checked already)."""
+    if not checks or checks[0][1].device.type == "meta":
+        return
     flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()
     for (name, _, what), flag in zip(checks, flags, strict=True):
         if flag:

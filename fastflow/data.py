@@ -6,11 +6,19 @@ import math
 
 import torch
 
+from .checks import check_count, check_real
+
+
+def _check(n, noise) -> tuple[int, float]:
+    noise = check_real("noise", noise)
+    if not 0.0 <= noise < math.inf:
+        raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise}")
+    return check_count("n", n), noise
+
 
 def two_moons(n: int, noise: float = 0.05, *, generator: torch.Generator | None = None):
     """(n, 2) points on two interleaved half circles with Gaussian noise (float32)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n, noise = _check(n, noise)
     upper = torch.rand(n, generator=generator) < 0.5
     angle = torch.rand(n, generator=generator) * math.pi
     x = torch.where(upper, torch.cos(angle), 1.0 - torch.cos(angle))
@@ -22,8 +30,7 @@ def two_moons(n: int, noise: float = 0.05, *, generator: torch.Generator | None 
 def rings(n: int, noise: float = 0.05, *, radii=(0.5, 1.0, 1.5),
           generator: torch.Generator | None = None):
     """(n, 2) points on concentric circles with Gaussian noise (float32)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n, noise = _check(n, noise)
     r = torch.tensor(radii)[torch.randint(0, len(radii), (n,), generator=generator)]
     angle = torch.rand(n, generator=generator) * 2 * math.pi
     pts = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], -1)
@@ -38,8 +45,7 @@ def smiley(n: int, noise: float = 0.05, *, generator: torch.Generator | None = N
     the mouth, the arc of the circle of radius 0.55 about the origin from 200 to 340 degrees.
     A density with several separate pieces, some thin, so a good fit shows detail.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n, noise = _check(n, noise)
     part = torch.multinomial(torch.tensor([0.5, 0.1, 0.1, 0.3]), n, replacement=True,
                              generator=generator)
     t = torch.rand(n, generator=generator)

@@ -270,8 +270,17 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
             device = torch.device(device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device must name a torch device, got {device!r}") from None
+        if device.type == "meta":
+            raise ValueError("device 'meta' holds no values to train on; use 'cpu' or 'cuda'")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:  # e.g. a CPU-only torch given "cuda"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"device {str(device)!r} is not available here: {first}") from None
     x = _as_matrix(data, "data", dtype, device)
     n, features = x.shape
+    if n == 0:
+        raise ValueError(f"data has no rows (shape {tuple(x.shape)})")
     expected = getattr(flow, "features", None)
     if isinstance(expected, int) and features != expected:
         raise ValueError(f"data has {features} features (columns) but the flow has {expected}")

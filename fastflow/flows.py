@@ -15,7 +15,9 @@ transforms the features are reversed, so each dimension is conditioned on the ot
 
 from __future__ import annotations
 
-from .checks import check_count, hidden_sizes
+from torch import nn
+
+from .checks import check_count, check_seed, hidden_sizes
 from .distributions import StandardNormal
 from .nn import AutoregressiveMixtureFlow, Flow, FlowDistribution, MixtureCDFFlow, Reverse
 from .nn.coupling import CouplingMixtureFlow
@@ -46,6 +48,14 @@ def _check_counts(features: int, transforms: int, components: int, context: int)
         check_count(name, value, least)
 
 
+def _built(network, n_in: int, n_out: int) -> nn.Module:
+    module = network(n_in, n_out)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"network({n_in}, {n_out}) must return a torch.nn.Module, got "
+                         f"{type(module).__name__}")
+    return module
+
+
 def _interleave(layers, features):
     """The layers with a Reverse between each pair."""
     out = []
@@ -66,6 +76,7 @@ class MAF(_OneLineFlow):
                  components: int = 8, hidden_features=(64, 64), kind: str = "logistic",
                  seed: int | None = None):
         _check_counts(features, transforms, components, context)
+        seed = check_seed(seed)
         hidden = hidden_sizes("hidden_features", hidden_features)
         layers = [AutoregressiveMixtureFlow(
             features, components, hidden, kind=kind,
@@ -93,7 +104,7 @@ class MixtureCDF(_OneLineFlow):
         if context:
             raise ValueError("MixtureCDF has no conditioner and takes no context; use MAF or "
                              "Coupling for a conditional flow")
-        if tuple(hidden_features):
+        if hidden_sizes("hidden_features", hidden_features, allow_empty=True):
             raise ValueError("MixtureCDF has no network: hidden_features must be empty")
         layers = [MixtureCDFFlow(features, components, kind=kind) for _ in range(transforms)]
         super().__init__(layers, StandardNormal(features))
@@ -115,10 +126,13 @@ class Coupling(_OneLineFlow):
             raise ValueError(f"features must be >= 2 for a coupling flow, got {features}")
         n_in = features // 2 + context
         n_out = (features - features // 2) * 3 * components
+        if network is not None and not callable(network):
+            raise ValueError(f"network must be callable as network(in_features, out_features) "
+                             f"returning a torch.nn.Module, got {type(network).__name__}")
         layers = [CouplingMixtureFlow(
             features, components, hidden_features, kind=kind,
             context_features=context or None,
-            network=None if network is None else network(n_in, n_out))
+            network=None if network is None else _built(network, n_in, n_out))
             for _ in range(transforms)]
         super().__init__(_interleave(layers, features), StandardNormal(features))
         self.context_features = context

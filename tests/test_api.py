@@ -169,6 +169,8 @@ def test_validation_off_per_call_and_globally_gives_nan_without_raising():
         fastflow.set_validate_args(True)
     with pytest.raises(ValueError, match="validate_args must be a bool"):
         fastflow.set_validate_args("yes")
+    with pytest.raises(ValueError, match="validate_args must be a bool or None, got 'yes'"):
+        fastflow.mixture_cdf(x, *params, validate_args="yes")
 
 
 def test_scalar_input_and_mixed_dtypes_promote():

@@ -31,7 +31,7 @@ from fastflow.cli.train import (
     loss_and_backward,
     model_config,
 )
-from fastflow.data import smiley, two_moons
+from fastflow.data import rings, smiley, two_moons
 
 TINY = ["--steps", "3", "--batch-size", "32", "--hidden", "16,16", "--components", "2",
         "--no-progress"]
@@ -451,6 +451,10 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     code, out, err = run(capsys, "train", "--out", str(taken), *TINY)
     assert_one_line_error(code, err, "taken")
     assert "NLL" not in out  # it failed before training
+    code, out, err = run(capsys, "bench", "--size", "tiny", "--workloads", "W1", "--out",
+                         str(taken))
+    assert_one_line_error(code, err, "--out", "taken", "is a file")
+    assert taken.read_text() == ""
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeypatch):
@@ -513,6 +517,19 @@ def test_console_entry_point_runs_as_a_program(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # smiley data
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [two_moons, rings, smiley])
+def test_data_sets_refuse_bad_sizes_and_noise(make):
+    for n in ("10", 10.5, 0, True):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            make(n)
+    with pytest.raises(ValueError, match="noise must be a real number, got nan"):
+        make(10, float("nan"))
+    for noise in (-1.0, math.inf):
+        with pytest.raises(ValueError, match="noise must be a finite standard deviation"):
+            make(10, noise)
+    assert make(3, 0).shape == (3, 2)
+
+
 def test_smiley_points_lie_on_the_face():
     g = torch.Generator().manual_seed(0)
     x = smiley(4000, noise=0.0, generator=g)
@@ -535,7 +552,7 @@ def test_smiley_is_seeded_noisy_and_checks_n():
     assert not torch.allclose(a, smiley(100, generator=torch.Generator().manual_seed(2)))
     off = (a.norm(dim=-1) - 1.0).abs().min()
     assert off < 0.2 and smiley(100, noise=0.2).std() > smiley(100, noise=0.0).std() * 0.9
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         smiley(0)
 
 

@@ -314,6 +314,10 @@ BAD = [
     ({"progress": "yes"}, "progress must be True, False or None"),
     ({"seed": "abc"}, "seed must be an integer"),
     ({"device": "nonsense"}, "device must name a torch device"),
+    ({"device": "meta"}, "device 'meta' holds no values"),
+    ({"data": torch.zeros(0, 2)}, r"data has no rows \(shape \(0, 2\)\)"),
+    *([({"device": "cuda"}, "device 'cuda' is not available here")]
+      if not torch.cuda.is_available() else []),
 ]
 
 

@@ -326,8 +326,12 @@ def test_small_inputs_name_the_problem():
         flow.log_prob(np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError, match="x must be a torch.Tensor"):
         MixtureCDFFlow(2, 3)(np.zeros((3, 2), np.float32))
-    with pytest.raises(ValueError, match="x is on meta but the flow is on cpu"):
+    with pytest.raises(ValueError, match="x is on the meta device, which holds no values"):
         flow.log_prob(torch.zeros(3, 2, device="meta"))
+    meta = fastflow.flows.MAF(2, transforms=1, hidden_features=[8]).to("meta")
+    for call in (lambda: meta.log_prob(torch.zeros(3, 2)), lambda: meta.sample(3)):
+        with pytest.raises(ValueError, match="the flow is on the meta device.*to_empty"):
+            call()
     with pytest.raises(ValueError, match=r"transforms\[1\] must be a fastflow Transform"):
         Flow([MixtureCDFFlow(2, 3), torch.nn.Linear(2, 2)], StandardNormal(2))
     with pytest.raises(ValueError, match="transforms must be a Transform or a list"):

@@ -145,9 +145,35 @@ def test_bad_arguments_name_the_problem():
         assert CONSTRUCTORS[name](4, hidden_features=16).log_prob(torch.randn(3, 4)).shape == (3,)
         if name == "Coupling":  # no hidden layer: a linear conditioner
             assert Coupling(4, hidden_features=()).log_prob(torch.randn(3, 4)).shape == (3,)
-        for bad in ((0,), (64, 0), (-3,), 2.5, "64"):
+        for bad in ((0,), (64, 0), (-3,), 2.5, "64", None):
             with pytest.raises(ValueError, match="hidden_features must be positive sizes"):
                 CONSTRUCTORS[name](4, hidden_features=bad)
+    with pytest.raises(ValueError, match="hidden_features must be positive sizes"):
+        MixtureCDF(2, hidden_features=None)
+    for name in ("MAF", "IAF"):
+        for bad in ("a", 1.5, True):
+            with pytest.raises(ValueError, match="seed must be an int or None"):
+                CONSTRUCTORS[name](2, seed=bad)
+
+
+def test_a_bad_coupling_network_names_the_problem():
+    """A network factory that is not callable, returns something other than a module, or
+    builds a module of the wrong input width: ValueErrors that say so (before: raw
+    TypeError, AttributeError, RuntimeError, or a silent fall-back to the default MLP)."""
+    with pytest.raises(ValueError, match="network must be callable"):
+        Coupling(4, network=5)
+    with pytest.raises(ValueError, match=r"network\(2, 48\) must return a torch.nn.Module, "
+                                         r"got NoneType"):
+        Coupling(4, components=8, network=lambda i, o: None)
+    with pytest.raises(ValueError, match="must return a torch.nn.Module, got function"):
+        Coupling(4, network=lambda i, o: (lambda x: x))
+    with pytest.raises(ValueError, match="network must be a torch.nn.Module"):
+        CouplingMixtureFlow(4, 2, network=lambda x: x)
+    wrong = Coupling(4, network=lambda i, o: torch.nn.Linear(i + 1, o))
+    with pytest.raises(ValueError, match=r"the network failed on inputs of shape \(3, 2\)"):
+        wrong.log_prob(torch.randn(3, 4))
+    right = Coupling(4, components=2, network=lambda i, o: torch.nn.Linear(i, o))
+    assert right.log_prob(torch.randn(3, 4)).shape == (3,)
 
 
 def test_fit_trains_a_one_line_flow():

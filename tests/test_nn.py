@@ -236,6 +236,32 @@ def test_bad_input_names_the_problem():
         Flow([MixtureCDFFlow(3, 2)], StandardNormal(2))
 
 
+@pytest.mark.parametrize("build, message", [
+    (lambda: MixtureCDFFlow("2", 3), "features must be an int >= 1, got '2'"),
+    (lambda: MixtureCDFFlow(2.0, 3), "features must be an int >= 1"),
+    (lambda: MixtureCDFFlow(2, 3.5), "components must be an int >= 1"),
+    (lambda: AutoregressiveMixtureFlow(2, "8", [16]), "components must be an int >= 1"),
+    (lambda: AutoregressiveMixtureFlow(2.0, 8, [16]), "features must be an int >= 1"),
+    (lambda: AutoregressiveMixtureFlow(2, 8, [16], context_features=-1),
+     "context_features must be an int >= 1"),
+    (lambda: AutoregressiveMixtureFlow(2, 8, [16], context_features=0),
+     "context_features must be an int >= 1"),
+    (lambda: AutoregressiveMixtureFlow(2, 8, [16], seed=1.5), "seed must be an int or None"),
+    (lambda: MADE(2.5, [4]), "features must be an int >= 1"),
+    (lambda: Logit(2, alpha="0.1"), "alpha must be a real number"),
+    (lambda: Logit(2, alpha=math.nan), "alpha must be a real number"),
+    (lambda: Permutation([1.9, 0.2]), "permutation must hold ints"),
+    (lambda: Permutation([]), "permutation must not be empty"),
+    (lambda: Permutation([0, 2]), "permutation must be a permutation of 0..n-1"),
+])
+def test_bad_constructor_arguments_name_the_problem(build, message):
+    """ValueErrors naming the argument (before: raw TypeErrors, a RuntimeError for a
+    negative context size, a zero-size context accepted with a warning, and a float
+    permutation silently truncated to ints)."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
 def test_bad_context_values_and_sample_sizes_name_the_problem():
     flow = Flow([AutoregressiveMixtureFlow(3, 2, [8], context_features=2, output="logit",
                                            seed=0)], StandardNormal(3))
@@ -253,10 +279,12 @@ def test_bad_context_values_and_sample_sizes_name_the_problem():
     inf_x = x.clone()
     inf_x[2, 1] = float("inf")
     for direction in DIRECTIONS:  # logit F has no logabsdet at x = +-inf
-        model = Flow([AutoregressiveMixtureFlow(3, 2, [8], output="logit", direction=direction)],
-                   StandardNormal(3))
+        layer = AutoregressiveMixtureFlow(3, 2, [8], output="logit", direction=direction)
         with pytest.raises(ValueError, match="x must be finite for output='logit'"):
-            model.log_prob(inf_x)
+            layer(inf_x)
+        # A flow on R gives that row density 0 (test_flow_contract checks it further).
+        lp = Flow([layer], StandardNormal(3)).log_prob(inf_x)
+        assert lp[2] == -math.inf and torch.isfinite(lp[[0, 1, 3]]).all()
     with pytest.raises(ValueError, match="shape must be non-negative"):
         StandardNormal(3).sample((2, -1))
     # Integer scalars of any kind are sizes, as torch.distributions takes them.

@@ -691,7 +691,16 @@ def main(argv=None, parser_class=argparse.ArgumentParser) -> int:
     env = environment(device)
     stem = os.path.join(args.out or "", f"bench-{env['date']}-{device.type}-{size}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            print(f"fastflow bench: --out {args.out} is a file; --out names a folder for the "
+                  f"results", file=sys.stderr)
+            return 2
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            print(f"fastflow bench: --out {args.out}: cannot create the folder "
+                  f"({e.strerror or e})", file=sys.stderr)
+            return 2
     results, skipped = [], []
     AUTOCAST[0] = device.type if args.autocast else None
     try:

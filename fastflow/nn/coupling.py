@@ -71,10 +71,13 @@ class CouplingMixtureFlow(_MixtureTransform):
                              "half stays in R, so the layer maps R^D to R^D")
         self.features, self.components = features, components
         self.kind, self.output = kind, output
-        self.context_features = context_features
+        self.context_features = checks.check_optional_count("context_features",
+                                                            context_features)
         self.split = features // 2
         n_in = self.split + (context_features or 0)
         n_out = (features - self.split) * 3 * components
+        if network is not None and not isinstance(network, nn.Module):
+            raise ValueError(f"network must be a torch.nn.Module, got {type(network).__name__}")
         if network is None:
             network = coupling_network(n_in, n_out,
                                        hidden_sizes("hidden_features", hidden_features,
@@ -91,7 +94,13 @@ class CouplingMixtureFlow(_MixtureTransform):
 
     def _params(self, kept, context):
         inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], -1)
-        out = _call_in_dtype(self.network, inputs)
+        try:
+            out = _call_in_dtype(self.network, inputs)
+        except RuntimeError as e:
+            if "shape" not in str(e):  # not an input width the network does not take
+                raise
+            raise ValueError(f"the network failed on inputs of shape {tuple(inputs.shape)} "
+                             f"(D // 2 + context features per row): {e}") from e
         expected = (self.features - self.split) * 3 * self.components
         if out.shape[-1] != expected:
             raise ValueError(f"the network must return {expected} outputs per row "

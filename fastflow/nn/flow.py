@@ -156,6 +156,8 @@ class Flow(nn.Module):
     def _prepare(self, x, name: str = "x") -> torch.Tensor:
         check_float_tensor(x, name)
         dtype, device = self._dtype_device()
+        _check_not_meta(x.device, name)
+        _check_not_meta(device, "the flow")
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but the flow is on {device}; move one "
                              f"of them with .to()")
@@ -164,6 +166,8 @@ class Flow(nn.Module):
         return x.to(torch.promote_types(x.dtype, dtype))
 
     def _check_takes_context(self, context) -> None:
+        if context is not None:
+            check_float_tensor(context, "context")
         if context is not None and all(t.takes_context is False for t in self.transforms):
             raise ValueError(
                 "context was given but no transform of this flow takes one; build a "
@@ -222,6 +226,7 @@ class Flow(nn.Module):
     def rsample_and_log_prob(self, sample_shape=(), context: torch.Tensor | None = None):
         """(x, log p(x)) for differentiable samples, from the sampling pass alone."""
         shape = _sample_shape(sample_shape)
+        _check_not_meta(self._dtype_device()[1], "the flow")
         self._check_takes_context(context)
         n = math.prod(shape)
         batch = () if context is None else tuple(context.shape[:-1])
@@ -243,6 +248,13 @@ class Flow(nn.Module):
     def distribution(self, context: torch.Tensor | None = None) -> FlowDistribution:
         """This flow as a torch.distributions.Distribution (optionally conditioned)."""
         return FlowDistribution(self, context)
+
+
+def _check_not_meta(device: torch.device, name: str) -> None:
+    if device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: a flow needs "
+                         f"real tensors (move a meta-initialised flow with "
+                         f"to_empty(device=...) and load its weights first)")
 
 
 def _base_features(base) -> int | None:
@@ -300,6 +312,8 @@ class FlowDistribution(Distribution):
 
     def __init__(self, flow: Flow, context: torch.Tensor | None = None,
                  batch_shape: torch.Size | None = None):
+        if context is not None:
+            check_float_tensor(context, "context")
         self.flow, self.context = flow, context
         if batch_shape is None:
             batch_shape = torch.Size(()) if context is None else context.shape[:-1]

@@ -102,10 +102,10 @@ class MADE(nn.Module):
                  context_features: int | None = None, activation: nn.Module | None = None,
                  seed: int | None = None):
         super().__init__()
-        if features < 1:
-            raise ValueError(f"features must be >= 1, got {features}")
-        if out_multiplier < 1:
-            raise ValueError(f"out_multiplier must be >= 1, got {out_multiplier}")
+        features = checks.check_count("features", features)
+        out_multiplier = checks.check_count("out_multiplier", out_multiplier)
+        context_features = checks.check_optional_count("context_features", context_features)
+        seed = checks.check_seed(seed)
         hidden = checks.hidden_sizes("hidden_features", hidden_features)
         if residual and len(set(hidden)) != 1:
             raise ValueError("residual=True needs hidden_features of one size")

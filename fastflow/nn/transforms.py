@@ -243,9 +243,8 @@ class MixtureCDFFlow(_MixtureTransform):
     def __init__(self, features: int, components: int, kind: str = "logistic",
                  output: str = "logit"):
         super().__init__()
-        if features < 1 or components < 1:
-            raise ValueError(f"features and components must be >= 1, got {features}, "
-                             f"{components}")
+        features = checks.check_count("features", features)
+        components = checks.check_count("components", components)
         check_kind_output(kind, output)
         self.features, self.components = features, components
         self.kind, self.output = kind, output
@@ -285,8 +284,9 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         super().__init__()
         if direction not in ("maf", "iaf"):
             raise ValueError(f"direction must be 'maf' or 'iaf', got {direction!r}")
-        if components < 1:
-            raise ValueError(f"components must be >= 1, got {components}")
+        features = checks.check_count("features", features)
+        components = checks.check_count("components", components)
+        context_features = checks.check_optional_count("context_features", context_features)
         check_kind_output(kind, output)
         self.features, self.components = features, components
         self.kind, self.direction, self.output = kind, direction, output
@@ -425,6 +425,7 @@ class Logit(Transform):
 
     def __init__(self, features: int, alpha: float = 1e-6):
         super().__init__()
+        alpha = checks.check_real("alpha", alpha)
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
         self.features, self.alpha = checks.check_count("features", features), alpha
@@ -493,10 +494,21 @@ class Permutation(Transform):
 
     def __init__(self, permutation):
         super().__init__()
-        perm = torch.as_tensor(permutation).long()
+        try:
+            perm = torch.as_tensor(permutation)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"permutation must be a sequence of ints, got {permutation!r}") \
+                from None
+        if perm.numel() == 0:
+            raise ValueError("permutation must not be empty")
+        if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+            raise ValueError(f"permutation must hold ints, got dtype {perm.dtype}")
+        perm = perm.long()
         n = perm.numel()
-        if perm.dim() != 1 or not torch.equal(perm.sort().values, torch.arange(n)):
-            raise ValueError(f"permutation must be a permutation of 0..{n - 1}")
+        if n == 0 or perm.dim() != 1 or not torch.equal(perm.cpu().sort().values,
+                                                         torch.arange(n)):
+            raise ValueError(f"permutation must be a permutation of 0..n-1 (n >= 1), got "
+                             f"{permutation!r}")
         self.features = n
         self.register_buffer("perm", perm)
         self.register_buffer("inverse_perm", torch.argsort(perm))
