@@ -197,6 +197,16 @@ def _script(name: str):
     return module
 
 
+def test_second_derivatives_script_prints_its_table(capsys):
+    """bench/investigations/second_derivatives.py (the figures in docs/numerics.md): one row
+    per point, float64 close to the exact value where float32 has lost half of it."""
+    _script("second_derivatives").main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 6
+    assert float(rows[-2][3]) == pytest.approx(0.5, abs=0.01)  # float32 at x = -20
+    assert float(rows[-2][5]) < 1e-6  # float64 there
+
+
 def test_host_overhead_script_times_each_variant_and_restores_what_it_patches():
     """bench/investigations/host_overhead.py (the host times in docs/tuning.md) times the op and the
     W4 step, and puts back the backend switch, the kernels, the routes, the input checks, the
