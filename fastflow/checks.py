@@ -1,6 +1,7 @@
 """fastflow's input checks, in one place: argument choices, types, devices and shapes (always
-checked, on the host) and value checks (NaN, infinities, domains), which follow
-torch.distributions' ``validate_args``.
+checked, on the host) and value checks (NaN, infinities, domains), modelled on
+torch.distributions' ``validate_args`` but switched on their own: torch's
+``Distribution.set_default_validate_args`` does not change them.
 
 Value checks run when ``validate_args`` is on (the global default, :func:`set_validate_args`,
 or per call) and cost one host synchronisation per call. They are skipped while

@@ -251,6 +251,27 @@ def test_compile_fullgraph_forward_inverse_backward():
     assert explained.graph_break_count == 0
 
 
+def test_a_flow_used_eagerly_then_compiled_has_no_graph_break():
+    """Sampling (the one-pass route) and a no-grad IAF density compile with fullgraph=True
+    after the flow has run eagerly (its degree table cached: the cache is keyed by data
+    pointers, which do not trace, and is bypassed under compile), with the eager results."""
+    torch._dynamo.reset()
+    maf = fastflow.flows.MAF(2, transforms=1, components=3, hidden_features=(8,), seed=0)
+    iaf = fastflow.flows.IAF(2, transforms=1, components=3, hidden_features=(8,), seed=0)
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        maf.sample((4,))
+        want = iaf.log_prob(x)
+        got = torch.compile(lambda v: iaf.log_prob(v), fullgraph=True, backend="aot_eager")(x)
+        torch.manual_seed(1)
+        eager = maf.sample((4,))
+        torch.manual_seed(1)
+        compiled = torch.compile(lambda: maf.sample((4,)), fullgraph=True,
+                                 backend="aot_eager")()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled, eager)
+
+
 @pytest.mark.parametrize("op", ["mixture_cdf", "mixture_cdf_inverse", "mixture_log_prob"])
 def test_non_contiguous_inputs_match_contiguous(backend, op):
     """Transposed inputs and parameters give the same values and gradients as copies, and

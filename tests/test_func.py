@@ -371,6 +371,25 @@ def test_flow_ensemble_under_vmap(backend):
     _close(got, want)
 
 
+@pytest.mark.parametrize("direction", ["maf", "iaf"])
+def test_one_pass_route_under_vmap_with_a_shared_context(backend, direction):
+    """vmap over batches of values with one (unbatched) context, without gradients (the
+    one-pass route): the context's per-row biases repeat for each batch entry, as a loop
+    over the batch gives. Before, the rule folded the values' batch into their rows but not
+    the biases', and the CPU path raised a shape error."""
+    torch.manual_seed(0)
+    layer = AutoregressiveMixtureFlow(3, 3, [8], context_features=2, direction=direction,
+                                      output="logit", seed=0)
+    context, values = torch.randn(5, 2), torch.randn(4, 5, 3)
+    # The sequential direction: MAF's inverse (sampling), IAF's forward (density).
+    step = layer.inverse if direction == "maf" else layer.forward
+    with torch.no_grad():
+        got = vmap(lambda v: step(v, context))(values)
+        want = [step(v, context) for v in values]
+    for g, w in zip(got, zip(*want, strict=True), strict=True):
+        torch.testing.assert_close(g, torch.stack(w), rtol=1e-5, atol=1e-5)
+
+
 def test_public_functions_apply_under_transforms(backend):
     """fastflow.MixtureCDF & co. applied directly (not through the functional API) under
     vmap and grad, and in plain eager mode."""

@@ -187,16 +187,21 @@ class MADE(nn.Module):
         contiguous range. Derived again whenever a mask is replaced, moved or written to.
         """
         masks = [layer.mask for layer in self.layers]
+        if torch.compiler.is_compiling():  # traced: no cache (data pointers do not trace)
+            return self._derive_table(masks)
         key = tuple((m.data_ptr(), m._version, m.device) for m in (*masks, self.input_degrees))
         if self._table is None or self._table[0] != key:
-            d_in = self.input_degrees
-            steps = torch.arange(self.features + 1, device=d_in.device)
-            rows, prev = [(steps - 1).clamp(min=0)], d_in
-            for m in masks:
-                prev = torch.where(m != 0, prev, 0).amax(1)
-                rows.append(torch.searchsorted(prev.contiguous(), steps))
-            self._table = (key, torch.stack(rows))
+            self._table = (key, self._derive_table(masks))
         return self._table[1]
+
+    def _derive_table(self, masks) -> torch.Tensor:
+        d_in = self.input_degrees
+        steps = torch.arange(self.features + 1, device=d_in.device)
+        rows, prev = [(steps - 1).clamp(min=0)], d_in
+        for m in masks:
+            prev = torch.where(m != 0, prev, 0).amax(1)
+            rows.append(torch.searchsorted(prev.contiguous(), steps))
+        return torch.stack(rows)
 
     def hidden(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The last hidden layer, (..., hidden_features[-1])."""

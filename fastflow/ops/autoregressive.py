@@ -35,7 +35,8 @@ def _(values, weights, biases, table, order, out_weight, out_bias, components, k
     return empty_contiguous(values), empty_contiguous(values)
 
 
-vmap_rows("autoregressive_solve", (0,))
+# The biases (2) and the output bias (6) are per row where a context's term is folded in.
+vmap_rows("autoregressive_solve", (0,), row_aligned=(2, 6))
 
 
 def solve(values, plan: dict, components: int, kind: str, output: str, invert: bool,

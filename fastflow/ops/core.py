@@ -411,23 +411,42 @@ def vmap_elementwise(name: str) -> None:
     torch.library.register_vmap(f"fastflow::{name}", rule)
 
 
-def vmap_rows(name: str, rows: tuple[int, ...]):
+def vmap_rows(name: str, rows: tuple[int, ...], row_aligned: tuple[int, ...] = ()):
     """Ops over independent rows (the first dimension of the arguments at positions
     ``rows``; every other tensor argument shared): a batch folds into the rows when only
     those arguments are batched; otherwise the op runs once per batch entry (a batch of
-    weights, as in an ensemble)."""
+    weights, as in an ensemble). At positions ``row_aligned`` (a tensor or a list of them),
+    a tensor of two or more dimensions holds one row per row of the values (biases with a
+    context's term folded in): it folds with them, batched or not (then repeated per batch
+    entry); a one-dimensional one is shared."""
     op = getattr(torch.ops.fastflow, name)
 
+    def items(a, d):
+        return (list(zip(a, d or [None] * len(a), strict=True)) if isinstance(a, list | tuple)
+                else [(a, d)])
+
+    def per_row(t, d):
+        return isinstance(t, torch.Tensor) and t.dim() - (d is not None) >= 2
+
+    def fold(t, d, B):
+        t = t.expand(B, *t.shape) if d is None else t.movedim(d, 0)
+        return t.flatten(0, 1)
+
     def rule(info, in_dims, *args):
-        shared = all(d is None for i, d in enumerate(in_dims)
-                     if i not in rows and not isinstance(d, list | tuple))
-        shared &= all(d is None or all(e is None for e in d) for d in in_dims
-                      if isinstance(d, list | tuple))
         B = info.batch_size
+        shared = all(e is None or (i in row_aligned and per_row(t, e))
+                     for i, (a, d) in enumerate(zip(args, in_dims, strict=True)) if i not in rows
+                     for t, e in items(a, d))
         if shared:
-            front = _front(info, [d if i in rows else None for i, d in enumerate(in_dims)],
-                           [a if i in rows else None for i, a in enumerate(args)])
-            flat = [front[i].flatten(0, 1) if i in rows else a for i, a in enumerate(args)]
+            flat = []
+            for i, (a, d) in enumerate(zip(args, in_dims, strict=True)):
+                if i in rows:
+                    flat.append(fold(a, d, B))
+                elif i in row_aligned:
+                    done = [fold(t, e, B) if per_row(t, e) else t for t, e in items(a, d)]
+                    flat.append(done if isinstance(a, list | tuple) else done[0])
+                else:
+                    flat.append(a)
             out = op(*flat)
             outs = out if isinstance(out, tuple) else (out,)
             outs = tuple(o.unflatten(0, (B, -1)) for o in outs)
