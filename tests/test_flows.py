@@ -186,3 +186,17 @@ def test_fit_trains_a_one_line_flow():
     history = fastflow.fit(flow, data, steps=150, batch_size=128, lr=5e-3, validation=0.1,
                            progress=False, seed=0)
     assert history.best_val_loss < before - 0.3
+
+
+def test_distribution_value_and_context_shapes_are_named_as_the_user_gave_them():
+    """A scalar or wrongly sized value is named "value" with its own shape; a context of the
+    wrong width is refused when the distribution is made, with the shape the user passed
+    (before: "x must have 2 features ... got shape (1,)" and an internal (1, 4, 3))."""
+    flow = MAF(2, context=3, transforms=1, components=3, hidden_features=(8,))
+    with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 3\).*got \(4, 5\)"):
+        flow(torch.randn(4, 5))
+    plain = MAF(2, transforms=1, components=3, hidden_features=(8,))()
+    for value, shape in ((torch.tensor(0.5), r"\(\)"), (torch.randn(3), r"\(3,\)")):
+        with pytest.raises(ValueError, match=rf"value must have shape \(\.\.\., 2\).*{shape}"):
+            plain.log_prob(value)
+    assert flow(torch.randn(4, 3)).sample().shape == (4, 2)

@@ -601,7 +601,9 @@ def test_inverse_of_targets_past_half_the_float_range(backend):
     x, lad = x.cpu(), lad.cpu()
     assert x[:4].tolist() == pytest.approx([2e38, -3e38, 1e30, 2e38], rel=1e-6)
     assert x[4:].tolist() == [float("inf")] * 2
-    assert lad.tolist() == [0.0] * 4 + [float("inf")] * 2
+    # logabsdet 0 where the map is the identity (within a compiled kernel's approximations)
+    assert lad[:4].tolist() == pytest.approx([0.0] * 4, abs=1e-5)
+    assert lad[4:].tolist() == [float("inf")] * 2
 
 
 @pytest.mark.parametrize("log_scale", [88.0, 89.0, 95.0, 103.0])

@@ -124,5 +124,5 @@ def test_toy_data_shapes_and_errors():
     r = rings(1000, noise=0.0, generator=g)
     radii = r.norm(dim=-1)
     assert torch.isclose(radii.unsqueeze(-1), torch.tensor([0.5, 1.0, 1.5])).any(-1).all()
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         two_moons(0)

@@ -314,6 +314,12 @@ class FlowDistribution(Distribution):
                  batch_shape: torch.Size | None = None):
         if context is not None:
             check_float_tensor(context, "context")
+            wanted = [t.context_features for t in flow.transforms
+                      if getattr(t, "context_features", None) is not None]
+            if context.dim() == 0 or (wanted and context.shape[-1] != wanted[0]):
+                raise ValueError(
+                    f"context must have shape (..., {wanted[0] if wanted else 'C'}), the "
+                    f"flow's context features last, got {tuple(context.shape)}")
         self.flow, self.context = flow, context
         if batch_shape is None:
             batch_shape = torch.Size(()) if context is None else context.shape[:-1]
@@ -336,6 +342,9 @@ class FlowDistribution(Distribution):
 
     def log_prob(self, value):
         check_float_tensor(value, "value")
+        if value.dim() == 0 or value.shape[-1] != self.flow.features:
+            raise ValueError(f"value must have shape (..., {self.flow.features}), the event "
+                             f"last, got {tuple(value.shape)}")
         try:
             lead = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         except RuntimeError:
