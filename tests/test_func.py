@@ -407,3 +407,33 @@ def test_public_functions_apply_under_transforms(backend):
         want = torch.autograd.grad(loss(xr), xr)[0]
         _close(vmap(grad(loss))(x), want)
         _close(grad(loss)(x), want)
+
+
+def test_a_distribution_used_after_functional_call_is_refused():
+    """A flow's call returns a distribution; made inside functional_call (here over an
+    ensemble's stacked parameters under vmap) and used after the call, it would score with
+    the module's own parameters: a ValueError says so. Computing log_prob inside the call,
+    through a module whose forward does it, gives each member's density."""
+    torch.manual_seed(0)
+    members = [fastflow.flows.MAF(2, context=3, transforms=1, components=3,
+                                  hidden_features=(8,), seed=i) for i in range(2)]
+    params, buffers = torch.func.stack_module_state(members)
+    context, x = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="made while the flow had other parameters"):
+        vmap(lambda p, b: functional_call(members[0], (p, b), (context,)).log_prob(x))(
+            params, buffers)
+
+    class LogProb(torch.nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, x, context):
+            return self.flow(context).log_prob(x)
+
+    prefixed = [{f"flow.{k}": v for k, v in d.items()} for d in (params, buffers)]
+    got = vmap(lambda p, b: functional_call(LogProb(members[0]), (p, b), (x, context)))(
+        *prefixed)
+    with torch.no_grad():
+        want = torch.stack([m(context).log_prob(x) for m in members])
+    torch.testing.assert_close(got, want)

@@ -321,6 +321,8 @@ class FlowDistribution(Distribution):
                     f"context must have shape (..., {wanted[0] if wanted else 'C'}), the "
                     f"flow's context features last, got {tuple(context.shape)}")
         self.flow, self.context = flow, context
+        # The parameters it was made with (see _check_parameters).
+        self._first = next(iter(flow.parameters()), None)
         if batch_shape is None:
             batch_shape = torch.Size(()) if context is None else context.shape[:-1]
         super().__init__(torch.Size(batch_shape), torch.Size((flow.features,)),
@@ -338,7 +340,21 @@ class FlowDistribution(Distribution):
         context = self.context
         if context is not None:
             context = context.expand(*batch_shape, context.shape[-1])
-        return FlowDistribution(self.flow, context, batch_shape)
+        expanded = FlowDistribution(self.flow, context, batch_shape)
+        expanded._first = self._first
+        return expanded
+
+    def _check_parameters(self) -> None:
+        """ValueError where the flow's parameters are no longer those it was made with: a
+        distribution made inside ``torch.func.functional_call`` (or ``stack_module_state``
+        with vmap) and used after the call has put the module's own parameters back would
+        otherwise silently score with those."""
+        if next(iter(self.flow.parameters()), None) is not self._first:
+            raise ValueError(
+                "this distribution was made while the flow had other parameters (inside "
+                "torch.func.functional_call?) and is used after they were swapped back; "
+                "compute log_prob or samples inside the call, e.g. through a module whose "
+                "forward returns flow(context).log_prob(x)")
 
     def log_prob(self, value):
         check_float_tensor(value, "value")
@@ -353,6 +369,7 @@ class FlowDistribution(Distribution):
                              f"{tuple(self.event_shape)})") from None
         if value.shape[:-1] != lead:
             value = value.expand(*lead, value.shape[-1])
+        self._check_parameters()
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape=()):
@@ -362,6 +379,7 @@ class FlowDistribution(Distribution):
         """(x, log p(x)) for differentiable samples of shape ``sample_shape + batch_shape +
         (D,)``, the density from the sampling pass alone (zuko's method of that name)."""
         shape = tuple(_sample_shape(sample_shape))
+        self._check_parameters()
         if self.context is None:
             return self.flow.rsample_and_log_prob(shape + tuple(self.batch_shape))
         return self.flow.rsample_and_log_prob(shape, self.context)
