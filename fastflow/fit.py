@@ -150,15 +150,25 @@ def _optimizer(optimizer, params, lr: float) -> torch.optim.Optimizer:
     if optimizer is None:
         return torch.optim.Adam(params, lr=lr)
     if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
+        return _check_steps_the_flow(optimizer, params, "optimizer")
     if callable(optimizer):
         made = optimizer(params, lr=lr)
         if not isinstance(made, torch.optim.Optimizer):
             raise ValueError(f"optimizer(params, lr=lr) must return a torch.optim.Optimizer, "
                              f"got {type(made).__name__}")
-        return made
+        return _check_steps_the_flow(made, params, "optimizer(params, lr=lr)")
     raise ValueError(f"optimizer must be a torch.optim.Optimizer or a callable such as "
                      f"torch.optim.SGD, got {type(optimizer).__name__}")
+
+
+def _check_steps_the_flow(optimizer, params, name: str) -> torch.optim.Optimizer:
+    """ValueError unless the optimizer updates at least one of the flow's trainable
+    parameters (one built on another model's would leave the flow as it is, silently)."""
+    mine = {id(p) for p in params}
+    if not any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(f"{name} updates none of the flow's parameters: build it on "
+                         f"flow.parameters()")
+    return optimizer
 
 
 def _snapshot(flow, params):
