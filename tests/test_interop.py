@@ -1,6 +1,8 @@
 """fastflow inside torch.distributions and pyro: transforms as torch Transforms, any torch base
 with event shape (D,), FlowDistribution's batch shapes, and a pyro SVI step."""
 
+import warnings
+
 import pytest
 import torch
 from torch.distributions import Independent, Normal, TransformedDistribution
@@ -90,6 +92,15 @@ def test_flow_distribution_expand_broadcast_and_moments():
             getattr(d, name)
     with pytest.raises(NotImplementedError, match=r"dist.log_prob"):
         d.entropy()
+    # KL divergence either way, or between flows: the Monte Carlo estimate, not torch's
+    # generic "no KL registered" (and no ambiguity warning for two flows).
+    normal = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), 1.0), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for p, q in ((d, normal), (normal, d), (d, d)):
+            with pytest.raises(NotImplementedError, match=r"p.log_prob\(x\) - q.log_prob"):
+                torch.distributions.kl_divergence(p, q)
 
 
 def test_conditional_flow_distribution_broadcasts_against_its_batch():

@@ -447,3 +447,15 @@ class FlowDistribution(Distribution):
     def icdf(self, value):
         raise NotImplementedError("a multivariate flow has no icdf; use sample or the "
                                   "transforms' inverse")
+
+
+def _kl_by_samples(p, q):
+    raise NotImplementedError(
+        "KL divergence with a flow has no closed form; estimate it from samples of p, e.g. "
+        "x = p.rsample((10000,)); (p.log_prob(x) - q.log_prob(x)).mean(0)")
+
+
+# The pair of flows too: with only the two one-sided rules torch would call it ambiguous.
+for _pair in ((FlowDistribution, Distribution), (Distribution, FlowDistribution),
+              (FlowDistribution, FlowDistribution)):
+    torch.distributions.kl.register_kl(*_pair)(_kl_by_samples)
