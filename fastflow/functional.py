@@ -177,8 +177,10 @@ def made_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, limits:
     """MADE's output layer fused with the mixture-CDF forward: ``(y, logabsdet)`` of x
     (M, D) under the mixtures whose (M, D, 3K) parameters ``h @ (weight * mask)^T + bias``
     gives, the mask from the head's per-row ``limits``, without writing the parameters.
-    Differentiable in h, weight, bias and x."""
+    Differentiable in h, weight, bias and x; h, weight and bias are cast to x's dtype (as
+    :func:`masked_linear` casts its weight)."""
     checks.check_kind_output(kind, output)
+    h, weight, bias = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (h, weight, bias))
     return _call("made_head_fwd", h, weight, bias, limits, x, components, kind, output)
 
 

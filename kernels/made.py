@@ -100,6 +100,8 @@ def masked_linear_fwd(x, weight, mask, bias, activation: str, tiles=None):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it with unit stride (a slice, a broadcast)
     block_m, block_n, block_k = block_sizes(M, N, K)
     if tiles is None:
         tiles = nonzero_tiles(mask, block_n, block_k)
@@ -203,6 +205,7 @@ def made_head_fwd(h, weight, bias, limits, x, components: int, kind: str, output
     lad = torch.empty_like(y)
     if B == 0:
         return y, lad
+    bias = bias.contiguous()  # the kernel reads it with unit stride (a slice, a broadcast)
     H = h.shape[1]
     block_k = max(16, next_pow2(components))
     block_b = max(16, min(LAUNCH["head_block_b"], next_pow2(B)))

@@ -180,3 +180,58 @@ def test_relu_fused_into_the_masked_layer_equals_a_separate_relu(backend):
     separate.load_state_dict(fused.state_dict())
     x = torch.randn(8, 5, device=DEVICE)
     torch.testing.assert_close(fused(x), separate(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "broadcast"])
+def test_a_non_contiguous_bias_gives_the_dense_product(backend, layout):
+    """masked_linear and the fused head with a bias that is a slice (stride 2) or a
+    broadcast (stride 0): the dense masked product's values and gradients, as for a
+    contiguous bias. Before, the kernels read the bias with unit stride: wrong values, and
+    past a broadcast bias's one-element buffer."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(6, 4, generator=gen).to(DEVICE).requires_grad_()
+    mask = (torch.rand(6, 4, generator=gen) > 0.4).float().to(DEVICE)
+    store = torch.randn(12, generator=gen).to(DEVICE).requires_grad_()
+
+    def bias():
+        return store[::2] if layout == "sliced" else store[:1].expand(6)
+
+    got = fastflow.masked_linear(x, w, mask, bias(), activation="relu")
+    want = torch.relu(x @ (w * mask).T + bias())
+    torch.testing.assert_close(got, want)
+    cot = torch.randn(5, 6, generator=gen).to(DEVICE)
+    g = torch.autograd.grad(got, (x, w, store), cot)
+    g_want = torch.autograd.grad(want, (x, w, store), cot)
+    for a, b in zip(g, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+    # The fused head: a MAF forward whose output bias is a view of a wider tensor.
+    flow = AutoregressiveMixtureFlow(3, 2, [8], seed=0).to(DEVICE)
+    out = flow.made.output
+    wide = torch.randn(out.bias.numel(), 2, generator=gen).to(DEVICE)
+    wide[:, 0] = out.bias.detach()
+    values = torch.randn(7, 3, generator=gen).to(DEVICE)
+    h = flow.made.hidden(values)
+    y, lad = fastflow.functional.made_head(h, out.weight, wide[:, 0], flow.made.head_limits,
+                                           values, 2, kind="logistic", output="logit")
+    y_want, lad_want = fastflow.functional.made_head(
+        h, out.weight, out.bias, flow.made.head_limits, values, 2, kind="logistic",
+        output="logit")
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(lad, lad_want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_made_flow_takes_inputs_of_another_dtype_than_its_parameters(backend, dtype):
+    """A float32 MAF layer given float64 or float16 inputs, through the fused head: the
+    head's weight and bias are cast to the inputs' dtype, as MADE's hidden layers cast
+    theirs (before, the kernel refused the mixed operands)."""
+    flow = AutoregressiveMixtureFlow(3, 2, (8,), seed=0).to(DEVICE)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        z, lad = flow(x.to(dtype))
+        z_want, lad_want = flow.to(dtype)(x.to(dtype))
+    assert z.dtype == lad.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(z, z_want, **tol)
+    torch.testing.assert_close(lad, lad_want, **tol)
