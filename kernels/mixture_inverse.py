@@ -184,8 +184,11 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
         cbrt_eps = 0.004921566601151848
         tiny = 1e-30
         big = 1.7014117331926443e+38  # half the largest float32
-    # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step.
-    active = row_mask & (tl.abs(t) < float("inf"))
+    # Boundary (+-inf) and NaN targets, and rows off the mask, are done before the first step;
+    # so are NaN parameters (no check refuses them with validation off), whose x is NaN.
+    nan_par = tl.max(tl.where(mask & ((log_pi != log_pi) | (loc != loc)
+                                      | (log_scale != log_scale)), 1, 0), axis=1) > 0
+    active = row_mask & (tl.abs(t) < float("inf")) & ~nan_par
     t_s = tl.where(active, t, 0.0)
     u_t = _component_quantile(t_s, KIND)[:, None]
     # The components' ends; an infinite scale at the quantile 0 (inf * 0 = NaN) allows any x.
@@ -332,9 +335,9 @@ def _solve(t, log_pi, loc, log_scale, mask, row_mask, KIND: tl.constexpr, OUTPUT
     x = tl.where(beyond != 0.0, beyond, x)
     x = tl.where(tl.abs(t) == float("inf"), t, x)
     lad = tl.where(tl.abs(x) == float("inf"), float("inf"), lad)
-    nan = t != t
-    x = tl.where(nan, t, x)
-    lad = tl.where(nan, t, lad)
+    nan = (t != t) | nan_par
+    x = tl.where(nan, float("nan"), x)
+    lad = tl.where(nan, float("nan"), lad)
     return x, lad, steps
 
 

@@ -697,3 +697,31 @@ def test_inverse_where_a_scale_overflows(backend, kind, output, dtype):
         torch.testing.assert_close(g, t[finite], rtol=0, atol=2e-6)
         torch.testing.assert_close(lad[finite], -g_lad - (0 if output == "logit" else
                                    (torch.log(y * (1 - y)))[finite]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["logits", "loc", "log_scale"])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_nan_parameters_give_nan_with_validation_off(backend, which, output):
+    """With validation off nothing refuses NaN parameters: the element's x and logabsdet
+    are NaN, as the forward's are, and the other elements are untouched. Before, the solve
+    returned a plausible number (x = t for NaN logits, 1.7e38 for a NaN loc or scale)."""
+    K = 2
+    names = ["logits", "loc", "log_scale"]
+    params = {n: torch.zeros(3, K) for n in names}
+    params["loc"][:, 1] = 1.0
+    params[which][1, 1] = math.nan
+    y = torch.tensor([0.3, 0.3, 0.6])
+    previous = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)
+    try:
+        x, lad = fastflow.mixture_cdf_inverse(
+            y.to(DEVICE), *(params[n].to(DEVICE) for n in names), output=output)
+        clean = {n: p[[0, 2]] for n, p in params.items()}
+        x_ok, lad_ok = fastflow.mixture_cdf_inverse(
+            y[[0, 2]].to(DEVICE), *(clean[n].to(DEVICE) for n in names), output=output)
+    finally:
+        fastflow.set_validate_args(previous)
+    x, lad = x.cpu(), lad.cpu()
+    assert x[1].isnan() and lad[1].isnan()
+    torch.testing.assert_close(x[[0, 2]], x_ok.cpu())
+    torch.testing.assert_close(lad[[0, 2]], lad_ok.cpu())

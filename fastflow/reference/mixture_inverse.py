@@ -292,8 +292,13 @@ def inverse_component_major(y, logits, loc, log_scale, kind: str, output: str,
     t = target_logit(y, output)
     x, lad, clean = _inverse_kn(t, logits, loc, log_scale, kind, output, max_steps)
     if clean:
-        return x.to(y.dtype), lad.neg_().to(y.dtype)
-    return finish_inverse(x, t, lad, y.dtype)
+        x, lad = x.to(y.dtype), lad.neg_().to(y.dtype)
+    else:
+        x, lad = finish_inverse(x, t, lad, y.dtype)
+    # NaN parameters (no check refuses them with validation off) give NaN, not the
+    # plausible number the iteration stops at.
+    nan = ((logits != logits) | (loc != loc) | (log_scale != log_scale)).any(0)
+    return x.masked_fill(nan, math.nan), lad.masked_fill(nan, math.nan)
 
 
 def mixture_cdf_inverse_bwd(
