@@ -196,6 +196,12 @@ def test_train_on_data_files_in_each_format(tmp_path, capsys):
         (train, _), (test, _) = reports[suffix]["train"], reports[suffix]["test"]
         assert whole == pytest.approx((240 * train + 60 * test) / 300, abs=2e-4)
     assert reports[".npy"] == reports[".csv"] == reports[".pt"]
+    # A tensor saved while it required grad is data like any other (it crashed training).
+    torch.save(torch.from_numpy(x).requires_grad_(), tmp_path / "grad.pt")
+    code, stdout, err = run(capsys, "train", "--data", str(tmp_path / "grad.pt"), "--out",
+                            str(tmp_path / "grad"), *TINY)
+    assert code == 0, err
+    assert nlls(stdout) == reports[".pt"]
 
 
 def test_train_on_a_3d_file_writes_no_picture_and_samples_in_3d(tmp_path, capsys, monkeypatch):
@@ -245,6 +251,7 @@ BAD_FILES = [
     ("dict.pt", lambda p: torch.save({"x": torch.zeros(20, 2)}, p), "holds a dict, not a tensor"),
     ("garbage.pt", lambda p: p.write_bytes(b"{"), "cannot read it with torch.load"),
     ("flags.pt", lambda p: torch.save(torch.ones(20, 2, dtype=torch.bool), p), "not real numbers"),
+    ("sparse.pt", lambda p: torch.save(torch.eye(20, 2).to_sparse(), p), "save a dense one"),
 ]
 
 
@@ -423,6 +430,16 @@ def test_foreign_and_mismatched_checkpoints(moons_run, tmp_path, capsys):
     code, _, err = run(capsys, "sample", "--checkpoint", str(mismatched), "--out",
                        str(tmp_path / "x.npy"))
     assert_one_line_error(code, err, "does not match its model config")
+    # Non-finite weights: refused, not sampled (sample turns the value checks off, and the
+    # samples came out as 1.7e38 everywhere).
+    ckpt = torch.load(moons_run / "checkpoint.pt", weights_only=True)
+    next(v for v in ckpt["state_dict"].values() if v.is_floating_point()).fill_(math.nan)
+    broken = tmp_path / "broken.pt"
+    torch.save(ckpt, broken)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(broken), "--out",
+                       str(tmp_path / "x.npy"))
+    assert_one_line_error(code, err, "holds non-finite weights")
+    assert not (tmp_path / "x.npy").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,6 +263,10 @@ def load_data_file(name: str) -> torch.Tensor:
                             "the (N, D) data with torch.save(tensor, path)")
         if x.dtype == torch.bool or x.is_complex():
             raise DemoError(f"--data {path}: holds values of dtype {x.dtype}, not real numbers")
+        if x.layout != torch.strided:
+            raise DemoError(f"--data {path}: holds a {x.layout} tensor; save a dense one "
+                            "(x.to_dense())")
+        x = x.detach()  # a tensor saved while it required grad is data here
     if x.dim() != 2:
         hint = " (for one feature, save x.reshape(-1, 1))" if x.dim() == 1 else ""
         raise DemoError(f"--data {path}: expected a 2-D (N, D) array, got shape "
@@ -588,6 +592,12 @@ def load_checkpoint(path: str | Path) -> tuple[Flow, dict]:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise DemoError(f"checkpoint {path} does not match its model config: "
                         f"{_one_line(e)}") from None
+    broken = [name for name, t in flow.state_dict().items()
+              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise DemoError(f"checkpoint {path} holds non-finite weights ({broken[0]}"
+                        f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): "
+                        "it cannot give samples or densities")
     return flow, ckpt["config"]
 
 

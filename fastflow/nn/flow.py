@@ -214,7 +214,10 @@ class Flow(nn.Module):
         return (self.base.log_prob(z) + lad).masked_fill(lost, -math.inf)
 
     def bits_per_dim(self, x, context=None) -> torch.Tensor:
-        """Mean negative log-likelihood in bits per dimension."""
+        """Mean negative log-likelihood of continuous x in bits per dimension. For discrete
+        data (images of L levels) report :func:`fastflow.nn.dequantized_log_prob`'s bound
+        instead: this omits the dequantizer's -log q term (log2 L bits per dimension for
+        uniform dequantization of data scaled to [0, 1))."""
         return -self.log_prob(x, context).mean() / (self.features * math.log(2.0))
 
     def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
