@@ -78,7 +78,7 @@ def _autoregressive_solve_kernel(
                 out_mask = mask_b[:, None] & mask_n[None, :]
                 acc += tl.load(bias_rows + (col_out - D) + offs_n[None, :], mask=out_mask,
                                other=0.0)
-                acc = tl.maximum(acc, 0.0)
+                acc = tl.where(acc < 0.0, 0.0, acc)  # ReLU that keeps NaN, as torch.relu
                 if RESIDUAL:
                     if layer > 0:
                         acc += tl.load(rows + col_in + offs_n[None, :], mask=out_mask,

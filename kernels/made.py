@@ -60,7 +60,7 @@ def _masked_linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # ReLU that keeps NaN, as torch.relu
     tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :] * s_yn, acc,
              mask=mask_m[:, None] & mask_n[None, :])
 

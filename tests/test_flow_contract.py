@@ -365,3 +365,29 @@ def test_sample_shapes_in_flow_and_distribution():
         flow.sample((2, -1))
     with pytest.raises(ValueError, match="sample_shape must be a non-negative int"):
         flow.sample(2.5)
+
+
+def test_sampling_with_nan_weights_and_validation_off_gives_nan(backend):
+    """With validation off nothing refuses NaN weights: the one-pass sampler's values they
+    reach are NaN (the CPU path marks the whole call), never the plausible numbers the
+    per-step solves stopped at (the CLI's sample wrote 1.7e38 everywhere)."""
+    from conftest import DEVICE
+
+    previous = fastflow.get_validate_args()
+    fastflow.set_validate_args(False)
+    try:
+        for poison in ("output_bias", "hidden_weight"):
+            flow = fastflow.flows.MAF(3, transforms=1, components=2, hidden_features=[8],
+                                      seed=0).to(DEVICE)
+            made = flow.transforms[0].made
+            with torch.no_grad():
+                if poison == "output_bias":
+                    made.output.bias.fill_(math.nan)
+                else:
+                    made.layers[0].weight.fill_(math.nan)
+                x = flow.sample((6,)).cpu()
+            assert x.isnan().any(), poison
+            if poison == "output_bias":
+                assert x.isnan().all()
+    finally:
+        fastflow.set_validate_args(previous)

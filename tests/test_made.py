@@ -235,3 +235,25 @@ def test_made_flow_takes_inputs_of_another_dtype_than_its_parameters(backend, dt
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=5e-3, atol=5e-3)
     torch.testing.assert_close(z, z_want, **tol)
     torch.testing.assert_close(lad, lad_want, **tol)
+
+
+def test_relu_keeps_nan_as_torch_relu_does(backend):
+    """The kernels' fused ReLU passes NaN on (a max with 0 would turn it into 0, hiding a
+    NaN weight or input when validation is off)."""
+    x = torch.tensor([[float("nan"), 1.0], [-1.0, 2.0]], device=DEVICE)
+    w = torch.ones(3, 2, device=DEVICE)
+    with fastflow_validation(False):
+        y = fastflow.masked_linear(x, w, torch.ones(3, 2, device=DEVICE), activation="relu")
+    assert y[0].isnan().all() and torch.equal(y[1].cpu(), torch.full((3,), 1.0))
+
+
+class fastflow_validation:
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.previous = fastflow.get_validate_args()
+        fastflow.set_validate_args(self.on)
+
+    def __exit__(self, *exc):
+        fastflow.set_validate_args(self.previous)

@@ -24,6 +24,8 @@ Triton kernel in ``kernels/autoregressive.py``:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .mixture_cdf import mixture_cdf_fwd
@@ -107,11 +109,17 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
                     a = torch.addmm(a, w[start:end, known:seen], hs[layer][known:seen])
             params, col = a, cols[t]
             if invert:
-                r, r_lad = inverse_component_major(v[col], *params.split(K), kind, output)
+                r, r_lad = inverse_component_major(v[col], *params.split(K), kind, output,
+                                                   check_nan=False)
             else:
                 r, r_lad = mixture_cdf_fwd(v[col], *(p.T for p in params.split(K)), kind,
                                            output)
             hs[0][t] = r
             result[col] = r
             lad[col] = r_lad
+        if invert and any(bool(torch.isnan(w).any()) for w in w_all + b_all):
+            # NaN weights (validation off lets them through) give NaN, not the plausible
+            # numbers the per-step solves stop at.
+            result.fill_(math.nan)
+            lad.fill_(math.nan)
     return result.T.contiguous().to(values.dtype), lad.T.contiguous().to(values.dtype)
