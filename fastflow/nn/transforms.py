@@ -286,7 +286,6 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
             raise ValueError(f"direction must be 'maf' or 'iaf', got {direction!r}")
         features = checks.check_count("features", features)
         components = checks.check_count("components", components)
-        context_features = checks.check_optional_count("context_features", context_features)
         check_kind_output(kind, output)
         self.features, self.components = features, components
         self.kind, self.direction, self.output = kind, direction, output

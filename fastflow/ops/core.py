@@ -428,9 +428,8 @@ def vmap_rows(name: str, rows: tuple[int, ...], row_aligned: tuple[int, ...] = (
     def per_row(t, d):
         return isinstance(t, torch.Tensor) and t.dim() - (d is not None) >= 2
 
-    def fold(t, d, B):
-        t = t.expand(B, *t.shape) if d is None else t.movedim(d, 0)
-        return t.flatten(0, 1)
+    def fold(info, t, d):
+        return _front(info, [d], [t])[0].flatten(0, 1)
 
     def rule(info, in_dims, *args):
         B = info.batch_size
@@ -441,9 +440,9 @@ def vmap_rows(name: str, rows: tuple[int, ...], row_aligned: tuple[int, ...] = (
             flat = []
             for i, (a, d) in enumerate(zip(args, in_dims, strict=True)):
                 if i in rows:
-                    flat.append(fold(a, d, B))
+                    flat.append(fold(info, a, d))
                 elif i in row_aligned:
-                    done = [fold(t, e, B) if per_row(t, e) else t for t, e in items(a, d)]
+                    done = [fold(info, t, e) if per_row(t, e) else t for t, e in items(a, d)]
                     flat.append(done if isinstance(a, list | tuple) else done[0])
                 else:
                     flat.append(a)
