@@ -187,8 +187,8 @@ def _read_csv(path: Path) -> torch.Tensor:
                         continue
                     column, text = next((j, v) for j, v in enumerate(fields, 1)
                                         if not _is_number(v))
-                    hint = (f" (values must be separated by commas, not {_other_separator(text)})"
-                            if _other_separator(text) else "")
+                    sep = _other_separator(text)
+                    hint = f" (values must be separated by commas, not {sep})" if sep else ""
                     raise DemoError(f"--data {path}: line {line_no}, column {column}: "
                                     f"{text.strip()!r} is not a number{hint}")
                 if width is None:
