@@ -474,6 +474,22 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     assert taken.read_text() == ""
 
 
+def test_a_run_that_fails_in_training_leaves_no_empty_out_folder(tmp_path, capsys, monkeypatch):
+    import fastflow.cli.train as train_module
+
+    def broken_fit(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "fit", broken_fit)
+    fresh = tmp_path / "new" / "run"
+    assert run(capsys, "train", "--out", str(fresh), *TINY)[0] == 130  # interrupted
+    assert not (tmp_path / "new").exists()  # both folders it made are gone
+    kept = tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)
+    assert run(capsys, "train", "--out", str(kept / "run"), *TINY)[0] == 130
+    assert sorted(p.name for p in kept.iterdir()) == ["notes"]  # the user's folder stays
+
+
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = run(capsys, "train", "--device", "cuda", "--out", str(tmp_path), *TINY)

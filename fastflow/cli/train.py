@@ -489,9 +489,11 @@ def train(opts: TrainOptions, stdout=None) -> dict:
         model = DistributedDataParallel(loss, device_ids=[device] if device.type == "cuda"
                                         else None)
     out = Path(opts.out) if opts.out else Path("runs") / data_label(opts.data)
+    made: list[Path] = []
     if rank == 0:
         if out.exists() and not out.is_dir():
             raise DemoError(f"--out must name a directory, got the file {str(out)!r}")
+        made = [d for d in (out, *out.parents) if not d.exists()]  # removed again on failure
         out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
         print(f"fastflow train: {opts.data}, {len(train_x)} train / {len(test_x)} test, "
               f"D={config['features']}, {sum(p.numel() for p in loss.parameters())} parameters, "
@@ -505,6 +507,10 @@ def train(opts: TrainOptions, stdout=None) -> dict:
         fit(model, train_x, opts, device, rank, world)
         result = _finish(loss, config, out, train_x, test_x, device, stdout) if rank == 0 \
             else {}
+    except BaseException:
+        if rank == 0:
+            _remove_empty(made)  # a failed run leaves no empty --out folder behind
+        raise
     finally:
         fastflow.set_validate_args(previous)
         torch.set_num_threads(threads)
@@ -514,6 +520,15 @@ def train(opts: TrainOptions, stdout=None) -> dict:
             dist.barrier()
             dist.destroy_process_group()
     return result
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created, innermost first, where they are still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): keep it and everything above it
+            return
 
 
 def _have_pyplot() -> bool:
