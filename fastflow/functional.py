@@ -104,7 +104,8 @@ def mixture_log_prob(
     """Log-density of the mixture, ``log sum_k pi_k c((x - mu_k)/s_k) / s_k``, shape ``S``.
 
     Arguments as for :func:`mixture_cdf`; this is the mixture density model of the lecture
-    "Likelihood Models: Flow Models" and computes only the density (no CDF).
+    "Likelihood Models: Flow Models" (Berkeley CS294-158, Deep Unsupervised Learning) and
+    computes only the density (no CDF).
     """
     x, logits, loc, log_scale = checks.mixture_args("x", x, logits, loc, log_scale, kind, None)
     if checks.should_validate(validate_args):
@@ -117,8 +118,8 @@ def masked_linear(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
     *, activation: str = "identity", role: str | None = None, blocks=None,
 ) -> torch.Tensor:
-    """``act(x @ (weight * mask)^T + bias)``; on a GPU the mask is applied in-kernel and
-    all-zero mask tiles are skipped.
+    """``act(x @ (weight * mask)^T + bias)``; on the "kernel" route (every product with
+    ``role`` None on a GPU) the mask is applied in-kernel and all-zero mask tiles are skipped.
 
     Args:
         x: ``(..., K)``. weight, mask: ``(N, K)``; mask is 0/1 (any dtype). bias: ``(N,)``.
@@ -133,13 +134,12 @@ def masked_linear(
         ``(..., N)`` in x's dtype.
     """
     weight, bias = checks.masked_linear_args(x, weight, mask, bias, activation)
-    if role is None:
-        how = "kernel" if dispatch.backend_for(x) == "triton" else "dense"
-    else:
+    grad = None
+    if role is not None:
         checks.check_choice("role", role, dispatch.ROLES)
         grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-        how = dispatch.route(x, role, grad)
+    how = dispatch.route(x, role, grad)
     mask = mask.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     if how == "kernel":
@@ -184,11 +184,11 @@ def made_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, limits:
     return _call("made_head_fwd", h, weight, bias, limits, x, components, kind, output)
 
 
-def fuses_head(values: torch.Tensor, recorded) -> bool:
-    """Whether a MADE flow's density pass on ``values`` takes :func:`made_head` (see
-    :func:`fastflow.ops.dispatch.head_fused`); ``recorded()`` says whether autograd records
-    the pass."""
-    return dispatch.head_fused(values, recorded)
+def fuses_head(values: torch.Tensor, recorded, context: torch.Tensor | None = None) -> bool:
+    """Whether a MADE flow's density pass on ``values`` (with ``context``) takes
+    :func:`made_head` (see :func:`fastflow.ops.dispatch.head_fused`); ``recorded()`` says
+    whether autograd records the pass."""
+    return dispatch.head_fused(values, recorded, context)
 
 
 def solves_in_one_pass(enabled: bool, recorded: bool) -> bool:

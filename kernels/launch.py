@@ -1,8 +1,5 @@
 """Host-side launch helpers shared by the kernels' launchers: dtype codes, tile sizes, the
 (R, C, K) parameter views and cotangent strides the kernels take, and gradient buffers.
-
-Launch arithmetic is plain Python: triton.next_power_of_2 and triton.cdiv go through Triton's
-JIT call wrapper, microseconds of host time each on every launch.
 """
 
 import os

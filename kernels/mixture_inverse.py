@@ -46,7 +46,6 @@ from .launch import (
 LAUNCH = {"lanes": 256, "num_warps": 1}
 
 
-
 @triton.jit
 def _component_quantile(t, KIND: tl.constexpr):
     """u with logit C(u) = t: exact for the logistic, A&S 26.2.23 for the Gaussian."""

@@ -136,16 +136,15 @@ def test_cpu_sampler_script_times_a_checkout(capsys):
 def test_made_blocks_script_times_every_layer_and_restores_the_plan(capsys):
     """bench/investigations/made_blocks.py (docs/tuning.md's per-layer table) runs, prints a row per
     layer and batch, and leaves the route and plan settings as it found them."""
-    from fastflow.ops import blocked
-    from fastflow.ops import dispatch as made_nn
+    from fastflow.ops import blocked, dispatch
 
     module = _script("made_blocks")
-    before = dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)
+    before = dict(dispatch.CPU_ROUTE), dict(blocked.PLAN)
     module.main(["--features", "6", "--hidden", "16", "16", "--components", "2",
                  "--batch", "3", "--repeat", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |")]
     assert [r.split(" | ")[1] for r in rows] == ["6 -> 16", "16 -> 16", "16 -> 36"]
-    assert (dict(made_nn.CPU_ROUTE), dict(blocked.PLAN)) == before
+    assert (dict(dispatch.CPU_ROUTE), dict(blocked.PLAN)) == before
 
 
 def test_profile_script_reports_each_chosen_variant(capsys):
@@ -164,14 +163,14 @@ def test_profile_script_profiles_fastflow_under_each_route_change(capsys):
     back; a change it cannot apply is a ValueError naming it."""
     import pytest
 
-    from fastflow.ops import dispatch as made
+    from fastflow.ops import dispatch
 
     module = _script("profile_gpu")
-    before = (dict(made.GPU_ROUTE), dict(made.CPU_ROUTE))
+    before = (dict(dispatch.GPU_ROUTE), dict(dispatch.CPU_ROUTE))
     seen, profile = [], module.profile_variant
 
     def recording(*args, **kwargs):
-        seen.append((made.CPU_ROUTE["linear"], made.CPU_ROUTE["head"]))
+        seen.append((dispatch.CPU_ROUTE["linear"], dispatch.CPU_ROUTE["head"]))
         return profile(*args, **kwargs)
 
     module.profile_variant = recording
@@ -183,7 +182,7 @@ def test_profile_script_profiles_fastflow_under_each_route_change(capsys):
                      "## fastflow [linear=dense] [head=dense]"]
     lin, head = before[1]["linear"], before[1]["head"]
     assert seen == [(lin, head), (lin, "dense"), ("dense", "dense")]
-    assert (dict(made.GPU_ROUTE), dict(made.CPU_ROUTE)) == before
+    assert (dict(dispatch.GPU_ROUTE), dict(dispatch.CPU_ROUTE)) == before
     with pytest.raises(ValueError, match="head=fast"):
         module.main(["--routes", "head=fast"])
 
@@ -242,10 +241,9 @@ def test_tune_script_runs_every_table_at_tiny_size_and_restores_the_settings(cap
     from fastflow.kernels import mixture_cdf as k_cdf
     from fastflow.kernels import mixture_inverse as k_inv
 
-    from fastflow.ops import blocked, mixture_inverse
-    from fastflow.ops import dispatch as made_nn
+    from fastflow.ops import blocked, dispatch, mixture_inverse
 
-    tables = (k_cdf.LAUNCH, k_inv.LAUNCH, k_made.LAUNCH, made_nn.GPU_ROUTE, made_nn.CPU_ROUTE,
+    tables = (k_cdf.LAUNCH, k_inv.LAUNCH, k_made.LAUNCH, dispatch.GPU_ROUTE, dispatch.CPU_ROUTE,
               blocked.PLAN)
     fastflow.set_validate_args(True)
     before = [dict(t) for t in tables], mixture_inverse.MAX_STEPS
@@ -306,3 +304,16 @@ def test_c1_validation_script_prints_both_ratios(capsys):
     assert [r[0].strip() for r in rows] == ["off", "on"]
     for _, lp, sm, ratio in rows:
         assert float(ratio) == pytest.approx(float(sm) / float(lp), rel=0.02, abs=0.01)
+
+
+def test_results_name_the_backend_that_ran(monkeypatch):
+    """The environment block of a results file says which backend the ops took, from the same
+    decision the ops make (FASTFLOW_BACKEND included), not from the device alone."""
+    import torch
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    assert benchmark.environment(cpu)["backend"] == "PyTorch reference"
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert benchmark.environment(cpu)["backend"] == "triton kernels (interpreted)"

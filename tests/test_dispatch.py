@@ -135,3 +135,23 @@ def test_tensor_subclasses_and_lists_are_checked():
         assert not core._plain_eager((t, [t, sub]))
         assert not core._plain_eager((t, torch.zeros(2, device="meta")))
     assert not core._plain_eager((t,))  # grad mode on
+
+
+def test_every_route_decision_is_the_dispatch_modules(monkeypatch):
+    """The decisions the flows and the functional layer act on come from ops.dispatch: a
+    masked product outside MADE takes the kernel exactly on the Triton backend, the fused head
+    never takes a context (its kernel has none), and the one-pass solve's kernel runs only a
+    ReLU MADE."""
+    from fastflow.ops import dispatch
+
+    x = torch.zeros(2, 3)
+    monkeypatch.setenv("FASTFLOW_BACKEND", "reference")
+    assert dispatch.route(x, None) == "dense"
+    assert not dispatch.solve_kernel(x, "relu")
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.route(x, None) == "kernel"
+    assert dispatch.head_fused(x, lambda: False)
+    assert not dispatch.head_fused(x, lambda: False, context=torch.zeros(2, 1))
+    assert dispatch.solve_kernel(x, "relu")
+    assert not dispatch.solve_kernel(x, torch.tanh)

@@ -55,8 +55,6 @@ def test_flow_refuses_a_last_transform_whose_range_is_not_the_base_support(case)
         Flow(transforms, base)
 
 
-
-
 def test_flow_refuses_a_transform_given_values_outside_its_domain():
     with pytest.raises(ValueError, match=r"transform 1, Logit, takes values in \[0, 1\]"):
         Flow([MixtureCDFFlow(2, 3), Logit(2)], StandardNormal(2))

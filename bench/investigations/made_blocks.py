@@ -15,8 +15,7 @@ import time
 import torch
 
 from fastflow.nn import MADE
-from fastflow.ops import blocked
-from fastflow.ops import dispatch as made_nn
+from fastflow.ops import blocked, dispatch
 
 COUNTS = (1, 2, 4, 8, 16)
 
@@ -35,7 +34,7 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=7)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
+    table = dispatch.GPU_ROUTE if device.type == "cuda" else dispatch.CPU_ROUTE
     saved = dict(table), dict(blocked.PLAN)
     try:
         table.update(linear="blocks", head="blocks", linear_inference="blocks",

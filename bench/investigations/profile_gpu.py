@@ -9,7 +9,7 @@ dispatch and launches, without waiting for the device), the device's busy time p
 sum of its kernels' times; far below the wall time, with the issue time near it, means the
 host sets the pace), and the kernels that take the most device time. ``--routes`` profiles
 the fastflow variants again under each listed change of MADE's routes (``;`` between
-alternatives; see fastflow/nn/made.py). Runs on a CPU too (then only host times). Under
+alternatives; see fastflow/ops/dispatch.py). Runs on a CPU too (then only host times). Under
 the profiler fastflow's ops go through the dispatcher, so that they show by name: the wall
 time under the profiler includes that; the plain wall and issue times do not.
 """
@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastflow.cli import bench as benchmark
-from fastflow.ops import dispatch as made
+from fastflow.ops import dispatch
 
 
 def profile_variant(v, device, calls: int, rows: int, label: str = "") -> None:
@@ -94,9 +94,9 @@ def parse_routes(text: str) -> list[dict[str, str]]:
         change = {}
         for item in alt.split(","):
             key, _, value = item.partition("=")
-            if key not in made.GPU_ROUTE or value not in ("dense", "blocks", "kernel"):
+            if key not in dispatch.GPU_ROUTE or value not in ("dense", "blocks", "kernel"):
                 raise ValueError(f"--routes: {item!r} is not KEY=dense|blocks|kernel with KEY "
-                                 f"one of {sorted(made.GPU_ROUTE)}")
+                                 f"one of {sorted(dispatch.GPU_ROUTE)}")
             change[key] = value
         out.append(change)
     return out
@@ -108,7 +108,7 @@ def _profile(args, device, size, wanted) -> None:
     print()
     for name in args.workloads.split(","):
         wl = benchmark.build(name, size, device, "torch-compile" in wanted)
-        table = made.GPU_ROUTE if device.type == "cuda" else made.CPU_ROUTE
+        table = dispatch.GPU_ROUTE if device.type == "cuda" else dispatch.CPU_ROUTE
         for v in wl.variants:
             if v.name not in wanted:
                 continue

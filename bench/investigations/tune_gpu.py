@@ -21,8 +21,7 @@ from fastflow.kernels import mixture_cdf as k_cdf
 from fastflow.kernels import mixture_inverse as k_inv
 
 from fastflow.cli import bench as benchmark
-from fastflow.ops import blocked
-from fastflow.ops import dispatch as made_nn
+from fastflow.ops import blocked, dispatch
 from fastflow.ops import mixture_inverse as inverse_op
 
 
@@ -62,6 +61,7 @@ def sweep(title, table, configs, make_fn, baseline, device, repeat, out, check=N
                 errs[i] = check(res, ref)
         fns[i] = fn
     # measure_interleaved calls each function under the configuration it was built with.
+
     def bound(i, fn):
         def run():
             with patched(table, **configs[i]):
@@ -237,7 +237,7 @@ def _tables(args, argv, only, device, out) -> None:
         routes_inf = [{"linear_inference": a, "head_inference": b} for a, b in pairs]
         # The "kernel" routes lost to dense by 2x (linear) and 5x (head) on the first GPU runs
         # (docs/tuning.md); --only W4tiles still times the masked-linear kernel.
-        table = made_nn.GPU_ROUTE if device.type == "cuda" else made_nn.CPU_ROUTE
+        table = dispatch.GPU_ROUTE if device.type == "cuda" else dispatch.CPU_ROUTE
 
         sweep("W5's log_prob by MADE route (baseline: the reference in eager PyTorch)",
               table, routes_inf, lambda: log_prob, ("reference", eager), device,
@@ -274,7 +274,7 @@ def _tables(args, argv, only, device, out) -> None:
                    {"linear_blocks": (128, 64, 32), "linear_warps": 4},
                    {"linear_blocks": (128, 128, 32), "linear_warps": 8},
                    {"linear_blocks": (64, 128, 32), "linear_warps": 4}]
-        with patched(made_nn.GPU_ROUTE, linear_inference="kernel"):
+        with patched(dispatch.GPU_ROUTE, linear_inference="kernel"):
             sweep("log_prob with the masked-linear kernel, by tile (baseline: the reference)",
                   k_made.LAUNCH, configs, lambda: log_prob, ("reference", eager), device,
                   args.repeat, out, max_err)

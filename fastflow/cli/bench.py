@@ -569,7 +569,11 @@ def environment(device: torch.device) -> dict[str, str]:
             env[peer] = importlib.metadata.version(peer)
         except importlib.metadata.PackageNotFoundError:
             env[peer] = "not installed"
-    env["backend"] = "triton kernels" if device.type == "cuda" else "PyTorch reference"
+    from fastflow.ops import dispatch
+
+    triton = dispatch.backend_for(torch.empty(0, device=device)) == "triton"
+    env["backend"] = ("PyTorch reference" if not triton else "triton kernels"
+                      if device.type == "cuda" else "triton kernels (interpreted)")
     return env
 
 

@@ -39,9 +39,9 @@ TEST_FRACTION = 0.2  # of a data file's rows, held out (seeded) as the test set
 CHECKPOINT_FORMAT = "fastflow-demo-1"
 DIGIT_LEVELS = 17  # load_digits pixels take the values 0..16
 
-# Per data set defaults; the command line overrides any of them. The models are small: one CPU
-# thread ran them fastest on a loaded two-core machine (two threads contending with other work
-# ran 3x to 10x slower per step in our measurements).
+# Per data set defaults; the command line overrides any of them. The models are small, so one
+# CPU thread per process: more threads contend with other work for little gain (--threads
+# overrides it).
 DEFAULTS = {
     "2d": {"steps": 2000, "batch_size": 512, "lr": 5e-3, "hidden": (128, 128),
            "components": 8, "layers": 2, "threads": 1},

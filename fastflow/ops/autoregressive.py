@@ -23,9 +23,9 @@ def autoregressive_solve(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (values, weights, biases, table, order, out_weight, out_bias, components, kind,
             output, invert, residual, activation)
-    if activation == "relu" and dispatch.use_triton(values):
-        return dispatch.kernels("autoregressive").autoregressive_solve(*args,
-                                                                       max_steps=mixture_inverse.MAX_STEPS)
+    if dispatch.solve_kernel(values, activation):
+        kernel = dispatch.kernels("autoregressive").autoregressive_solve
+        return kernel(*args, max_steps=mixture_inverse.MAX_STEPS)
     return contiguous(*cpu_path.autoregressive_solve(*args))
 
 

@@ -4,7 +4,8 @@ eager fast path, torch.func support, higher derivatives and batching rules.
 Each op lives in its own module (:mod:`.mixture_cdf`, :mod:`.mixture_inverse`, :mod:`.made`,
 :mod:`.autoregressive`): the custom op ``fastflow::<name>`` with its fake implementation, its
 derivative (registered with :func:`register_autograd` and shared with the op's public
-autograd.Function) and its batching rule. Ops take already validated tensors (the checks are
+autograd.Function; the one-pass solve has none, as it runs only without gradients) and its
+batching rule. Ops take already validated tensors (the checks are
 in :mod:`fastflow.checks`); x of shape S and parameters broadcast (expanded) to S + (K,).
 Forward ops return outputs in x's dtype; backward ops return per-element gradients in the
 compute dtype (float64 for float64 inputs, float32 otherwise), which the Functions reduce over
@@ -45,6 +46,7 @@ def op(name: str, autocast: str = "float32"):
         return custom
 
     return register
+
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch = torch._C._functorch
@@ -131,7 +133,6 @@ def _transformed(args) -> bool:
     return False
 
 
-
 def func_vjp(fn, primals, cotangents, needs):
     """Gradients of ``fn`` at ``primals`` for ``cotangents`` by ``torch.func.vjp`` (which
     records for higher derivatives, under autograd and under the torch.func transforms), in
@@ -152,7 +153,6 @@ def func_jvp(fn, primals, tangents, dtypes):
     outs = out if isinstance(out, tuple) else (out,)
     res = tuple(o.to(d) for o, d in zip(outs, dtypes, strict=True))
     return res if isinstance(out, tuple) else res[0]
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +450,7 @@ def vmap_rows(name: str, rows: tuple[int, ...], row_aligned: tuple[int, ...] = (
             outs = out if isinstance(out, tuple) else (out,)
             outs = tuple(o.unflatten(0, (B, -1)) for o in outs)
             return (outs if isinstance(out, tuple) else outs[0]), _zero_dims(out)
+
         def pick(a, d, b):
             if isinstance(a, list | tuple):
                 return [pick(t, e, b) for t, e in zip(a, d or [None] * len(a), strict=True)]

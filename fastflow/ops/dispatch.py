@@ -15,14 +15,15 @@ allowed or in half precision). "linear" is the hidden layers, "head" the output 
 "kernel", fused with the mixture CDF: :func:`head_fused`). A product whose result autograd
 records (training) reads "linear"/"head"; one that it does not (log_prob or sampling under
 no_grad) reads "linear_inference"/"head_inference", since "blocks" costs its backward more
-than its forward saves at small batches. The defaults are the fastest measured on each device
-(docs/tuning.md, "Current defaults and why"). ``FASTFLOW_BACKEND=reference`` always takes
-"dense": the plain model, the tests' oracle.
+than its forward saves at small batches. The defaults are the fastest measured on each device,
+or within the measurements' noise of it (docs/tuning.md, "Current defaults and why").
+``FASTFLOW_BACKEND=reference`` always takes "dense": the plain model, the tests' oracle.
 
 Sequential direction (:func:`solve_in_one_pass`): an autoregressive flow's sampling (MAF) or
 density (IAF) solves one degree at a time; without gradients in one pass over the network
-(one kernel on a GPU), with gradients in D network passes so that autograd sees every
-dependence.
+(one kernel on a GPU for a ReLU MADE, :func:`solve_kernel`; other activations run the CPU
+path's loop on the tensors' device), with gradients in D network passes so that autograd sees
+every dependence.
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ def kernels(name: str):
     return importlib.import_module(f"fastflow.kernels.{name}")
 
 
-def route(x: torch.Tensor, part: str, grad: bool | None = None) -> str:
+def route(x: torch.Tensor, part: str | None, grad: bool | None = None) -> str:
     """How MADE's ``part`` ("linear" or "head") runs for x: "dense", "blocks" or "kernel".
-    ``grad``: whether autograd records the product (default: ``torch.is_grad_enabled()``)."""
+    ``grad``: whether autograd records the product (default: ``torch.is_grad_enabled()``).
+    ``part`` None, a masked product outside MADE: "kernel" on the Triton backend, else
+    "dense"."""
+    if part is None:
+        return "kernel" if backend_for(x) == "triton" else "dense"
     choice = backend_choice()
     if choice == "reference":
         return "dense"
@@ -97,15 +102,22 @@ def _blocks_allowed() -> bool:
                 or torch.autograd.forward_ad._current_level >= 0)
 
 
-def head_fused(values: torch.Tensor, recorded) -> bool:
+def head_fused(values: torch.Tensor, recorded, context=None) -> bool:
     """Whether a MADE flow's density pass takes the fused head kernel (the head's route is
-    "kernel"). ``recorded()`` says whether autograd records the pass; it is called only
-    where the two modes' routes differ."""
-    if backend_for(values) != "triton":
+    "kernel" and there is no context, which the kernel does not take). ``recorded()`` says
+    whether autograd records the pass; it is called only where the two modes' routes
+    differ."""
+    if context is not None or backend_for(values) != "triton":
         return False
     if route(values, "head", True) != "kernel" and route(values, "head", False) != "kernel":
         return False
     return route(values, "head", recorded()) == "kernel"
+
+
+def solve_kernel(values: torch.Tensor, activation: str) -> bool:
+    """Whether the one-pass solve runs its kernel: the Triton backend and a ReLU MADE (the
+    kernel's one activation); otherwise the CPU path's loop, on the tensors' device."""
+    return activation == "relu" and use_triton(values)
 
 
 def solve_in_one_pass(enabled: bool, recorded: bool) -> bool:

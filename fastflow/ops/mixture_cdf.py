@@ -131,7 +131,7 @@ def cdf_backward(ctx, grad_y, grad_lad, inputs, needs):
     if recorded(inputs, (grad_y, grad_lad)):
         return func_vjp(cdf_map(ctx.kind, ctx.output), inputs, (grad_y, grad_lad), needs)
     grads = call("mixture_cdf_bwd", grad_y, grad_lad, x,
-                           *expand_params(x, logits, loc, log_scale), ctx.kind, ctx.output)
+                 *expand_params(x, logits, loc, log_scale), ctx.kind, ctx.output)
     return grads_out(grads, inputs, needs)
 
 
@@ -140,7 +140,7 @@ def log_prob_backward(ctx, grad, inputs, needs):
     if recorded(inputs, (grad,)):
         return func_vjp(cdf_map(ctx.kind, "density"), inputs, (grad,), needs)
     grads = call("mixture_log_prob_bwd", grad, x,
-                           *expand_params(x, logits, loc, log_scale), ctx.kind)
+                 *expand_params(x, logits, loc, log_scale), ctx.kind)
     return grads_out(grads, inputs, needs)
 
 
@@ -152,8 +152,8 @@ class MixtureCDF(torch.autograd.Function):
     @staticmethod
     def forward(x, logits, loc, log_scale, kind: str, output: str):
         check_float_tensors("x", x, logits, loc, log_scale)
-        return call("mixture_cdf_fwd", x, *expand_params(x, logits, loc, log_scale),
-                              kind, output)
+        return call("mixture_cdf_fwd", x, *expand_params(x, logits, loc, log_scale), kind,
+                    output)
 
     @staticmethod
     def save(ctx, inputs, output):
@@ -170,8 +170,7 @@ class MixtureCDF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_lad):
-        grads = cdf_backward(ctx, grad_y, grad_lad, ctx.saved_tensors,
-                              ctx.needs_input_grad[:4])
+        grads = cdf_backward(ctx, grad_y, grad_lad, ctx.saved_tensors, ctx.needs_input_grad[:4])
         return (*grads, None, None)
 
     @staticmethod
@@ -188,8 +187,7 @@ class MixtureLogProb(torch.autograd.Function):
     @staticmethod
     def forward(x, logits, loc, log_scale, kind: str):
         check_float_tensors("x", x, logits, loc, log_scale)
-        return call("mixture_log_prob_fwd", x, *expand_params(x, logits, loc, log_scale),
-                              kind)
+        return call("mixture_log_prob_fwd", x, *expand_params(x, logits, loc, log_scale), kind)
 
     @staticmethod
     def save(ctx, inputs, output):

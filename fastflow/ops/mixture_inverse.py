@@ -143,8 +143,8 @@ class MixtureCDFInverse(torch.autograd.Function):
     @staticmethod
     def forward(y, logits, loc, log_scale, kind: str, output: str):
         check_float_tensors("y", y, logits, loc, log_scale)
-        return call("mixture_cdf_inverse_fwd", y,
-                              *expand_params(y, logits, loc, log_scale), kind, output)
+        return call("mixture_cdf_inverse_fwd", y, *expand_params(y, logits, loc, log_scale),
+                    kind, output)
 
     @staticmethod
     def save(ctx, inputs, output):

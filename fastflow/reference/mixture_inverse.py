@@ -3,7 +3,8 @@ oracle (:mod:`fastflow.reference.naive`) by the tests.
 
 Takes validated, broadcast tensors as :mod:`fastflow.reference.mixture_cdf` does. The inverse
 runs safeguarded Newton iteration to convergence on a component-major layout, falling back to
-the oracle's fixed log-space schedule; its gradients use implicit differentiation of the
+the oracle's log-space bisection (:func:`fastflow.reference.naive.solve_bisect`) where Newton
+cannot go; its gradients use implicit differentiation of the
 forward at the solution (the forward's written-out VJP pieces).
 """
 
@@ -267,12 +268,12 @@ def mixture_cdf_inverse_fwd(y, logits, loc, log_scale, kind: str, output: str,
     bracket is below 8 eps (|x| + that scale) wide; any other step that short goes
     2 eps (|x| + that scale) further, so that the next evaluation closes the bracket if the
     root is that near. Typically 3-6 evaluations instead of a fixed schedule's 44 (the kernels
-    iterate the same way, in log space, per tile). Targets so far out that the tail mass nears
-    underflow, brackets past the dtype's range, and any element still unconverged after
-    ``max_steps`` (a bracket many orders of magnitude wider than the smallest scale, which
-    halving does not resolve in that many steps), are solved in log space by bisection in
-    the floats' integer order (:func:`fastflow.reference.naive.solve_bisect`: one step per
-    bit of the dtype, however wide the bracket). The logabsdet is taken in log space at
+    take safeguarded Halley steps on logit F, evaluated in log space, per tile). Targets so far
+    out that the tail mass nears underflow, brackets past the dtype's range, and any element
+    still unconverged after ``max_steps`` (a bracket many orders of magnitude wider than the
+    smallest scale, which halving does not resolve in that many steps), are solved in log space
+    by bisection in the floats' integer order (:func:`fastflow.reference.naive.solve_bisect`:
+    one step per bit of the dtype, however wide the bracket). The logabsdet is taken in log space at
     the solution. Returns (x, logabsdet) with logabsdet = log|dx/dy| = -forward
     logabsdet at x.
     """
