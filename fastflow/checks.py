@@ -11,7 +11,9 @@ or per call) and cost one host synchronisation per call. They are skipped while
 
 from __future__ import annotations
 
+import math
 import numbers
+import operator
 
 import torch
 
@@ -80,6 +82,43 @@ def check_real(name: str, value) -> float:
     bool, not NaN)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
         raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def as_size(n) -> int | None:
+    """n as a non-negative int where it is one (a Python, numpy or 0-d tensor integer; not a
+    bool), else None."""
+    if isinstance(n, bool):
+        return None
+    try:
+        n = operator.index(n)
+    except TypeError:
+        return None
+    return n if n >= 0 else None
+
+
+def sample_shape(name: str, value) -> tuple[int, ...]:
+    """A sample shape as a tuple of sizes: a non-negative integer, or a sequence of them (as
+    torch.Size takes); a ValueError naming ``name`` otherwise."""
+    n = as_size(value)
+    if n is not None:
+        return (n,)
+    try:
+        sizes = tuple(torch.Size(value))
+    except (TypeError, ValueError):
+        sizes = None
+    if sizes is None or any(s < 0 for s in sizes):
+        raise ValueError(f"{name} must be a non-negative int or a sequence of them, got "
+                         f"{value!r}")
+    return sizes
+
+
+def check_positive_real(name: str, value) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` unless it is a finite real number
+    above 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -230,3 +269,26 @@ def param_checks(logits, loc, log_scale):
     """The (name, bad-mask, what) checks of mixture parameters: finite."""
     return [(name, ~torch.isfinite(p), "must be finite")
             for name, p in zip(PARAM_NAMES, (logits, loc, log_scale), strict=True)]
+
+
+def check_context(context, context_features, x):
+    """ValueError for a missing, unexpected or wrongly shaped context, one that is not
+    floating point, on another device than x, or (when validating) not finite. A floating
+    context of another dtype is cast to x's by the network."""
+    if context_features is None:
+        if context is not None:
+            raise ValueError("context was given but the model has no context_features")
+        return
+    if context is None:
+        raise ValueError(f"context is required (context_features={context_features})")
+    if context.shape != (*x.shape[:-1], context_features):
+        raise ValueError(
+            f"context must have shape {(*x.shape[:-1], context_features)}, "
+            f"got {tuple(context.shape)}"
+        )
+    if not context.is_floating_point():
+        raise ValueError(f"context must be a floating-point tensor, got {context.dtype}")
+    if context.device != x.device:
+        raise ValueError(f"context is on {context.device} but x is on {x.device}")
+    if should_validate():
+        validate_values([("context", ~torch.isfinite(context), "must be finite")])

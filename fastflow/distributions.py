@@ -10,26 +10,13 @@ transform's output range matches its base)."""
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch import nn
 from torch.distributions import constraints
 
-from .checks import check_count
+from .checks import check_count, sample_shape
 from .functional import mixture_cdf_inverse, mixture_log_prob
-
-
-def as_size(n) -> int | None:
-    """n as a non-negative int where it is one (a Python, numpy or 0-d tensor integer; not a
-    bool), else None."""
-    if isinstance(n, bool):
-        return None
-    try:
-        n = operator.index(n)
-    except TypeError:
-        return None
-    return n if n >= 0 else None
 
 
 class _Base(nn.Module):
@@ -45,13 +32,7 @@ class _Base(nn.Module):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
 
     def _shape(self, shape):
-        try:  # an integer, or a sequence of them (as torch.Size takes)
-            sizes = tuple(torch.Size([shape] if as_size(shape) is not None else shape))
-        except (TypeError, ValueError):
-            sizes = None
-        if sizes is None or any(n < 0 for n in sizes):
-            raise ValueError(f"shape must be non-negative integer sizes, got {shape!r}")
-        return (*sizes, self.features)
+        return (*sample_shape("shape", shape), self.features)
 
     def rsample(self, shape):
         raise NotImplementedError

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import checks
 from .functional import get_validate_args, set_validate_args
 
 __all__ = ["FitDivergedError", "FitHistory", "fit"]
@@ -66,15 +67,6 @@ class FitHistory:
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------
-def _count(value, name: str, *, allow_none: bool = False) -> int | None:
-    """A positive integer argument (bools are refused: True is not a count)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _flow_dtype_device(flow) -> tuple[torch.dtype, torch.device]:
     """The flow's floating dtype and device: its ``dtype``/``device`` properties where it has
     them (fastflow's Flow does), else those of its first floating parameter."""
@@ -246,17 +238,15 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         FitDivergedError: the training loss became NaN or infinite (try a smaller ``lr``);
             the flow keeps the parameters it had then, which may hold NaN.
     """
-    epochs, steps = _count(epochs, "epochs", allow_none=True), _count(steps, "steps",
-                                                                       allow_none=True)
+    epochs = checks.check_optional_count("epochs", epochs)
+    steps = checks.check_optional_count("steps", steps)
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs and steps, got "
                          + ("both" if epochs is not None else "neither"))
-    batch_size = _count(batch_size, "batch_size")
-    eval_every = _count(eval_every, "eval_every", allow_none=True)
-    patience = _count(patience, "patience", allow_none=True)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (
-            math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    batch_size = checks.check_count("batch_size", batch_size)
+    eval_every = checks.check_optional_count("eval_every", eval_every)
+    patience = checks.check_optional_count("patience", patience)
+    lr = checks.check_positive_real("lr", lr)
     if isinstance(validation, bool) or not isinstance(validation, numbers.Real) or not (
             0 <= validation < 1):
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
@@ -264,8 +254,7 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         raise ValueError("patience needs a validation set: give validation > 0")
     if progress is not None and not isinstance(progress, bool):
         raise ValueError(f"progress must be True, False or None, got {progress!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    seed = checks.check_seed(seed)
     if not callable(getattr(flow, "log_prob", None)) or not callable(
             getattr(flow, "parameters", None)):
         raise ValueError(f"flow must have log_prob and parameters methods, got "

@@ -123,7 +123,7 @@ def test_logit_sigmoid_permutation_are_exact_inverses():
 @pytest.mark.parametrize("base", ["uniform", "normal", "mog"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_1d_cdf_flow_integrates_to_one(kind, base):
-    """The 1-D CDF flow of the lecture "Likelihood Models: Flow Models" on each base:
+    """The 1-D CDF flow of the lecture "Likelihood Models: Flow Models" (CS294-158) on each base:
     unit output onto a uniform base, logit output onto a Gaussian or a learnable Gaussian
     mixture."""
     bases = {"uniform": (Uniform(1), "unit"), "normal": (StandardNormal(1), "logit"),
@@ -139,7 +139,7 @@ def test_1d_cdf_flow_integrates_to_one(kind, base):
 @pytest.mark.parametrize("base", ["normal", "mog"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_2d_autoregressive_flow_integrates_to_one(kind, base):
-    """The 2-D autoregressive flow of the lecture "Likelihood Models: Flow Models":
+    """The 2-D autoregressive flow of the lecture "Likelihood Models: Flow Models" (CS294-158):
     z1 = f(x1), z2 = f(x2; x1)."""
     base_dist = StandardNormal(2) if base == "normal" else MixtureOfGaussians(2, 3)
     flow = Flow([AutoregressiveMixtureFlow(2, 3, [16], kind=kind, output="logit", seed=0)],
@@ -285,7 +285,7 @@ def test_bad_context_values_and_sample_sizes_name_the_problem():
         # A flow on R gives that row density 0 (test_flow_contract checks it further).
         lp = Flow([layer], StandardNormal(3)).log_prob(inf_x)
         assert lp[2] == -math.inf and torch.isfinite(lp[[0, 1, 3]]).all()
-    with pytest.raises(ValueError, match="shape must be non-negative"):
+    with pytest.raises(ValueError, match="shape must be a non-negative int or a sequence"):
         StandardNormal(3).sample((2, -1))
     # Integer scalars of any kind are sizes, as torch.distributions takes them.
     assert flow.sample(torch.tensor(2), ctx).shape == (2, 4, 3)

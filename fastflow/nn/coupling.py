@@ -14,7 +14,6 @@ from torch import nn
 from .. import checks
 from ..checks import check_count, check_kind_output, hidden_sizes
 from ..functional import mixture_cdf, mixture_cdf_inverse
-from .made import check_context
 from .transforms import _MixtureTransform
 
 
@@ -109,7 +108,7 @@ class CouplingMixtureFlow(_MixtureTransform):
         return out.split(self.components, dim=-1)
 
     def _transform(self, values, context, invert: bool):
-        check_context(context, self.context_features, values)
+        checks.check_context(context, self.context_features, values)
         kept, moved = values[..., :self.split], values[..., self.split:]
         params, lost = self._params(kept, context), None
         if checks.should_validate():

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, constraints
 
+from .. import checks
 from ..checks import check_float_tensor
-from ..distributions import as_size
 from .transforms import Compose, Transform, broadcast_context, chain_inverse
 
 
@@ -75,21 +75,6 @@ def check_ranges(transforms, base) -> None:
         f"the last transform, {_describe(last)}, maps onto R but the base {base_name} lives on "
         f"{support or 'another set'}: almost every point would get log-density -inf; {fix}, "
         f"or use a base on R such as StandardNormal")
-
-
-def _sample_shape(sample_shape) -> tuple[int, ...]:
-    """A sample shape as a tuple of sizes: an integer, or a sequence of them."""
-    n = as_size(sample_shape)
-    if n is not None:
-        return (n,)
-    try:
-        sizes = tuple(torch.Size(sample_shape))
-    except (TypeError, ValueError):
-        sizes = None
-    if sizes is None or any(s < 0 for s in sizes):
-        raise ValueError(f"sample_shape must be a non-negative int or a sequence of them, got "
-                         f"{sample_shape!r}")
-    return sizes
 
 
 class Flow(nn.Module):
@@ -228,7 +213,7 @@ class Flow(nn.Module):
 
     def rsample_and_log_prob(self, sample_shape=(), context: torch.Tensor | None = None):
         """(x, log p(x)) for differentiable samples, from the sampling pass alone."""
-        shape = _sample_shape(sample_shape)
+        shape = checks.sample_shape("sample_shape", sample_shape)
         _check_not_meta(self._dtype_device()[1], "the flow")
         self._check_takes_context(context)
         n = math.prod(shape)
@@ -381,7 +366,7 @@ class FlowDistribution(Distribution):
     def rsample_and_log_prob(self, sample_shape=()):
         """(x, log p(x)) for differentiable samples of shape ``sample_shape + batch_shape +
         (D,)``, the density from the sampling pass alone (zuko's method of that name)."""
-        shape = tuple(_sample_shape(sample_shape))
+        shape = tuple(checks.sample_shape("sample_shape", sample_shape))
         self._check_parameters()
         if self.context is None:
             return self.flow.rsample_and_log_prob(shape + tuple(self.batch_shape))

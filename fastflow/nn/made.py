@@ -207,7 +207,7 @@ class MADE(nn.Module):
         """The last hidden layer, (..., hidden_features[-1])."""
         if x.shape[-1] != self.features:
             raise ValueError(f"x must have {self.features} features, got shape {tuple(x.shape)}")
-        check_context(context, self.context_features, x)
+        checks.check_context(context, self.context_features, x)
         if context is not None:
             context = context.to(x.dtype)
         h = x
@@ -224,25 +224,3 @@ class MADE(nn.Module):
             h = h + a if self.residual and i > 0 else a
         return h
 
-
-def check_context(context, context_features, x):
-    """ValueError for a missing, unexpected or wrongly shaped context, one that is not
-    floating point, on another device than x, or (when validating) not finite. A floating
-    context of another dtype is cast to x's by the network."""
-    if context_features is None:
-        if context is not None:
-            raise ValueError("context was given but the model has no context_features")
-        return
-    if context is None:
-        raise ValueError(f"context is required (context_features={context_features})")
-    if context.shape != (*x.shape[:-1], context_features):
-        raise ValueError(
-            f"context must have shape {(*x.shape[:-1], context_features)}, "
-            f"got {tuple(context.shape)}"
-        )
-    if not context.is_floating_point():
-        raise ValueError(f"context must be a floating-point tensor, got {context.dtype}")
-    if context.device != x.device:
-        raise ValueError(f"context is on {context.device} but x is on {x.device}")
-    if checks.should_validate():
-        checks.validate_values([("context", ~torch.isfinite(context), "must be finite")])

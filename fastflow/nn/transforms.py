@@ -23,7 +23,7 @@ from ..functional import (
     mixture_cdf_inverse,
     solves_in_one_pass,
 )
-from .made import MADE, check_context
+from .made import MADE
 
 
 class Transform(nn.Module):
@@ -326,8 +326,7 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
     def _mixture_step(self, inputs, values, context, invert: bool):
         """(out, logabsdet) per dimension: one MADE pass on ``inputs`` gives every
         dimension's mixture, applied to ``values`` (its inverse for ``invert``)."""
-        if not invert and context is None and fuses_head(
-                values, lambda: self._recorded(inputs, values)):
+        if not invert and fuses_head(values, lambda: self._recorded(inputs, values), context):
             return self._fused_forward(inputs, values)
         params = self._params(inputs, context)
         lost = None
@@ -392,7 +391,7 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
 
     def forward(self, x, context=None):
         self._check(x)
-        check_context(context, self.context_features, x)
+        checks.check_context(context, self.context_features, x)
         if self.direction == "maf":
             z, lad = self._mixture_step(x, x, context, invert=False)
             return z, lad.sum(-1)
@@ -401,7 +400,7 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
 
     def inverse(self, z, context=None):
         self._check(z, "z")
-        check_context(context, self.context_features, z)
+        checks.check_context(context, self.context_features, z)
         if self.direction == "iaf":
             x, lad = self._mixture_step(z, z, context, invert=True)
             return x, lad.sum(-1)
@@ -437,7 +436,7 @@ class Logit(Transform):
             # log of a negative number is a silent NaN: unscaled pixels (0..255) are the
             # usual cause.
             checks.validate_values([(name, ~((x >= 0) & (x <= 1)),
-                               "must lie in [0, 1] (found values outside, or NaN)")])
+                                     "must lie in [0, 1] (found values outside, or NaN)")])
         s = self.alpha + (1 - 2 * self.alpha) * x
         log_s, log_1ms = torch.log(s), torch.log1p(-s)
         lad = math.log1p(-2 * self.alpha) - log_s - log_1ms
