@@ -390,6 +390,36 @@ def test_one_pass_route_under_vmap_with_a_shared_context(backend, direction):
         torch.testing.assert_close(g, torch.stack(w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("direction", ["maf", "iaf"])
+def test_forward_mode_of_a_frozen_flow_matches_reverse_mode(backend, direction):
+    """jacfwd of a frozen flow (parameters without requires_grad, as in a fixed prior)
+    through its sequential direction and its log-density equals jacrev's. Before, forward
+    mode took the one-pass solve, which has no derivative, and raised."""
+    torch.manual_seed(0)
+    layer = AutoregressiveMixtureFlow(2, 2, [8], direction=direction, output="logit",
+                                      seed=0).double().requires_grad_(False)
+    flow = Flow([layer], StandardNormal(2)).double()
+    z = torch.randn(3, 2, dtype=F64)
+    step = layer.inverse if direction == "maf" else layer.forward
+    for fn in (lambda v: step(v)[0], lambda v: step(v)[1], flow.log_prob):
+        _close(jacfwd(fn)(z), jacrev(fn)(z))
+
+
+def test_dual_tensors_of_forward_ad_are_a_clear_error(backend):
+    """torch.autograd.forward_ad's dual tensors are refused with a message naming the
+    supported route (torch.func.jvp), which gives the same tangent as autograd's Jacobian."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, params = _problem("mixture_cdf", "logistic", "logit")
+    flow = Flow([MixtureCDFFlow(3, 2, output="logit")], StandardNormal(3)).double()
+    tangent = torch.ones_like(x)
+    for fn in (lambda a: fastflow.mixture_cdf(a, *params, output="logit")[0], flow.log_prob):
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="torch.func.jvp"):
+            fn(fwAD.make_dual(x, tangent))
+        want = torch.autograd.functional.jvp(fn, x, tangent)[1]
+        _close(torch.func.jvp(fn, (x,), (tangent,))[1], want)
+
+
 def test_public_functions_apply_under_transforms(backend):
     """fastflow.MixtureCDF & co. applied directly (not through the functional API) under
     vmap and grad, and in plain eager mode."""

@@ -86,6 +86,7 @@ def call(name: str, *args):
             return _call_autocast(name, device, args)
     if _plain_eager(args):
         return BODIES[name](*args)
+    refuse_dual_tensors(args)
     if not torch.compiler.is_compiling() and _transformed(args):
         return _function(name).apply(*args)
     return getattr(torch.ops.fastflow, name)(*args)
@@ -144,9 +145,30 @@ def func_vjp(fn, primals, cotangents, needs):
     return tuple(g if n else None for g, n in zip(grads, needs, strict=True))
 
 
+_DUAL_TENSORS = ("fastflow's ops take forward-mode derivatives through torch.func.jvp and "
+                 "torch.func.jacfwd; torch.autograd.forward_ad's dual tensors are not "
+                 "supported (use torch.func.jvp(f, primals, tangents) instead)")
+
+
+def refuse_dual_tensors(args) -> None:
+    """NotImplementedError where a tensor argument carries a forward-mode tangent of
+    ``torch.autograd.forward_ad`` outside the torch.func transforms: the ops' forward-mode
+    derivative is a ``torch.func.jvp``, which that API's level cannot nest."""
+    if (torch.autograd.forward_ad._current_level < 0
+            or torch._C._are_functorch_transforms_active()):
+        return
+    for a in args:
+        for t in a if isinstance(a, list | tuple) else (a,):
+            if isinstance(t, torch.Tensor) and \
+                    torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(_DUAL_TENSORS)
+
+
 def func_jvp(fn, primals, tangents, dtypes):
     """Tangents of ``fn``'s outputs by ``torch.func.jvp``, cast to ``dtypes`` (those of the
     Function's outputs). Inputs without a tangent get zeros."""
+    if not torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(_DUAL_TENSORS)  # a forward_ad level (see refuse_dual_tensors)
     tangents = tuple(torch.zeros_like(p) if t is None else t.to(p.dtype)
                      for p, t in zip(primals, tangents, strict=True))
     out = torch.func.jvp(fn, primals, tangents)[1]

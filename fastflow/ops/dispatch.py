@@ -122,5 +122,7 @@ def solve_kernel(values: torch.Tensor, activation: str) -> bool:
 
 def solve_in_one_pass(enabled: bool, recorded: bool) -> bool:
     """Whether the sequential direction takes the one-pass solve: allowed (``enabled``,
-    the transform's ``one_pass``) and not recorded by autograd."""
-    return enabled and not recorded
+    the transform's ``one_pass``), not recorded by autograd, and no forward-mode derivative
+    being taken (``torch.func.jvp``/``jacfwd``, whose inputs need not require grad): the
+    solve has no derivative."""
+    return enabled and not recorded and torch.autograd.forward_ad._current_level < 0
