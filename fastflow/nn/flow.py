@@ -221,6 +221,9 @@ class Flow(nn.Module):
         if context is not None:
             context = context.expand(n, *context.shape)
         z = _base_rsample(self.base, (n, *batch))
+        # A torch.distributions base keeps its own dtype: promote its draws to the flow's
+        # (never demote), as log_prob promotes its input, so a float64 flow samples in float64.
+        z = z.to(torch.promote_types(z.dtype, self._dtype_device()[0]))
         x, lad = chain_inverse(self.transforms, z, context)  # lad = log|dx/dz|
         # A sample that overflowed (a scale past the dtype's range) has no representable
         # density: -inf, as log_prob gives for it.
