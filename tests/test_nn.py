@@ -120,6 +120,19 @@ def test_logit_sigmoid_permutation_are_exact_inverses():
         torch.testing.assert_close(ladi, -lad)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.05])
+def test_logit_keeps_float32_precision_next_to_both_ends(alpha):
+    """Logit in float32 matches float64 to float32's precision at pixels next to 0 and next
+    to 1 (1 - x formed exactly); before, log1p(-s) lost s's rounding near 1 (9e-4 relative
+    at x = 1 - 2^-24 with alpha 1e-6)."""
+    eps = 2.0 ** -24
+    x32 = torch.tensor([[eps, 1e-5, 0.3, 1 - 1.5e-5, 1 - eps]])
+    y32, lad32 = Logit(5, alpha=alpha)(x32)
+    y64, lad64 = Logit(5, alpha=alpha)(x32.double())
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lad32.double(), lad64, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("base", ["uniform", "normal", "mog"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_1d_cdf_flow_integrates_to_one(kind, base):

@@ -437,8 +437,11 @@ class Logit(Transform):
             # usual cause.
             checks.validate_values([(name, ~((x >= 0) & (x <= 1)),
                                      "must lie in [0, 1] (found values outside, or NaN)")])
+        # 1 - s formed as alpha + (1 - 2 alpha)(1 - x), not 1 - s: exact near x = 1 (where
+        # 1 - x is), where log1p(-s) lost the digits s rounded away.
         s = self.alpha + (1 - 2 * self.alpha) * x
-        log_s, log_1ms = torch.log(s), torch.log1p(-s)
+        log_s = torch.log(s)
+        log_1ms = torch.log(self.alpha + (1 - 2 * self.alpha) * (1 - x))
         lad = math.log1p(-2 * self.alpha) - log_s - log_1ms
         return log_s - log_1ms, lad.sum(-1)
 
