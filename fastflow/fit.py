@@ -9,6 +9,7 @@ per dimension, the unit ``fastflow train`` reports.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
@@ -153,6 +154,32 @@ def _optimizer(optimizer, params, lr: float) -> torch.optim.Optimizer:
                      f"torch.optim.SGD, got {type(optimizer).__name__}")
 
 
+def _step(opt: torch.optim.Optimizer, loss_fn) -> torch.Tensor:
+    """One optimizer step on the loss ``loss_fn()`` gives; returns that loss, taken before
+    the step (detached). Through a closure, which every torch.optim optimizer takes and some
+    need (LBFGS evaluates it several times per step); optimizers whose ``step`` takes no
+    closure get the gradient computed once beforehand."""
+    losses = []
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        losses.append(loss.detach())
+        return loss
+
+    try:
+        takes_closure = "closure" in inspect.signature(opt.step).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        takes_closure = False
+    if takes_closure:
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+    return losses[0]
+
+
 def _check_steps_the_flow(optimizer, params, name: str) -> torch.optim.Optimizer:
     """ValueError unless the optimizer updates at least one of the flow's trainable
     parameters (one built on another model's would leave the flow as it is, silently)."""
@@ -220,7 +247,8 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         optimizer: None for Adam; a ``torch.optim.Optimizer`` built on the flow's
             parameters (used as is, ``lr`` ignored); or a callable such as
             ``torch.optim.SGD`` or ``functools.partial(torch.optim.AdamW, weight_decay=0.01)``,
-            called as ``optimizer(parameters, lr=lr)``.
+            called as ``optimizer(parameters, lr=lr)``. Each step passes a closure that
+            recomputes the mini-batch's loss, so ``torch.optim.LBFGS`` works as well.
         progress: show a tqdm bar with the running training loss (and the last validation
             loss) on stderr; None shows it only when stderr is a terminal.
         seed: seeds the validation split and the batch order; None draws the seed from
@@ -389,11 +417,7 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         while not stop:
             batches = train_idx[torch.randperm(n_train, generator=g).to(device)].split(batch)
             for i, rows in enumerate(batches):
-                opt.zero_grad(set_to_none=True)
-                loss = nll(rows)
-                loss.backward()
-                opt.step()
-                pending.append(loss.detach())
+                pending.append(_step(opt, lambda rows=rows: nll(rows)))
                 history.steps += 1
                 bar.update(1)
                 end_of_epoch = i == len(batches) - 1

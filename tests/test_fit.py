@@ -262,6 +262,37 @@ def test_optimizer_instance_and_factory():
     assert any(not torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
 
 
+def test_optimizers_that_need_a_closure_and_ones_that_take_none():
+    """LBFGS evaluates the loss several times per step through a closure: fit gives it one
+    and records the loss before each step; an optimizer whose step takes no closure gets the
+    gradient computed beforehand. Before, LBFGS raised a TypeError."""
+    torch.manual_seed(0)
+    model = Recorder()
+    x = torch.full((16, 1), 2.0)
+    history = fastflow.fit(model, x, steps=3, batch_size=16, validation=0.0,
+                           optimizer=lambda p, lr: torch.optim.LBFGS(p, lr=1.0, max_iter=5),
+                           progress=False)
+    assert history.train_loss[0] == pytest.approx(4.0)  # (2 - 0)^2, before the first step
+    assert model.w.item() == pytest.approx(2.0, abs=1e-4)  # LBFGS solves the quadratic
+    assert len(model.seen[True]) > 3  # more than one evaluation per step
+
+    class PlainSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+    model = Recorder()
+    history = fastflow.fit(model, x, steps=1, batch_size=16, validation=0.0, lr=0.25,
+                           optimizer=PlainSGD, progress=False)
+    assert model.w.item() == pytest.approx(1.0)  # 0 - 0.25 * d/dw (w - 2)^2 at w = 0
+    assert history.train_loss == [pytest.approx(4.0)]
+
+
 def test_progress_bar_only_on_request_when_stderr_is_not_a_terminal(capsys):
     for progress in (None, False):
         fastflow.fit(small_flow(), moons(64), steps=3, batch_size=32, progress=progress)
