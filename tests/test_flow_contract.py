@@ -55,6 +55,22 @@ def test_flow_refuses_a_last_transform_whose_range_is_not_the_base_support(case)
         Flow(transforms, base)
 
 
+def test_torch_bases_are_read_through_their_constraint_wrappers():
+    """A MixtureSameFamily base on R^D (its support wraps an independent real constraint) is
+    accepted; a base on neither R nor [0, 1] is refused naming its support, without advice
+    to switch the output (which would not help)."""
+    from torch.distributions import Categorical, LogNormal, MixtureSameFamily
+
+    mix = MixtureSameFamily(Categorical(torch.ones(2)),
+                            Independent(Normal(torch.randn(2, 2), torch.ones(2, 2)), 1))
+    flow = Flow([MixtureCDFFlow(2, 3)], mix)
+    assert torch.isfinite(flow.log_prob(flow.sample(5))).all()
+    positive = Independent(LogNormal(torch.zeros(2), torch.ones(2)), 1)
+    with pytest.raises(ValueError, match="GreaterThan") as info:
+        Flow([MixtureCDFFlow(2, 3)], positive)
+    assert "build it with" not in str(info.value)
+
+
 def test_flow_refuses_a_transform_given_values_outside_its_domain():
     with pytest.raises(ValueError, match=r"transform 1, Logit, takes values in \[0, 1\]"):
         Flow([MixtureCDFFlow(2, 3), Logit(2)], StandardNormal(2))

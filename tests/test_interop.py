@@ -103,6 +103,10 @@ def test_flow_distribution_expand_broadcast_and_moments():
     x = torch.randn(2, dtype=torch.float64)
     assert d.log_prob(x).shape == (4,)
     torch.testing.assert_close(d.log_prob(x), flow.log_prob(x).expand(4))
+    assert d.expand((3, 4)).batch_shape == (3, 4)  # as a tensor expands: leading sizes
+    for bad in ((2,), (4, 2)):  # not an expansion of (4,): refused, as torch refuses it
+        with pytest.raises(ValueError, match=r"not an expansion of .* batch shape \(4,\)"):
+            d.expand(bad)
     for name in ("mean", "variance", "stddev"):
         with pytest.raises(NotImplementedError, match=r"estimate it from samples"):
             getattr(d, name)

@@ -16,8 +16,9 @@ from .transforms import Compose, Transform, broadcast_context, chain_inverse
 
 def _range_name(c) -> str | None:
     """"R" or "[0, 1]" for the per-feature constraints fastflow's transforms and bases use
-    (an ``independent`` one is unwrapped), else None."""
-    while isinstance(c, constraints.independent):
+    (wrappers that keep a base constraint, such as ``independent`` and a mixture's, are
+    unwrapped), else None."""
+    while isinstance(getattr(c, "base_constraint", None), constraints.Constraint):
         c = c.base_constraint
     if c is constraints.real or type(c) is type(constraints.real):
         return "R"
@@ -58,23 +59,23 @@ def check_ranges(transforms, base) -> None:
     support = getattr(base, "support", None)
     if current is None or support is None:
         return
-    support = _range_name(support)
-    if support == current:
+    known = _range_name(support)
+    if known == current:
         return
-    base_name = type(base).__name__
+    where, base_name = known or repr(support), type(base).__name__
+    # Rebuilding the last transform helps only where the base lives on the other range.
+    other = ("logit", "R") if current == "[0, 1]" else ("unit", "[0, 1]")
+    fix = "" if not known else f"build it with output={other[0]!r}, or " if hasattr(
+        last, "output") else f"end the chain with a transform onto {other[1]}, or "
     if current == "[0, 1]":
-        fix = ("build it with output='logit'" if hasattr(last, "output")
-               else "end the chain with a transform onto R")
         raise ValueError(
             f"the last transform, {_describe(last)}, maps onto [0, 1] but the base "
-            f"{base_name} lives on {support or 'another set'}: the flow's density would not "
-            f"integrate to one; {fix}, or use a Uniform base")
-    fix = ("build it with output='unit'" if hasattr(last, "output")
-           else "end the chain with a transform onto [0, 1]")
+            f"{base_name} lives on {where}: the flow's density would not integrate to one; "
+            f"{fix}use a Uniform base on [0, 1]")
     raise ValueError(
         f"the last transform, {_describe(last)}, maps onto R but the base {base_name} lives on "
-        f"{support or 'another set'}: almost every point would get log-density -inf; {fix}, "
-        f"or use a base on R such as StandardNormal")
+        f"{where}: points outside it would get log-density -inf; {fix}use a base on R such "
+        f"as StandardNormal")
 
 
 class Flow(nn.Module):
@@ -328,6 +329,13 @@ class FlowDistribution(Distribution):
         """The same flow with batch shape ``batch_shape`` (a conditional flow's context is
         expanded to it: views, no copies)."""
         batch_shape = torch.Size(batch_shape)
+        try:  # as a tensor expands: the current batch shape must broadcast to the new one
+            fits = torch.broadcast_shapes(self.batch_shape, batch_shape) == batch_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"batch_shape {tuple(batch_shape)} is not an expansion of this "
+                             f"distribution's batch shape {tuple(self.batch_shape)}")
         context = self.context
         if context is not None:
             context = context.expand(*batch_shape, context.shape[-1])
