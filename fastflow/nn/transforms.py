@@ -300,8 +300,11 @@ class AutoregressiveMixtureFlow(_MixtureTransform):
         # them over [-1, 1] as MixtureCDFFlow's are. The other dimensions' locations vary
         # with their inputs from the start; spreading their biases as well measured worse
         # (docs/tuning.md, "Initial locations").
+        degrees = self.made.input_degrees
+        if degrees.is_meta:  # built under torch.device("meta"): no values until loaded
+            return
         with torch.no_grad():
-            first = int(torch.argmin(self.made.input_degrees))
+            first = int(torch.argmin(degrees))
             bias = self.made.output.bias.view(features, 3 * components)
             bias[first, components:2 * components] = torch.linspace(-1.0, 1.0, components)
 
@@ -495,8 +498,11 @@ class Permutation(Transform):
 
     def __init__(self, permutation):
         super().__init__()
-        try:
-            perm = torch.as_tensor(permutation)
+        if isinstance(permutation, torch.Tensor) and permutation.is_meta:
+            raise ValueError("permutation must hold values, got a tensor on the meta device")
+        try:  # on the CPU even under torch.device("meta"): it is checked here
+            perm = permutation if isinstance(permutation, torch.Tensor) else \
+                torch.as_tensor(permutation, device="cpu")
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"permutation must be a sequence of ints, got {permutation!r}") \
                 from None
@@ -507,7 +513,7 @@ class Permutation(Transform):
         perm = perm.long()
         n = perm.numel()
         if n == 0 or perm.dim() != 1 or not torch.equal(perm.cpu().sort().values,
-                                                         torch.arange(n)):
+                                                         torch.arange(n, device="cpu")):
             raise ValueError(f"permutation must be a permutation of 0..n-1 (n >= 1), got "
                              f"{permutation!r}")
         self.features = n
@@ -530,4 +536,5 @@ class Reverse(Permutation):
     """Reverse the order of the features."""
 
     def __init__(self, features: int):
-        super().__init__(torch.arange(checks.check_count("features", features) - 1, -1, -1))
+        n = checks.check_count("features", features)
+        super().__init__(torch.arange(n - 1, -1, -1, device="cpu"))
