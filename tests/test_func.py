@@ -253,6 +253,30 @@ def test_second_derivative_at_the_same_torch_func_level_raises():
         grad(f)(x)
 
 
+@pytest.mark.parametrize("dtype,x,log_scale", [
+    (torch.float32, -5.011872336272722, [0.0, -10.0]),
+    (torch.float64, -1.5e5, [9.210340371976184, -10.0])], ids=["fp32", "fp64"])
+def test_recorded_gradients_equal_plain_ones_deep_in_a_gaussian_tail(backend, dtype, x,
+                                                                     log_scale):
+    """A narrow Gaussian component far from x (u ~ -5e4 in float32, -3e9 in float64) beside a
+    wide one: gradients taken with create_graph=True (through the oracle's log-space formulas)
+    equal the backward kernels' and are finite, and so is the Hessian. Before, torch's
+    log_ndtr derivative overflowed there and they came out NaN."""
+    for output in ("unit", "logit"):
+        args = [torch.tensor(v, dtype=dtype).requires_grad_()
+                for v in (x, [0.0, 0.0], [0.0, 0.0], log_scale)]
+        lad = fastflow.mixture_cdf(*args, kind="gaussian", output=output)[1]
+        plain = torch.autograd.grad(lad.sum(), args)
+        lad = fastflow.mixture_cdf(*args, kind="gaussian", output=output)[1]
+        recorded = torch.autograd.grad(lad.sum(), args, create_graph=True)
+        for p, r in zip(plain, recorded, strict=True):
+            torch.testing.assert_close(r.detach(), p, rtol=1e-5, atol=1e-7)
+        params = [a.detach() for a in args[1:]]
+        hess = hessian(lambda v, o=output, p=params: fastflow.mixture_cdf(
+            v, *p, kind="gaussian", output=o)[1].sum())(args[0].detach())
+        assert torch.isfinite(hess).all()
+
+
 def test_boundary_targets_keep_zero_higher_derivatives(backend):
     """Targets z = 0 and 1 (x = -inf, +inf) add no gradient at any order: the second
     derivatives of a loss on the finite solutions are those without the boundary targets,

@@ -72,3 +72,38 @@ def test_log1p_and_softplus_are_exact_where_naive_forms_fail():
     # A GPU's fp32 exp (ex2.approx on x log2 e) is off by about |x| ulp: 3.5e-7 at x = -80.
     rtol = 5e-7 if torch.cuda.is_available() else 2e-7
     np.testing.assert_allclose(apply("softplus", s), want, rtol=rtol)
+
+
+def _mills_ratio(u):
+    """phi(u) / Phi(u), the derivative of log Phi, in float64: scipy's log forms for
+    u > -100, the asymptotic series -u / (1 - 1/u^2 + 3/u^4 - 15/u^6 + 105/u^8) below (its
+    next term, 945/u^10, is below float64's resolution there)."""
+    u = np.asarray(u, dtype=np.float64)
+    near = np.exp(-0.5 * u * u - 0.5 * np.log(2 * np.pi) - special.log_ndtr(np.maximum(u, -100)))
+    w = 1.0 / (u * u)
+    far = -u / (1 - w + 3 * w * w - 15 * w ** 3 + 105 * w ** 4)
+    return np.where(u > -100, near, far)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_oracle_log_ndtr_derivatives_stay_exact_down_the_lower_tail(dtype):
+    """The oracle's log Phi (reference.naive.log_ndtr, through which the ops' higher
+    derivatives are taken) has the value of scipy's log_ndtr and an exact first derivative
+    phi/Phi down the lower tail, where torch's log_ndtr derivative is not (955 for 1000 at
+    u = -1000 in float32, inf past -3e9 in float64); its second derivative is finite."""
+    from fastflow.reference.naive import log_ndtr as oracle_log_ndtr
+
+    lowest = -1e7 if dtype == torch.float32 else -1e12
+    u = torch.cat([torch.linspace(-30, 30, 601, dtype=torch.float64),
+                   -torch.logspace(1.5, np.log10(-lowest), 60, dtype=torch.float64)])
+    u = u.to(dtype).requires_grad_()
+    value = oracle_log_ndtr(u)
+    grad, = torch.autograd.grad(value.sum(), u, create_graph=True)
+    second, = torch.autograd.grad(grad.sum(), u)
+    u64 = u.detach().double().numpy()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(value.detach().double().numpy(), special.log_ndtr(u64),
+                               rtol=rtol, atol=1e-30)
+    np.testing.assert_allclose(grad.detach().double().numpy(), _mills_ratio(u64),
+                               rtol=rtol, atol=1e-30)
+    assert torch.isfinite(second).all()
