@@ -18,13 +18,17 @@ TRITON_INTERPRET must be unset.
 """
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from fastflow.kernels import launch, mixture_cdf, mixture_inverse
 
-from fastflow.cli import compile_check
 from fastflow.cli.bench import K_OPS, OUTPUT, op_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import compile_check  # noqa: E402  (bench/compile_check.py)
 
 
 def _table(arch, sass_dir, x, params, inverse: bool):

@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import torch
 from fastflow.kernels import autoregressive as kernel
 
-from fastflow.cli import compile_check
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import compile_check  # noqa: E402  (bench/compile_check.py)
 
 CLASSES = {
     "global loads": ("LDG", "LDGSTS"),

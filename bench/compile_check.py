@@ -9,7 +9,7 @@ types, constexprs, 16-byte divisibility, value-1 integers, warps), and compiles 
 one through the whole pipeline, ptxas included, for the given CUDA architectures. Triton's
 wheel carries ptxas, so no GPU or CUDA toolkit is needed.
 
-Run it as ``python -m fastflow.cli.compile_check [--arch 90 80] [--jobs N] [--sass DIR]``
+Run it from a checkout as ``python bench/compile_check.py [--arch 90 80] [--jobs N] [--sass DIR]``
 (``TRITON_INTERPRET`` must be unset). ``--sass`` also writes each kernel's SASS and a summary
 of its instruction mix, for reading what the compiler made of a kernel.
 """
@@ -136,9 +136,10 @@ def _mixture(dtype, K=3, shape=(4, 5)):
 
 
 def _cdf_launches(record):
-    from ..kernels import mixture_cdf as m
-    from ..kernels import mixture_inverse as inv
-    from ..ops.mixture_inverse import MAX_STEPS
+    from fastflow.kernels import mixture_cdf as m
+    from fastflow.kernels import mixture_inverse as inv
+
+    from fastflow.ops.mixture_inverse import MAX_STEPS
 
     # K = 3 takes the kernels' general path, K = 4 (contiguous, a power of two) DENSE
     for kind, output, dtype, K in itertools.product(m.KINDS, m.OUTPUTS, FLOAT_DTYPES, (3, 4)):
@@ -164,9 +165,10 @@ def _cdf_launches(record):
 
 
 def _made_launches(record):
-    from ..kernels import made
-    from ..kernels.launch import KINDS, OUTPUTS
-    from ..nn.made import MADE
+    from fastflow.kernels import made
+    from fastflow.kernels.launch import KINDS, OUTPUTS
+
+    from fastflow.nn.made import MADE
 
     for act, bias, dtype, tf32 in itertools.product(
             made.ACTIVATIONS, (True, False), FLOAT_DTYPES, (False, True)):
@@ -185,9 +187,10 @@ def _made_launches(record):
 
 
 def _solve_launches(record):
-    from ..kernels.autoregressive import autoregressive_solve
-    from ..kernels.launch import KINDS
-    from ..nn import AutoregressiveMixtureFlow
+    from fastflow.kernels.autoregressive import autoregressive_solve
+    from fastflow.kernels.launch import KINDS
+
+    from fastflow.nn import AutoregressiveMixtureFlow
 
     for kind, output, invert, residual, dtype in itertools.product(
             KINDS, ("logit", "unit"), (True, False), (False, True), FLOAT_DTYPES):
@@ -337,7 +340,7 @@ def check(arches=(90,), jobs: int | None = None, sass_dir: str | None = None,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastflow.cli.compile_check",
+    parser = argparse.ArgumentParser(prog="python bench/compile_check.py",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90],
                         help="CUDA compute capabilities as integers (default: 90)")
