@@ -1,4 +1,4 @@
-"""Benchmark set-up: workload sizes by device and mode, and the shared W1-W3 inputs.
+"""Benchmark set-up: workload sizes by device and mode.
 
 Sizes: "full" on a GPU (W1: N = 2^24 elements; docs/design.md, Benchmark workloads), "cpu" on
 a CPU (about a minute for the whole file), "tiny" whenever benchmarking is disabled (CI runs
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fastflow.cli.bench import OP_SIZES, op_inputs
+from fastflow.cli.bench import OP_SIZES
 
 SIZES = OP_SIZES
 HAS_CUDA = torch.cuda.is_available()
@@ -34,12 +34,6 @@ def size_name(request):
     if name not in SIZES:
         raise ValueError(f"FASTFLOW_BENCH_SIZE must be one of {tuple(SIZES)}, got {name!r}")
     return name
-
-
-@pytest.fixture(scope="session")
-def w1_inputs(size_name):
-    """W1 shapes: N elements as (N / 256, 256), logistic K = 8, per-element parameters."""
-    return op_inputs(SIZES[size_name], DEVICE)
 
 
 def sync():
