@@ -154,29 +154,40 @@ def _optimizer(optimizer, params, lr: float) -> torch.optim.Optimizer:
                      f"torch.optim.SGD, got {type(optimizer).__name__}")
 
 
-def _step(opt: torch.optim.Optimizer, loss_fn) -> torch.Tensor:
+def _needs_closure(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step`` requires a closure (a ``closure`` parameter without a default, as
+    LBFGS's, which evaluates the loss several times per step)."""
+    try:
+        param = inspect.signature(opt.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _step(opt: torch.optim.Optimizer, loss_fn, closure: bool) -> torch.Tensor:
     """One optimizer step on the loss ``loss_fn()`` gives; returns that loss, taken before
-    the step (detached). Through a closure, which every torch.optim optimizer takes and some
-    need (LBFGS evaluates it several times per step); optimizers whose ``step`` takes no
-    closure get the gradient computed once beforehand."""
+    the step (detached). With ``closure`` the step gets a closure that recomputes it;
+    otherwise the gradient is computed first and ``step()`` called plainly, so that step
+    pre-hooks (gradient clipping, say) see this batch's gradients."""
+    if not closure:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss.detach()
     losses = []
 
-    def closure():
+    def recompute():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
         losses.append(loss.detach())
         return loss
 
-    try:
-        takes_closure = "closure" in inspect.signature(opt.step).parameters
-    except (TypeError, ValueError):  # a builtin without a signature
-        takes_closure = False
-    if takes_closure:
-        opt.step(closure)
-    else:
-        closure()
-        opt.step()
+    opt.step(recompute)
+    if not losses:
+        raise ValueError(f"optimizer {type(opt).__name__} requires a closure but its step did "
+                         "not call it")
     return losses[0]
 
 
@@ -247,8 +258,8 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         optimizer: None for Adam; a ``torch.optim.Optimizer`` built on the flow's
             parameters (used as is, ``lr`` ignored); or a callable such as
             ``torch.optim.SGD`` or ``functools.partial(torch.optim.AdamW, weight_decay=0.01)``,
-            called as ``optimizer(parameters, lr=lr)``. Each step passes a closure that
-            recomputes the mini-batch's loss, so ``torch.optim.LBFGS`` works as well.
+            called as ``optimizer(parameters, lr=lr)``. An optimizer whose step requires a
+            closure (``torch.optim.LBFGS``) gets one that recomputes the mini-batch's loss.
         progress: show a tqdm bar with the running training loss (and the last validation
             loss) on stderr; None shows it only when stderr is a terminal.
         seed: seeds the validation split and the batch order; None draws the seed from
@@ -330,6 +341,7 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
     if not params:
         raise ValueError("flow has no parameters that require gradients")
     opt = _optimizer(optimizer, params, float(lr))
+    closure = _needs_closure(opt)
 
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -417,7 +429,7 @@ def fit(flow, data, *, epochs: int | None = None, steps: int | None = None,
         while not stop:
             batches = train_idx[torch.randperm(n_train, generator=g).to(device)].split(batch)
             for i, rows in enumerate(batches):
-                pending.append(_step(opt, lambda rows=rows: nll(rows)))
+                pending.append(_step(opt, lambda rows=rows: nll(rows), closure))
                 history.steps += 1
                 bar.update(1)
                 end_of_epoch = i == len(batches) - 1

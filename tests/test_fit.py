@@ -291,6 +291,14 @@ def test_optimizers_that_need_a_closure_and_ones_that_take_none():
                            optimizer=PlainSGD, progress=False)
     assert model.w.item() == pytest.approx(1.0)  # 0 - 0.25 * d/dw (w - 2)^2 at w = 0
     assert history.train_loss == [pytest.approx(4.0)]
+    # Optimizers whose closure is optional step plainly: a step pre-hook (where gradient
+    # clipping goes) sees the batch's own gradient, -4 at w = 0.
+    model, seen = Recorder(), []
+    opt = torch.optim.SGD(model.parameters(), lr=0.25)
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(model.w.grad.item()))
+    fastflow.fit(model, x, steps=1, batch_size=16, validation=0.0, optimizer=opt,
+                 progress=False)
+    assert seen == [pytest.approx(-4.0)]
 
 
 def test_progress_bar_only_on_request_when_stderr_is_not_a_terminal(capsys):
