@@ -517,6 +517,8 @@ class Permutation(Transform):
             raise ValueError(f"permutation must be a permutation of 0..n-1 (n >= 1), got "
                              f"{permutation!r}")
         self.features = n
+        if not isinstance(permutation, torch.Tensor):  # checked on the CPU; kept where the
+            perm = perm.to(torch.get_default_device())  # other modules' tensors are made
         self.register_buffer("perm", perm)
         self.register_buffer("inverse_perm", torch.argsort(perm))
 
@@ -537,4 +539,4 @@ class Reverse(Permutation):
 
     def __init__(self, features: int):
         n = checks.check_count("features", features)
-        super().__init__(torch.arange(n - 1, -1, -1, device="cpu"))
+        super().__init__(range(n - 1, -1, -1))
