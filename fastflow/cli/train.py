@@ -551,6 +551,7 @@ def _finish(loss: NLLLoss, config: dict, out: Path, train_x, test_x, device,
         print(f"{split:5s} NLL {nats:.4f} nats/dim ({nats / math.log(2):.4f} bits/dim)",
               file=stdout)
     ckpt = out / "checkpoint.pt"
+    out.mkdir(parents=True, exist_ok=True)  # again: a failed run beside this one may remove it
     save_checkpoint(ckpt, loss.flow, config, metrics)
     print(f"wrote {ckpt}", file=stdout)
     label = Path(config["path"]).stem if config["data"] == "file" else config["data"]
