@@ -119,7 +119,8 @@ def masked_linear(
     *, activation: str = "identity", role: str | None = None, blocks=None,
 ) -> torch.Tensor:
     """``act(x @ (weight * mask)^T + bias)``; on the "kernel" route (every product with
-    ``role`` None on a GPU) the mask is applied in-kernel and all-zero mask tiles are skipped.
+    ``role`` None on the Triton backend) the mask is applied in-kernel and all-zero mask
+    tiles are skipped.
 
     Args:
         x: ``(..., K)``. weight, mask: ``(N, K)``; mask is 0/1 (any dtype). bias: ``(N,)``.

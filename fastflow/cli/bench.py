@@ -572,8 +572,9 @@ def environment(device: torch.device) -> dict[str, str]:
     from fastflow.ops import dispatch
 
     triton = dispatch.backend_for(torch.empty(0, device=device)) == "triton"
-    env["backend"] = ("PyTorch reference" if not triton else "triton kernels"
-                      if device.type == "cuda" else "triton kernels (interpreted)")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda"
+    env["backend"] = ("PyTorch reference" if not triton else
+                      "triton kernels (interpreted)" if interpreted else "triton kernels")
     return env
 
 

@@ -30,6 +30,11 @@ def _range_name(c) -> str | None:
     return None
 
 
+def _short(text: str, limit: int = 100) -> str:
+    """text cut to ``limit`` characters (a constraint's repr can print whole bound tensors)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _describe(t) -> str:
     output = getattr(t, "output", None)
     return type(t).__name__ + ("" if output is None else f"(output={output!r})")
@@ -62,11 +67,15 @@ def check_ranges(transforms, base) -> None:
     known = _range_name(support)
     if known == current:
         return
-    where, base_name = known or repr(support), type(base).__name__
+    where, base_name = known or _short(repr(support)), type(base).__name__
     # Rebuilding the last transform helps only where the base lives on the other range.
-    other = ("logit", "R") if current == "[0, 1]" else ("unit", "[0, 1]")
-    fix = "" if not known else f"build it with output={other[0]!r}, or " if hasattr(
-        last, "output") else f"end the chain with a transform onto {other[1]}, or "
+    other_output, other_range = ("logit", "R") if current == "[0, 1]" else ("unit", "[0, 1]")
+    if not known:
+        fix = ""
+    elif hasattr(last, "output"):
+        fix = f"build it with output={other_output!r}, or "
+    else:
+        fix = f"end the chain with a transform onto {other_range}, or "
     if current == "[0, 1]":
         raise ValueError(
             f"the last transform, {_describe(last)}, maps onto [0, 1] but the base "

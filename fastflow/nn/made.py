@@ -223,4 +223,3 @@ class MADE(nn.Module):
                 a = self.activation(a)
             h = h + a if self.residual and i > 0 else a
         return h
-
