@@ -13,6 +13,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch.device(...) as a context manager recognises factory functions from a set it builds
+# once, on first use: use it now, with the real torch.empty, before _nan_filled_empty
+# replaces that for a test (a set built then would hold the replacement, and every later
+# `with torch.device("meta")` would allocate torch.empty's tensors on the CPU).
+with torch.device("meta"):
+    torch.empty(0)
+
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
