@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import forward_eval
+from .device import forward_eval, head_params
 from .launch import KINDS, OUTPUTS, cdiv, next_pow2, tl_dtype
-from .made import _head_params
-from .mixture_inverse import _solve, _target_logit
+from .solve import solve, target_logit
 
 # Launch parameters on a GPU (bench/investigations/tune_gpu.py sweeps them): rows per program (at
 # most), the hidden units and the input columns of one tl.dot tile, warps per program.
@@ -87,13 +86,13 @@ def _autoregressive_solve_kernel(
             tl.debug_barrier()
         col = tl.load(order_ptr + t).to(tl.int64)
         lim = tl.load(table_ptr + L * T1 + t + 1)
-        log_pi, loc, log_scale, mask = _head_params(
+        log_pi, loc, log_scale, mask = head_params(
             scr_ptr + last, s_sb, 1, wo_ptr, H_last, 1, bo_ptr, s_ob, offs_b, mask_b, col, lim,
             K, CDT, IEEE, BLOCK_B, BLOCK_H, BLOCK_K, True,
         )
         v = tl.load(v_ptr + offs_b * s_vb + col * s_vd, mask=mask_b, other=0.5).to(CDT)
         if INVERT:
-            r, lad, _ = _solve(_target_logit(v, OUTPUT), log_pi, loc, log_scale, mask, mask_b,
+            r, lad, _ = solve(target_logit(v, OUTPUT), log_pi, loc, log_scale, mask, mask_b,
                                KIND, OUTPUT, MAX_STEPS, True)
         else:
             r, lad = forward_eval(v, log_pi, loc, log_scale, KIND, OUTPUT, True)

@@ -1,5 +1,7 @@
 """Device functions shared by the mixture-CDF kernels: loading a tile of mixtures, the
-forward map and logabsdet in probability and log space, and the pieces of its VJP.
+forward map and logabsdet in probability and log space, the pieces of its VJP, and a MADE
+output head's mixture parameters from its hidden units (``head_params``, for the fused head
+and the one-pass solve). The inverse's solve, shared the same way, is in kernels/solve.py.
 
 The forward (kernels/mixture_cdf.py), the inverse (kernels/mixture_inverse.py), the fused
 MADE head (kernels/made.py) and the one-pass autoregressive solve (kernels/autoregressive.py)
@@ -472,3 +474,49 @@ def store_param_grads(g_logit_ptr, g_loc_ptr, g_log_scale_ptr, g_logit, g_loc, g
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def head_params(
+    h_ptr, s_hb, s_hh, w_ptr, s_wo, s_wh, b_ptr, s_bb, offs_b, mask_b, d, lim, K,
+    CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
+):
+    """Dimension d's mixture (log pi, loc, log_scale, lane mask), [BLOCK_B, BLOCK_K] tiles,
+    from the first ``lim`` hidden units of rows offs_b. Bias row stride s_bb (0: shared)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    # Output rows of dimension d: logits d*3K + k, locs d*3K + K + k, log-scales d*3K + 2K + k.
+    row_l = d * 3 * K + offs_k
+    acc_l = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
+    acc_m = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
+    acc_s = tl.zeros((BLOCK_B, BLOCK_K), dtype=CDT)
+    # Hidden units are sorted by degree, so dimension d sees a prefix of them: stop there.
+    for ht in range(0, tl.cdiv(lim, BLOCK_H)):
+        offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < lim
+        hb = tl.load(h_ptr + offs_b[:, None] * s_hb + offs_h[None, :] * s_hh,
+                     mask=mask_b[:, None] & mask_h[None, :], other=0.0)
+        wmask = mask_k[:, None] & mask_h[None, :]
+        w_off = offs_h[None, :] * s_wh
+        w_l = tl.load(w_ptr + row_l[:, None] * s_wo + w_off, mask=wmask, other=0.0)
+        w_m = tl.load(w_ptr + (row_l + K)[:, None] * s_wo + w_off, mask=wmask, other=0.0)
+        w_s = tl.load(w_ptr + (row_l + 2 * K)[:, None] * s_wo + w_off, mask=wmask, other=0.0)
+        if IEEE:
+            acc_l += tl.dot(hb, tl.trans(w_l), input_precision="ieee")
+            acc_m += tl.dot(hb, tl.trans(w_m), input_precision="ieee")
+            acc_s += tl.dot(hb, tl.trans(w_s), input_precision="ieee")
+        else:
+            acc_l += tl.dot(hb, tl.trans(w_l))
+            acc_m += tl.dot(hb, tl.trans(w_m))
+            acc_s += tl.dot(hb, tl.trans(w_s))
+    b_rows = b_ptr + offs_b[:, None] * s_bb
+    bmask = mask_b[:, None] & mask_k[None, :]
+    logit = acc_l + tl.load(b_rows + row_l[None, :], mask=bmask, other=0.0).to(CDT)
+    loc = acc_m + tl.load(b_rows + (row_l + K)[None, :], mask=bmask, other=0.0).to(CDT)
+    log_scale = acc_s + tl.load(b_rows + (row_l + 2 * K)[None, :], mask=bmask,
+                                other=0.0).to(CDT)
+    logit = tl.where(mask_k[None, :], logit, -float("inf"))
+    m, s = lse_parts(logit, FAST)
+    log_pi = (logit - m[:, None]) - s[:, None]
+    return log_pi, loc, log_scale, mask_b[:, None] & mask_k[None, :]
