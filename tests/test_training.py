@@ -13,6 +13,7 @@ from fastflow.nn import (
     AutoregressiveMixtureFlow,
     Flow,
     Logit,
+    MixtureCDFFlow,
     UniformDequantization,
     VariationalDequantization,
     dequantized_log_prob,
@@ -116,6 +117,22 @@ def test_uniform_dequantization_stays_in_the_cell():
     y, log_q = UniformDequantization(2, 4)(x)
     assert ((y * 4).floor().long() == x).all()
     torch.testing.assert_close(log_q, torch.full((100,), 2 * math.log(4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dequantized_values_never_touch_a_cells_end(dtype, monkeypatch):
+    """Noise at the ends of [0, 1) that rounding carries onto a cell's end (255 + u rounds to
+    256 in float32 for u > 1 - 2^-17; u = 0 at x = 0 gives y = 0) stays strictly inside the
+    cell, so a Logit with alpha = 0 gives a finite bound. Before, 7e-6 of float32 draws at
+    x = 255 of 256 levels gave y = 1 and a bound of -inf."""
+    ends = torch.tensor([0.0, 1.0 - 2.0 ** -24, 0.0, 1.0 - 2.0 ** -24], dtype=dtype)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: ends.reshape(shape).to(kw["dtype"]))
+    x = torch.tensor([[0], [255], [0], [255]])
+    y, _ = UniformDequantization(1, 256)(x, dtype=dtype)
+    assert ((y > x / 256) & (y < (x + 1) / 256)).all()
+    flow = Flow([Logit(1, alpha=0.0), MixtureCDFFlow(1, 2)], StandardNormal(1)).to(dtype)
+    y_bound = flow.log_prob(y)
+    assert torch.isfinite(y_bound).all()
 
 
 def test_toy_data_shapes_and_errors():

@@ -35,15 +35,26 @@ class _Dequantizer(nn.Module):
             raise ValueError(f"x must lie in [0, {self.levels - 1}] (levels={self.levels})")
 
 
+def _in_cell(x: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
+    """y = (x + u) / levels, kept strictly inside x's cell: rounding can put it on an end
+    (255 + u rounds to 256 in float32 for u > 1 - 2^-17, and u = 0 gives y = 0 for x = 0),
+    where a Logit with alpha = 0 gives -inf. Moves y by at most one ulp."""
+    xf = x.to(u.dtype)
+    y = (xf + u) / levels
+    lo = torch.nextafter(xf / levels, torch.ones_like(y))
+    hi = torch.nextafter((xf + 1) / levels, torch.zeros_like(y))
+    return torch.minimum(torch.maximum(y, lo), hi)
+
+
 class UniformDequantization(_Dequantizer):
-    """u ~ U[0, 1)^D: q(y | x) = levels^D on x's cell."""
+    """u ~ U[0, 1)^D: q(y | x) = levels^D on x's cell (y strictly inside it)."""
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32):
         self._check(x)
         u = torch.rand(x.shape, dtype=dtype, device=x.device)
         log_q = torch.full(x.shape[:-1], self.features * math.log(self.levels), dtype=dtype,
                            device=x.device)
-        return (x.to(dtype) + u) / self.levels, log_q
+        return _in_cell(x, u, self.levels), log_q
 
 
 class VariationalDequantization(_Dequantizer):
@@ -69,8 +80,8 @@ class VariationalDequantization(_Dequantizer):
         self._check(x)
         context = x.to(dtype) / (self.levels - 1)
         u, log_q_u = self.noise.rsample_and_log_prob(1, context)
-        u, log_q_u = u[0].clamp(0.0, 1.0), log_q_u[0]
-        return (x.to(dtype) + u) / self.levels, log_q_u + self.features * math.log(self.levels)
+        u, log_q_u = u[0], log_q_u[0]
+        return _in_cell(x, u, self.levels), log_q_u + self.features * math.log(self.levels)
 
 
 def dequantized_log_prob(flow: Flow, dequantizer: _Dequantizer, x: torch.Tensor,
