@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
-from .checks import check_count, sample_shape
+from .checks import check_count, check_float_tensor, sample_shape
 from .functional import mixture_cdf_inverse, mixture_log_prob
 
 
@@ -33,6 +33,13 @@ class _Base(nn.Module):
 
     def _shape(self, shape):
         return (*sample_shape("shape", shape), self.features)
+
+    def _check_value(self, z) -> None:
+        """ValueError unless z is a floating tensor of shape (..., D)."""
+        check_float_tensor(z, "z")
+        if z.dim() < 1 or z.shape[-1] != self.features:
+            raise ValueError(f"z must have {self.features} features (shape (..., "
+                             f"{self.features})), got shape {tuple(z.shape)}")
 
     def rsample(self, shape):
         raise NotImplementedError
@@ -53,6 +60,7 @@ class Uniform(_Base):
     support = constraints.unit_interval
 
     def log_prob(self, z):
+        self._check_value(z)
         inside = ((z >= 0) & (z <= 1)).all(-1)
         return torch.where(inside, 0.0, -math.inf).to(z.dtype)
 
@@ -69,6 +77,7 @@ class StandardNormal(_Base):
     support = constraints.real
 
     def log_prob(self, z):
+        self._check_value(z)
         return -0.5 * (z * z).sum(-1) - 0.5 * self.features * math.log(2 * math.pi)
 
     def rsample(self, shape):
@@ -96,6 +105,7 @@ class MixtureOfGaussians(_Base):
         return f"features={self.features}, components={self.components}"
 
     def log_prob(self, z):
+        self._check_value(z)
         lp = mixture_log_prob(z, self.logits, self.loc, self.log_scale, kind="gaussian")
         return lp.sum(-1)
 

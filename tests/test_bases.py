@@ -235,3 +235,16 @@ def test_interface_rsample_support_and_repr(kind):
     expected = f"features={D}, components={K}" if kind == "mog" else f"features={D}"
     assert base.extra_repr() == expected
     assert f"({expected})" in repr(base)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_log_prob_refuses_values_of_another_size_or_dtype(kind):
+    """A base scores values of its own D only: StandardNormal(3) given 2 features returned the
+    3-D constant on 2-D data, and Uniform 0, without a word."""
+    base = BASES[kind]()
+    assert base.log_prob(base.sample((2, 3))).shape == (2, 3)
+    for bad in (torch.zeros(4, D - 1), torch.zeros(4, D + 1), torch.zeros(())):
+        with pytest.raises(ValueError, match=rf"z must have {D} features"):
+            base.log_prob(bad)
+    with pytest.raises(ValueError, match="z must be a floating-point tensor"):
+        base.log_prob(torch.zeros(4, D, dtype=torch.long))
