@@ -1,6 +1,6 @@
 """fastflow: compiled-kernel mixture-CDF normalizing flows for PyTorch."""
 
-from . import flows
+from . import data, distributions, flows, nn
 from .fit import fit
 from .functional import (
     get_validate_args,
@@ -18,6 +18,8 @@ __all__ = [
     "MixtureCDF",
     "MixtureCDFInverse",
     "MixtureLogProb",
+    "data",
+    "distributions",
     "flows",
     "fit",
     "get_validate_args",
@@ -25,5 +27,6 @@ __all__ = [
     "mixture_cdf",
     "mixture_cdf_inverse",
     "mixture_log_prob",
+    "nn",
     "set_validate_args",
 ]

@@ -304,3 +304,16 @@ def test_backend_switch_errors_are_clear(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fastflow.mixture_cdf(x, *params)
+
+
+def test_subpackages_are_attributes_of_the_package():
+    """After `import fastflow`, fastflow.data, .distributions, .flows and .nn are there, as
+    fastflow.flows already was (fastflow.data.two_moons raised AttributeError)."""
+    import subprocess
+    import sys
+
+    # A fresh interpreter: in this one other tests have imported the subpackages already.
+    code = ("import fastflow as ff; ff.data.two_moons, ff.distributions.StandardNormal, "
+            "ff.flows.MAF, ff.nn.Flow")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

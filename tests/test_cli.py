@@ -667,3 +667,16 @@ def test_more_cuda_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DemoError, match="local rank 1, 1 GPU"):
         init_distributed(torch.device("cuda"))
+
+
+def test_a_closed_stdout_ends_the_command_quietly(capsys, monkeypatch):
+    """`fastflow info | head -1` closes the pipe early: a BrokenPipeError then ends the
+    command with status 0 and no error line (it printed 'error: [Errno 32] Broken pipe')."""
+    import fastflow.cli as cli
+
+    def closed(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_run", closed)
+    code, _, err = run(capsys, "info")
+    assert code == 0 and err == ""

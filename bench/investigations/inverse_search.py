@@ -13,7 +13,8 @@ space (``search_misses``). Also prints the worst error as a fraction of the tole
 smaller of |x - x*| / (1e-5 (|x*| + min_k s_k)), x* the float64 reference's root, and
 |logit F64(x) - t| / (1e-5 max(1, |t|)); every figure must be <= 1. The Triton kernels run
 under the interpreter on a CPU (about 1-3 ms per program of up to 256 elements): keep
-``--n`` to a few 10^4 there.
+``--n`` to a few 10^4 there. It imports the search from the tests, so it needs the test
+extra (``pip install -e ".[test]"``: pytest, hypothesis).
 """
 
 import argparse

@@ -265,12 +265,25 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except _Failure as e:
         print(str(e), file=sys.stderr)
+    except BrokenPipeError:  # stdout closed early (fastflow info | head): nothing to report
+        _silence_stdout()
+        return 0
     except (DemoError, OSError, ValueError) as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return EXIT_USAGE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at os.devnull, so that the interpreter's flush at exit does not meet the
+    closed pipe again (Python's documented way out of a BrokenPipeError)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
 
 
 if __name__ == "__main__":
