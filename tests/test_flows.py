@@ -128,6 +128,28 @@ def test_wider_data_run_every_layer_in_their_dtype(name):
                for p in flow.parameters())
 
 
+def test_a_conditioner_with_buffers_runs_in_the_datas_dtype():
+    """A replacement conditioner with batch norm (buffers, updated in training) in a float32
+    flow given float64 data: the values of the float64 copy of the flow, and the running
+    statistics updated as that copy's are. Before, the float32 buffers met float64
+    activations: 'expected scalar type Double but found Float'."""
+    import copy
+
+    from fastflow.distributions import StandardNormal
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 12))
+    flow = Flow([CouplingMixtureFlow(3, 2, network=net)], StandardNormal(3))
+    wide = copy.deepcopy(flow).double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    for mode in ("eval", "train"):  # eval first: then both hold the same running statistics
+        getattr(flow, mode)(), getattr(wide, mode)()
+        torch.testing.assert_close(flow.log_prob(x), wide.log_prob(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net[1].running_mean.double(), wide.transforms[0].network[1]
+                               .running_mean, rtol=1e-6, atol=1e-7)
+    assert net[1].running_mean.dtype == torch.float32 and net[1].num_batches_tracked == 1
+
+
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="transforms must be an int >= 1"):
         MAF(3, transforms=0)

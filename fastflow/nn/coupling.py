@@ -28,14 +28,21 @@ def coupling_network(in_features: int, out_features: int, hidden_features) -> nn
 
 
 def _call_in_dtype(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``network(inputs)`` in the inputs' dtype: a network whose floating parameters have
-    another dtype runs with them cast to it (float64 data through a float32 conditioner
-    computes in float64, as MADE's layers do; the casts pass gradients back)."""
-    params = dict(network.named_parameters())
-    if all(p.dtype == inputs.dtype or not p.is_floating_point() for p in params.values()):
+    """``network(inputs)`` in the inputs' dtype: a network whose floating parameters and
+    buffers have another dtype runs with them cast to it (float64 data through a float32
+    conditioner computes in float64, as MADE's layers do; the casts pass gradients back, and
+    buffers the call updates, such as batch norm's running statistics, are copied back)."""
+    params, buffers = dict(network.named_parameters()), dict(network.named_buffers())
+    state = {**params, **buffers}
+    if all(t.dtype == inputs.dtype or not t.is_floating_point() for t in state.values()):
         return network(inputs)
-    cast = {k: p.to(inputs.dtype) if p.is_floating_point() else p for k, p in params.items()}
-    return torch.func.functional_call(network, cast, (inputs,))
+    cast = {k: t.to(inputs.dtype) if t.is_floating_point() else t for k, t in state.items()}
+    out = torch.func.functional_call(network, cast, (inputs,))
+    with torch.no_grad():
+        for k, b in buffers.items():
+            if b.is_floating_point() and cast[k] is not b:
+                b.copy_(cast[k])
+    return out
 
 
 class CouplingMixtureFlow(_MixtureTransform):
