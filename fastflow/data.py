@@ -29,8 +29,17 @@ def two_moons(n: int, noise: float = 0.05, *, generator: torch.Generator | None 
 
 def rings(n: int, noise: float = 0.05, *, radii=(0.5, 1.0, 1.5),
           generator: torch.Generator | None = None):
-    """(n, 2) points on concentric circles with Gaussian noise (float32)."""
+    """(n, 2) points on concentric circles with Gaussian noise (float32); ``radii`` a
+    non-empty sequence of finite radii >= 0, each circle drawn with equal probability."""
     n, noise = _check(n, noise)
+    try:
+        values = [float(r) for r in radii]
+    except (TypeError, ValueError):  # not a sequence, or not of numbers
+        values = None
+    if not values or not all(0.0 <= r < math.inf for r in values):
+        raise ValueError(f"radii must be a non-empty sequence of finite numbers >= 0, got "
+                         f"{radii!r}")
+    radii = values
     r = torch.tensor(radii)[torch.randint(0, len(radii), (n,), generator=generator)]
     angle = torch.rand(n, generator=generator) * 2 * math.pi
     pts = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], -1)

@@ -143,3 +143,9 @@ def test_toy_data_shapes_and_errors():
     assert torch.isclose(radii.unsqueeze(-1), torch.tensor([0.5, 1.0, 1.5])).any(-1).all()
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         two_moons(0)
+    # radii: NaN gave all-NaN points; an empty or scalar one raised torch's or Python's error.
+    own = rings(100, noise=0.0, radii=[2, 3], generator=g).norm(dim=-1)
+    assert torch.isclose(own.unsqueeze(-1), torch.tensor([2.0, 3.0])).any(-1).all()
+    for bad in ([math.nan], (), 1.0, [-1.0], ["a"], [math.inf]):
+        with pytest.raises(ValueError, match="radii must be a non-empty sequence of finite"):
+            rings(10, radii=bad)
