@@ -169,12 +169,6 @@ def _step(opt: torch.optim.Optimizer, loss_fn, closure: bool) -> torch.Tensor:
     the step (detached). With ``closure`` the step gets a closure that recomputes it;
     otherwise the gradient is computed first and ``step()`` called plainly, so that step
     pre-hooks (gradient clipping, say) see this batch's gradients."""
-    if not closure:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        return loss.detach()
     losses = []
 
     def recompute():
@@ -184,7 +178,11 @@ def _step(opt: torch.optim.Optimizer, loss_fn, closure: bool) -> torch.Tensor:
         losses.append(loss.detach())
         return loss
 
-    opt.step(recompute)
+    if closure:
+        opt.step(recompute)
+    else:
+        recompute()
+        opt.step()
     if not losses:
         raise ValueError(f"optimizer {type(opt).__name__} requires a closure but its step did "
                          "not call it")

@@ -224,7 +224,8 @@ class Flow(nn.Module):
     def rsample_and_log_prob(self, sample_shape=(), context: torch.Tensor | None = None):
         """(x, log p(x)) for differentiable samples, from the sampling pass alone."""
         shape = checks.sample_shape("sample_shape", sample_shape)
-        _check_not_meta(self._dtype_device()[1], "the flow")
+        dtype, device = self._dtype_device()
+        _check_not_meta(device, "the flow")
         self._check_takes_context(context)
         n = math.prod(shape)
         batch = () if context is None else tuple(context.shape[:-1])
@@ -233,7 +234,7 @@ class Flow(nn.Module):
         z = _base_rsample(self.base, (n, *batch))
         # A torch.distributions base keeps its own dtype: promote its draws to the flow's
         # (never demote), as log_prob promotes its input, so a float64 flow samples in float64.
-        z = z.to(torch.promote_types(z.dtype, self._dtype_device()[0]))
+        z = z.to(torch.promote_types(z.dtype, dtype))
         x, lad = chain_inverse(self.transforms, z, context)  # lad = log|dx/dz|
         # A sample that overflowed (a scale past the dtype's range) has no representable
         # density: -inf, as log_prob gives for it.

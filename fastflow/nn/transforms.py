@@ -512,8 +512,8 @@ class Permutation(Transform):
             raise ValueError(f"permutation must hold ints, got dtype {perm.dtype}")
         perm = perm.long()
         n = perm.numel()
-        if n == 0 or perm.dim() != 1 or not torch.equal(perm.cpu().sort().values,
-                                                         torch.arange(n, device="cpu")):
+        if perm.dim() != 1 or not torch.equal(perm.cpu().sort().values,
+                                              torch.arange(n, device="cpu")):
             raise ValueError(f"permutation must be a permutation of 0..n-1 (n >= 1), got "
                              f"{permutation!r}")
         self.features = n

@@ -5,8 +5,8 @@ Each op lives in its own module (:mod:`.mixture_cdf`, :mod:`.mixture_inverse`, :
 :mod:`.autoregressive`): the custom op ``fastflow::<name>`` with its fake implementation, its
 derivative (registered with :func:`register_autograd` and shared with the op's public
 autograd.Function; the one-pass solve has none, as it runs only without gradients) and its
-batching rule. Ops take already validated tensors (the checks are
-in :mod:`fastflow.checks`); x of shape S and parameters broadcast (expanded) to S + (K,).
+batching rule. Ops take already validated tensors (the checks are in :mod:`fastflow.checks`);
+x of shape S and parameters broadcast (expanded) to S + (K,).
 Forward ops return outputs in x's dtype; backward ops return per-element gradients in the
 compute dtype (float64 for float64 inputs, float32 otherwise), which the Functions reduce over
 broadcast dimensions. Where each op runs is decided in :mod:`.dispatch`.

@@ -117,7 +117,7 @@ def autoregressive_solve(values, weights, biases, table, order, out_weight, out_
             hs[0][t] = r
             result[col] = r
             lad[col] = r_lad
-        if invert and any(bool(torch.isnan(w).any()) for w in w_all + b_all):
+        if invert and bool(torch.stack([w.isnan().any() for w in w_all + b_all]).any()):
             # NaN weights (validation off lets them through) give NaN, not the plausible
             # numbers the per-step solves stop at.
             result.fill_(math.nan)

@@ -53,7 +53,7 @@ def _gauss_log_hazard(u: torch.Tensor) -> torch.Tensor:
     u_pos = u.clamp(min=0.0)
     pos = -torch.log(torch.special.erfcx(u_pos * INV_SQRT2)) - HALF_LOG_HALF_PI
     u_neg = u.clamp(max=0.0)
-    neg = -0.5 * u_neg * u_neg - HALF_LOG_2PI - log_ndtr(-u_neg)
+    neg = -0.5 * u_neg * u_neg - HALF_LOG_2PI - torch.special.log_ndtr(-u_neg)  # -u_neg >= 0
     return torch.where(u >= 0, pos, neg)
 
 
